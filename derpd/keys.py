@@ -1,0 +1,240 @@
+"""Node keys, sealed boxes, the derper key file and the mesh key.
+
+Public keys travel through the relay as raw 32-byte ``bytes`` (hashable, cheap to
+slice off a frame); the text forms ``nodekey:<hex>`` / ``privkey:<hex>`` exist only at
+the edges (files, logs, CLI). Sealing is NaCl ``crypto_box`` exactly as Tailscale's
+``key.NodePrivate.SealTo``: the 24-byte nonce followed by the box output.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import stat
+from pathlib import Path
+
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+from nacl.utils import random as nacl_random
+
+KEY_LEN = 32
+NONCE_LEN = 24
+PUBLIC_PREFIX = "nodekey:"
+PRIVATE_PREFIX = "privkey:"
+
+
+class InvalidKeyError(ValueError):
+    """A key in text form or a key file is unusable; the message says why."""
+
+
+class KeyFileError(InvalidKeyError):
+    """The key file cannot be used (unreadable, malformed, or too permissive)."""
+
+
+def _parse_hex_key(text: str, prefix: str) -> bytes:
+    if not text.startswith(prefix):
+        raise InvalidKeyError(f"key must start with {prefix!r}")
+    body = text[len(prefix) :]
+    if len(body) != 2 * KEY_LEN:
+        raise InvalidKeyError(f"key must be {prefix} followed by {2 * KEY_LEN} hex digits")
+    try:
+        return bytes.fromhex(body)
+    except ValueError:
+        raise InvalidKeyError(f"key is not hexadecimal: {prefix}…") from None
+
+
+def public_key_text(raw: bytes) -> str:
+    """``nodekey:<64 lowercase hex>``, the form Tailscale prints and Headscale stores."""
+    return PUBLIC_PREFIX + raw.hex()
+
+
+def short_key(raw: bytes) -> str:
+    """A log-friendly prefix of a public key; never used for private material."""
+    return raw[:4].hex()
+
+
+def parse_public_key(text: str) -> bytes:
+    return _parse_hex_key(text.strip(), PUBLIC_PREFIX)
+
+
+class NodePrivate:
+    """A Curve25519 node private key (the server's identity, or a client's)."""
+
+    __slots__ = ("_boxes", "_key", "public")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != KEY_LEN:
+            raise InvalidKeyError(f"private key must be {KEY_LEN} bytes")
+        self._key = PrivateKey(raw)
+        self.public: bytes = bytes(self._key.public_key)
+        self._boxes: dict[bytes, Box] = {}
+
+    @classmethod
+    def generate(cls) -> NodePrivate:
+        return cls(bytes(PrivateKey.generate()))
+
+    @classmethod
+    def from_text(cls, text: str) -> NodePrivate:
+        return cls(_parse_hex_key(text.strip(), PRIVATE_PREFIX))
+
+    def to_text(self) -> str:
+        return PRIVATE_PREFIX + bytes(self._key).hex()
+
+    def __repr__(self) -> str:  # never print private material
+        return f"NodePrivate(public={public_key_text(self.public)})"
+
+    def _box(self, peer: bytes) -> Box:
+        box = self._boxes.get(peer)
+        if box is None:
+            if len(peer) != KEY_LEN:
+                raise InvalidKeyError(f"public key must be {KEY_LEN} bytes")
+            box = Box(self._key, PublicKey(peer))
+            if len(self._boxes) > 64:  # a tiny cache; handshakes are rare
+                self._boxes.clear()
+            self._boxes[peer] = box
+        return box
+
+    def seal_to(self, peer: bytes, message: bytes, nonce: bytes | None = None) -> bytes:
+        """nonce(24) || box(message), sealed from this key to ``peer``."""
+        if nonce is None:
+            nonce = nacl_random(NONCE_LEN)
+        return bytes(self._box(peer).encrypt(message, nonce))
+
+    def open_from(self, peer: bytes, sealed: bytes) -> bytes | None:
+        """The plaintext of a box ``peer`` sealed to us, or None if it does not open."""
+        if len(sealed) < NONCE_LEN + 16:
+            return None
+        try:
+            return bytes(self._box(peer).decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN]))
+        except CryptoError:
+            return None
+
+
+# --- key file (derper's format) ---------------------------------------------------
+
+
+def key_file_text(key: NodePrivate) -> str:
+    """What derper writes: ``json.MarshalIndent`` with a tab, no trailing newline."""
+    return '{\n\t"PrivateKey": "' + key.to_text() + '"\n}'
+
+
+def _check_private_mode(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyFileError(f"{path} is not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise KeyFileError(
+            f"{path} has mode {mode:04o}; a private key must not be accessible by group or others "
+            f"(run: chmod 600 {path})"
+        )
+
+
+def parse_key_file(text: str) -> NodePrivate:
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise KeyFileError(f"not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise KeyFileError('expected a JSON object like {"PrivateKey": "privkey:<hex>"}')
+    # Go's decoder matches field names case-insensitively.
+    value = next((v for k, v in doc.items() if k.lower() == "privatekey"), None)
+    if not isinstance(value, str):
+        raise KeyFileError('missing "PrivateKey" string')
+    try:
+        return NodePrivate.from_text(value)
+    except InvalidKeyError as e:
+        raise KeyFileError(f"bad PrivateKey: {e}") from None
+
+
+def load_key_file(path: str | os.PathLike[str]) -> NodePrivate:
+    """Read a derper key file, refusing one that others could read."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise KeyFileError(f"cannot read key file {p}: {e.strerror}") from None
+    try:
+        _check_private_mode(p, os.fstat(fd))
+        with os.fdopen(fd, "r", encoding="utf-8", closefd=False) as f:
+            text = f.read(64 * 1024)
+    except UnicodeDecodeError:
+        raise KeyFileError(f"key file {p} is not UTF-8 text") from None
+    finally:
+        os.close(fd)
+    try:
+        return parse_key_file(text)
+    except KeyFileError as e:
+        raise KeyFileError(f"key file {p}: {e}") from None
+
+
+def write_key_file(path: str | os.PathLike[str], key: NodePrivate) -> None:
+    """Create ``path`` with mode 0600 (and its directory with 0700); never overwrite."""
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise KeyFileError(f"cannot create key file {p}: {e.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, key_file_text(key).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_or_create_key_file(path: str | os.PathLike[str]) -> tuple[NodePrivate, bool]:
+    """The key in ``path``, creating a fresh one when the file does not exist."""
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        key = NodePrivate.generate()
+        write_key_file(p, key)
+        return key, True
+    return load_key_file(p), False
+
+
+# --- mesh key ------------------------------------------------------------------
+
+
+class MeshKeyError(InvalidKeyError):
+    pass
+
+
+def parse_mesh_key(text: str) -> bytes:
+    """Like ``key.ParseDERPMesh``: surrounding whitespace trimmed, exactly 64 hex digits."""
+    body = text.strip()
+    if len(body) != 2 * KEY_LEN:
+        raise MeshKeyError("invalid mesh key: must be 64-digit hexadecimal number")
+    try:
+        return bytes.fromhex(body)
+    except ValueError:
+        raise MeshKeyError("invalid mesh key: not hexadecimal") from None
+
+
+def load_mesh_key_file(path: str | os.PathLike[str]) -> bytes:
+    p = Path(path)
+    try:
+        st = p.stat()
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise MeshKeyError(f"cannot read mesh key file {p}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise MeshKeyError(f"mesh key file {p} is not UTF-8 text") from None
+    if stat.S_IMODE(st.st_mode) & 0o007:
+        raise MeshKeyError(
+            f"{p} has mode {stat.S_IMODE(st.st_mode):04o}; the mesh key must not be accessible by others "
+            f"(run: chmod 600 {p})"
+        )
+    try:
+        return parse_mesh_key(text)
+    except MeshKeyError as e:
+        raise MeshKeyError(f"mesh key file {p}: {e}") from None
+
+
+def mesh_keys_equal(a: bytes | None, b: bytes | None) -> bool:
+    """Constant-time comparison; a missing or all-zero key never matches."""
+    if not a or not b or a == bytes(KEY_LEN) or b == bytes(KEY_LEN):
+        return False
+    return hmac.compare_digest(a, b)

@@ -1,0 +1,67 @@
+"""One line per event, ``key=value``, to stderr (journald adds its own metadata).
+
+Call sites pass an event name and fields; nothing secret (private keys, mesh key)
+is ever a field. Values with spaces, quotes or ``=`` are quoted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+LOGGER_NAME = "derpd"
+log = logging.getLogger(LOGGER_NAME)
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\\\n\t'):
+        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+    return text
+
+
+def format_fields(fields: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None)
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        head = f"ts={ts} level={record.levelname.lower()} event={_quote(record.getMessage())}"
+        fields = getattr(record, "fields", None)
+        line = f"{head} {format_fields(fields)}" if fields else head
+        if record.exc_info:
+            line += " exc=" + _quote(self.formatException(record.exc_info))
+        return line
+
+
+def event(level: int, name: str, **fields: Any) -> None:
+    """Log one event; cheap when the level is disabled."""
+    if log.isEnabledFor(level):
+        log.log(level, name, extra={"fields": fields})
+
+
+def info(name: str, **fields: Any) -> None:
+    event(logging.INFO, name, **fields)
+
+
+def warning(name: str, **fields: Any) -> None:
+    event(logging.WARNING, name, **fields)
+
+
+def debug(name: str, **fields: Any) -> None:
+    event(logging.DEBUG, name, **fields)
+
+
+def error(name: str, **fields: Any) -> None:
+    event(logging.ERROR, name, **fields)
+
+
+def setup(level: str = "info", stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False

@@ -1,0 +1,833 @@
+"""The relay core: who is connected, where packets go, and how they get written.
+
+Knows nothing of HTTP or TLS: it is handed a ``Transport`` that already carries
+DERP frames. The hot path is one reader task per client that reads big chunks,
+decodes every whole frame, routes each into the destination's bounded queues, and
+then, once per chunk, asks each touched destination to write everything it has
+queued in one non-blocking ``send``. A destination whose kernel buffer is full is
+handed to its own writer task, which waits (with the write deadline) so that no
+reader ever waits for a slow receiver.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count
+
+import trio
+
+from . import log
+from .keys import KEY_LEN, NodePrivate, mesh_keys_equal, public_key_text, short_key
+from .protocol import (
+    CLIENT_FRAME_LIMITS,
+    DISCO_MAGIC,
+    DISCO_MIN_LEN,
+    KEEP_ALIVE_FRAME,
+    KEEPALIVE_SECONDS,
+    MAX_CLIENT_INFO_LEN,
+    MAX_FRAME_LEN,
+    MAX_PACKET_SIZE,
+    SERVER_HANDLED,
+    ClientInfo,
+    FrameReader,
+    FrameTooLarge,
+    FrameType,
+    HandshakeError,
+    MalformedFrame,
+    PeerGoneReason,
+    PeerPresentFlags,
+    ProtocolError,
+    ServerInfo,
+    open_client_info,
+    pack_header,
+    parse_close_peer,
+    parse_forward_packet,
+    parse_note_preferred,
+    parse_ping,
+    parse_watch_conns,
+    peer_gone_frame,
+    peer_present_frame,
+    pong_frame,
+    server_info_frame,
+    server_key_frame,
+)
+from .transport import Transport
+
+DROP_REASONS = (
+    "unknown_dest",
+    "unknown_dest_on_fwd",
+    "gone_disconnected",
+    "queue_head",
+    "queue_tail",  # kept for derper's label set; a single-threaded enqueue can always evict the head
+    "write_error",
+    "dup_client",
+)
+KINDS = ("disco", "other")
+
+SEND = FrameType.SEND_PACKET
+RECV = FrameType.RECV_PACKET
+PING = FrameType.PING
+NOTE_PREFERRED = FrameType.NOTE_PREFERRED
+FORWARD = FrameType.FORWARD_PACKET
+WATCH_CONNS = FrameType.WATCH_CONNS
+CLOSE_PEER = FrameType.CLOSE_PEER
+
+HANDSHAKE_TIMEOUT = 10.0
+MESH_WRITE_TIMEOUT = 30.0
+WRITE_SLICE = 64 * 1024  # each slice of a batch must be accepted within the write timeout
+RECV_PREFIX_LEN = 5 + KEY_LEN
+
+
+class ConnectionClosed(Exception):
+    """A client connection ends; the message is the reason logged."""
+
+
+class WriteTimeout(ConnectionClosed):
+    pass
+
+
+@dataclass
+class RelayConfig:
+    write_timeout: float = 2.0  # 0 disables; mesh peers get MESH_WRITE_TIMEOUT
+    queue_depth: int = 32
+    keepalive: float = KEEPALIVE_SECONDS
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    mesh_key: bytes | None = None
+
+
+class RelayStats:
+    """Plain integer counters; the metrics module reads them, the hot path adds per batch."""
+
+    def __init__(self) -> None:
+        self.accepts = 0
+        self.current_connections = 0
+        self.current_home_connections = 0
+        self.current_notideal_connections = 0
+        self.packets_received = 0
+        self.bytes_received = 0
+        self.packets_received_disco = 0
+        self.packets_sent = 0
+        self.bytes_sent = 0
+        self.packets_forwarded_in = 0
+        self.got_ping = 0
+        self.sent_pong = 0
+        self.home_moves_in = 0
+        self.home_moves_out = 0
+        self.peer_gone_disconnected_frames = 0
+        self.peer_gone_not_here_frames = 0
+        self.current_dup_client_keys = 0
+        self.current_dup_client_conns = 0
+        self.total_dup_client_conns = 0
+        self.sclient_write_timeouts = 0
+        self.unknown_frames = 0
+        self.handshake_failures = 0
+        self.protocol_errors = 0
+        self.dropped_packets: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
+        self.dropped_bytes: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
+
+    def drop(self, reason: str, disco: bool, nbytes: int, packets: int = 1) -> None:
+        k = (reason, "disco" if disco else "other")
+        self.dropped_packets[k] += packets
+        self.dropped_bytes[k] += nbytes
+
+    def dropped(self, reason: str) -> int:
+        return self.dropped_packets[(reason, "disco")] + self.dropped_packets[(reason, "other")]
+
+
+def ip16_of(remote: tuple[str, int] | None) -> tuple[bytes, int]:
+    """The 16-byte IP (IPv4 as v4-mapped) and port PeerPresent carries."""
+    if remote is None:
+        return bytes(16), 0
+    host, port = remote
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return bytes(16), 0
+    if ip.version == 4:
+        return b"\x00" * 10 + b"\xff\xff" + ip.packed, port
+    return ip.packed, port
+
+
+def _fmt_remote(remote: tuple[str, int] | None) -> str:
+    if remote is None:
+        return "-"
+    host, port = remote
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _KeyConns:
+    """Every connection of one public key, and which one gets its packets."""
+
+    __slots__ = ("conns", "history", "last")
+
+    def __init__(self, conn: ClientConn) -> None:
+        self.conns: list[ClientConn] = [conn]
+        self.last: ClientConn | None = conn  # the active one under last-writer-is-active
+        self.history: list[ClientConn] = []  # who spoke, adjacent duplicates removed
+
+
+class ClientConn:
+    """One authenticated DERP client connection: its queues, its writer, its state."""
+
+    __slots__ = (
+        "_lot",
+        "bytes_in",
+        "bytes_out",
+        "can_mesh",
+        "cancel_scope",
+        "close_reason",
+        "closed",
+        "conn_id",
+        "connected_at",
+        "ctrl",
+        "dirty",
+        "flight",
+        "info",
+        "is_dup",
+        "key",
+        "not_ideal",
+        "pending",
+        "pong",
+        "preferred",
+        "q_disco",
+        "q_other",
+        "remote",
+        "saw_src",
+        "server",
+        "tokens",
+        "tokens_at",
+        "transport",
+        "write_timeout",
+        "writing",
+    )
+
+    def __init__(
+        self,
+        server: RelayServer,
+        transport: Transport,
+        key: bytes,
+        info: ClientInfo,
+        conn_id: int,
+        *,
+        can_mesh: bool,
+        not_ideal: bool,
+    ) -> None:
+        self.server = server
+        self.transport = transport
+        self.key = key
+        self.info = info
+        self.conn_id = conn_id
+        self.remote = transport.remote
+        self.can_mesh = can_mesh
+        self.not_ideal = not_ideal
+        self.connected_at = server.clock()
+        self.write_timeout = MESH_WRITE_TIMEOUT if can_mesh else server.config.write_timeout
+        self.q_other: deque[bytes] = deque()
+        self.q_disco: deque[bytes] = deque()
+        self.ctrl: list[bytes] = []  # PeerGone, PeerPresent, KeepAlive, ServerInfo: never dropped
+        self.pong: bytes | None = None  # one pending pong, as the reference's 1-slot channel
+        self.pending: memoryview | None = None  # unsent tail of the batch being written
+        self.flight = (0, 0, 0, 0)  # packets/bytes (disco, other) in the batch being written
+        self.writing = False  # the writer task owns the socket's output
+        self.dirty = False  # touched in the current read batch
+        self.closed = False
+        self.close_reason = ""
+        self.cancel_scope: trio.CancelScope | None = None
+        self.preferred = False
+        self.is_dup = False
+        self.saw_src: set[bytes] = set()
+        self.tokens = 3.0  # PeerGone(NotHere) limiter: 1/s, burst 3
+        self.tokens_at = self.connected_at
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def __repr__(self) -> str:
+        return f"<ClientConn {self.conn_id} {short_key(self.key)} {_fmt_remote(self.remote)}>"
+
+    @property
+    def present_flags(self) -> int:
+        f = 0
+        if self.info.is_prober:
+            f |= PeerPresentFlags.IS_PROBER
+        if self.can_mesh:
+            f |= PeerPresentFlags.IS_MESH_PEER
+        if self.not_ideal:
+            f |= PeerPresentFlags.NOT_IDEAL
+        return f or PeerPresentFlags.IS_REGULAR
+
+    # --- output -----------------------------------------------------------------
+
+    def _take_batch(self) -> bytes | None:
+        """Everything queued for this client as one buffer (control frames first)."""
+        qd = self.q_disco
+        qo = self.q_other
+        if not (self.ctrl or self.pong or qd or qo):
+            return None
+        nd = len(qd)
+        no = len(qo)
+        bd = sum(map(len, qd)) - nd * RECV_PREFIX_LEN if nd else 0
+        bo = sum(map(len, qo)) - no * RECV_PREFIX_LEN if no else 0
+        self.flight = (nd, bd, no, bo)
+        if not (self.ctrl or self.pong or nd):
+            data = b"".join(qo)
+        else:
+            parts = self.ctrl
+            self.ctrl = []
+            if self.pong is not None:
+                parts.append(self.pong)
+                self.pong = None
+                self.server.stats.sent_pong += 1
+            parts.extend(qd)
+            parts.extend(qo)
+            data = b"".join(parts)
+            qd.clear()
+        qo.clear()
+        return data
+
+    def _batch_done(self, nbytes: int) -> None:
+        nd, bd, no, bo = self.flight
+        if nd or no:
+            st = self.server.stats
+            st.packets_sent += nd + no
+            st.bytes_sent += bd + bo
+            self.flight = (0, 0, 0, 0)
+        self.bytes_out += nbytes
+
+    def _batch_failed(self, reason: str = "write_error") -> None:
+        nd, bd, no, bo = self.flight
+        st = self.server.stats
+        if nd:
+            st.drop(reason, True, bd, nd)
+        if no:
+            st.drop(reason, False, bo, no)
+        self.flight = (0, 0, 0, 0)
+
+    def kick(self) -> None:
+        """Write what is queued now, without waiting; leave the rest to the writer task."""
+        if self.writing or self.closed:
+            return
+        data = self._take_batch()
+        if data is None:
+            return
+        try:
+            n = self.transport.try_send(data)
+        except OSError as e:
+            self._batch_failed()
+            self.close(f"write error: {e.strerror or e}")
+            return
+        if n == len(data):
+            self._batch_done(n)
+            return
+        self.bytes_out += n
+        self.pending = memoryview(data)[n:]
+        self.writing = True
+        self._lot.unpark()
+
+    async def _send(self, data: bytes | memoryview) -> None:
+        timeout = self.write_timeout
+        view = memoryview(data)
+        send_all = self.transport.send_all
+        for start in range(0, len(view), WRITE_SLICE):
+            piece = view[start : start + WRITE_SLICE]
+            if timeout > 0:
+                with trio.move_on_after(timeout) as scope:
+                    await send_all(piece)
+                if scope.cancelled_caught:
+                    raise WriteTimeout(f"write timeout after {timeout:g}s")
+            else:
+                await send_all(piece)
+
+    async def _write_loop(self) -> None:
+        jitter = random.uniform(0.0, 5.0)
+        interval = self.server.config.keepalive + jitter
+        next_keepalive = trio.current_time() + interval
+        lot = self._lot
+        while True:
+            if not self.writing:
+                with trio.move_on_at(next_keepalive):
+                    await lot.park()
+                now = trio.current_time()
+                if now >= next_keepalive:
+                    next_keepalive = now + interval
+                    self.ctrl.append(KEEP_ALIVE_FRAME)
+                    if not self.writing:
+                        self.writing = True
+                if not self.writing:
+                    continue
+            try:
+                while True:
+                    data = self.pending
+                    self.pending = None
+                    if data is None:
+                        data = self._take_batch()
+                        if data is None:
+                            break
+                    await self._send(data)
+                    self._batch_done(len(data))
+            except trio.Cancelled:
+                self._batch_failed("gone_disconnected")
+                raise
+            except BaseException:
+                self._batch_failed()
+                raise
+            self.writing = False
+
+    def close(self, reason: str) -> None:
+        """Ask this connection to end (from any task); cleanup runs in its own task."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
+
+    def note_not_here(self, dst: bytes) -> None:
+        """PeerGone(NotHere) for a disco packet to an unknown key, 1/s burst 3."""
+        now = self.server.clock()
+        self.tokens = min(3.0, self.tokens + (now - self.tokens_at))
+        self.tokens_at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            self.ctrl.append(peer_gone_frame(dst, PeerGoneReason.NOT_HERE))
+            self.server.stats.peer_gone_not_here_frames += 1
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def run(self, reader: FrameReader) -> None:
+        async with trio.open_nursery() as nursery:
+            self.cancel_scope = nursery.cancel_scope
+            if self.closed:
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(self._guard, self._write_loop())
+            await self._guard(self._read_loop(reader))
+            nursery.cancel_scope.cancel()
+
+    async def _guard(self, coro: object) -> None:
+        try:
+            await coro  # type: ignore[misc]
+        except WriteTimeout as e:
+            self.server.stats.sclient_write_timeouts += 1
+            self.close(str(e))
+        except ConnectionClosed as e:
+            self.close(str(e))
+        except ProtocolError as e:
+            self.server.stats.protocol_errors += 1
+            self.close(f"protocol error: {e}")
+        except OSError as e:
+            self.close(f"socket error: {e.strerror or e}")
+
+    async def _read_loop(self, reader: FrameReader) -> None:
+        receive = self.transport.receive_some
+        handle = self.server.handle_frames
+        while True:
+            frames = reader.read_frames()
+            if frames:
+                handle(self, frames)
+            if reader.error is not None:
+                raise reader.error
+            data = await receive()
+            if not data:
+                raise ConnectionClosed("client closed the connection")
+            self.bytes_in += len(data)
+            reader.feed(data)
+
+
+class RelayServer:
+    """Registry, routing and peer presence for one DERP node."""
+
+    def __init__(
+        self,
+        private_key: NodePrivate,
+        config: RelayConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.private_key = private_key
+        self.public_key = private_key.public
+        self.config = config or RelayConfig()
+        self.clock = clock
+        self.stats = RelayStats()
+        self.clients: dict[bytes, ClientConn] = {}  # key -> the connection that gets its packets
+        self.keys: dict[bytes, _KeyConns] = {}
+        self.watchers: set[ClientConn] = set()
+        self.seen_by: dict[bytes, set[ClientConn]] = {}  # src key -> receivers it sent to
+        self.server_key_frame = server_key_frame(self.public_key)
+        self._conn_ids = count(1)
+
+    # --- connection lifecycle -------------------------------------------------------
+
+    async def serve_connection(
+        self,
+        transport: Transport,
+        *,
+        initial: bytes = b"",
+        preamble: bytes = b"",
+        not_ideal: bool = False,
+    ) -> None:
+        """Run one upgraded DERP connection to the end. Never raises for client faults."""
+        conn_id = next(self._conn_ids)
+        self.stats.accepts += 1
+        remote = _fmt_remote(transport.remote)
+        try:
+            try:
+                key, info, reader = await self._handshake(transport, initial, preamble)
+            except (HandshakeError, ProtocolError, ConnectionClosed, OSError) as e:
+                self.stats.handshake_failures += 1
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                log.info("handshake_failed", conn=conn_id, remote=remote, reason=reason)
+                return
+            can_mesh = mesh_keys_equal(self.config.mesh_key, info.mesh_key)
+            conn = ClientConn(self, transport, key, info, conn_id, can_mesh=can_mesh, not_ideal=not_ideal)
+            conn.ctrl.append(server_info_frame(self.private_key, key, ServerInfo()))
+            self._register(conn)
+            log.info(
+                "client_connected",
+                conn=conn_id,
+                key=short_key(key),
+                remote=remote,
+                mesh=can_mesh or None,
+                app=info.app_name or None,
+            )
+            try:
+                conn.kick()
+                await conn.run(reader)
+            finally:
+                self._unregister(conn)
+                log.info(
+                    "client_disconnected",
+                    conn=conn_id,
+                    key=short_key(key),
+                    remote=remote,
+                    reason=conn.close_reason or "server shutdown",
+                    duration=f"{self.clock() - conn.connected_at:.1f}s",
+                    bytes_in=conn.bytes_in,
+                    bytes_out=conn.bytes_out,
+                )
+        finally:
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+
+    async def _handshake(
+        self, transport: Transport, initial: bytes, preamble: bytes
+    ) -> tuple[bytes, ClientInfo, FrameReader]:
+        timeout = self.config.handshake_timeout
+        with trio.move_on_after(timeout) as scope:
+            await transport.send_all(preamble + self.server_key_frame)
+        if scope.cancelled_caught:
+            raise ConnectionClosed(f"timed out writing ServerKey after {timeout:g}s")
+        reader = FrameReader(max_frame_len=MAX_CLIENT_INFO_LEN)
+        if initial:
+            reader.feed(initial)
+        frame = None
+        with trio.move_on_after(timeout) as scope:
+            while (frame := reader.read_frame()) is None:
+                data = await transport.receive_some()
+                if not data:
+                    raise ConnectionClosed("client closed before sending ClientInfo")
+                reader.feed(data)
+        if frame is None:
+            raise ConnectionClosed(f"no ClientInfo within {timeout:g}s")
+        ftype, payload = frame
+        if ftype != FrameType.CLIENT_INFO:
+            raise HandshakeError(f"first frame is type 0x{ftype:02x}, want ClientInfo")
+        key, info = open_client_info(self.private_key, payload)
+        reader.max_frame_len = MAX_FRAME_LEN
+        reader.limits = CLIENT_FRAME_LIMITS
+        reader.wanted = SERVER_HANDLED
+        return key, info, reader
+
+    def _register(self, conn: ClientConn) -> None:
+        st = self.stats
+        key = conn.key
+        entry = self.keys.get(key)
+        if entry is None:
+            self.keys[key] = _KeyConns(conn)
+        else:
+            if len(entry.conns) == 1:
+                st.current_dup_client_keys += 1
+                st.current_dup_client_conns += 2
+                entry.history = [entry.conns[0]]
+                entry.conns[0].is_dup = True
+            else:
+                st.current_dup_client_conns += 1
+                entry.history.append(conn)
+            st.total_dup_client_conns += 1
+            conn.is_dup = True
+            entry.conns.append(conn)
+            entry.last = conn
+            log.info("duplicate_client", key=short_key(key), conns=len(entry.conns), conn=conn.conn_id)
+        self.clients[key] = conn
+        st.current_connections += 1
+        if conn.not_ideal:
+            st.current_notideal_connections += 1
+        if self.watchers:
+            ip16, port = ip16_of(conn.remote)
+            frame = peer_present_frame(key, ip16, port, conn.present_flags)
+            for w in self.watchers:
+                w.ctrl.append(frame)
+                w.kick()
+
+    def _unregister(self, conn: ClientConn) -> None:
+        st = self.stats
+        conn.closed = True
+        key = conn.key
+        # Packets still queued for this connection will never be written.
+        for q, disco in ((conn.q_disco, True), (conn.q_other, False)):
+            if q:
+                st.drop("gone_disconnected", disco, sum(map(len, q)) - len(q) * RECV_PREFIX_LEN, len(q))
+                q.clear()
+        conn.ctrl.clear()
+        for src in conn.saw_src:
+            receivers = self.seen_by.get(src)
+            if receivers is not None:
+                receivers.discard(conn)
+                if not receivers:
+                    del self.seen_by[src]
+        conn.saw_src.clear()
+        self.watchers.discard(conn)
+        st.current_connections -= 1
+        if conn.preferred:
+            st.current_home_connections -= 1
+        if conn.not_ideal:
+            st.current_notideal_connections -= 1
+
+        entry = self.keys.get(key)
+        if entry is None or conn not in entry.conns:
+            return
+        entry.conns.remove(conn)
+        if not entry.conns:
+            del self.keys[key]
+            self.clients.pop(key, None)
+            self._peer_gone_from_region(key)
+            return
+        st.current_dup_client_conns -= 1
+        if entry.last is conn:
+            entry.last = None
+        trimmed: list[ClientConn] = []
+        for c in entry.history:
+            if c is not conn and (not trimmed or trimmed[-1] is not c):
+                trimmed.append(c)
+        entry.history = trimmed
+        if entry.last is None and trimmed:
+            entry.last = trimmed[-1]
+        if len(entry.conns) == 1:
+            remain = entry.conns[0]
+            st.current_dup_client_conns -= 1
+            st.current_dup_client_keys -= 1
+            remain.is_dup = False
+            entry.last = remain
+            entry.history = []
+        if entry.last is not None:
+            self.clients[key] = entry.last
+        else:
+            self.clients.pop(key, None)
+
+    def _peer_gone_from_region(self, key: bytes) -> None:
+        st = self.stats
+        receivers = self.seen_by.pop(key, None)
+        if receivers:
+            frame = peer_gone_frame(key, PeerGoneReason.DISCONNECTED)
+            for r in receivers:
+                r.saw_src.discard(key)
+                if not r.closed:
+                    r.ctrl.append(frame)
+                    st.peer_gone_disconnected_frames += 1
+                    r.kick()
+        if self.watchers:
+            frame = peer_gone_frame(key, PeerGoneReason.DISCONNECTED)
+            for w in self.watchers:
+                w.ctrl.append(frame)
+                st.peer_gone_disconnected_frames += 1
+                w.kick()
+
+    def _note_activity(self, conn: ClientConn) -> None:
+        """Last writer is active: a duplicate that speaks gets the key's packets."""
+        entry = self.keys.get(conn.key)
+        if entry is None or len(entry.conns) < 2:
+            return
+        entry.last = conn
+        self.clients[conn.key] = conn
+        if not entry.history or entry.history[-1] is not conn:
+            entry.history.append(conn)
+
+    def close_key(self, key: bytes, reason: str) -> int:
+        """Close every connection of ``key``; returns how many."""
+        entry = self.keys.get(key)
+        if entry is None:
+            return 0
+        conns = list(entry.conns)
+        for c in conns:
+            c.close(reason)
+        return len(conns)
+
+    # --- the hot path ----------------------------------------------------------------
+
+    def handle_frames(self, conn: ClientConn, frames: list[tuple[int, bytes]]) -> None:
+        """Route one read's worth of frames, then write once per touched destination."""
+        if conn.is_dup:
+            self._note_activity(conn)
+        clients = self.clients
+        depth = self.config.queue_depth
+        src = conn.key
+        seen_by = self.seen_by
+        touched: list[ClientConn] = []
+        n_pkts = n_bytes = n_disco = 0
+        try:
+            for ftype, payload in frames:
+                if ftype == SEND:
+                    size = len(payload)
+                    if size < KEY_LEN:
+                        raise MalformedFrame(SEND, "shorter than a key")
+                    n_pkts += 1
+                    n_bytes += size - KEY_LEN
+                    disco = size >= KEY_LEN + DISCO_MIN_LEN and payload.startswith(DISCO_MAGIC, KEY_LEN)
+                    dst = payload[:KEY_LEN]
+                    d = clients.get(dst)
+                    if disco:
+                        n_disco += 1
+                    if d is None or d.closed:
+                        self._drop_undeliverable(conn, dst, size - KEY_LEN, disco, d)
+                        if disco and conn.ctrl and not conn.dirty:
+                            conn.dirty = True
+                            touched.append(conn)
+                        continue
+                    q = d.q_disco if disco else d.q_other
+                    if len(q) >= depth:
+                        self.stats.drop("queue_head", disco, len(q.popleft()) - RECV_PREFIX_LEN)
+                    q.append(pack_header(RECV, size) + src + payload[KEY_LEN:])
+                    if src not in d.saw_src:
+                        d.saw_src.add(src)
+                        receivers = seen_by.get(src)
+                        if receivers is None:
+                            seen_by[src] = {d}
+                        else:
+                            receivers.add(d)
+                    if not d.dirty:
+                        d.dirty = True
+                        touched.append(d)
+                elif ftype == PING:
+                    self.stats.got_ping += 1
+                    data = parse_ping(payload)
+                    if conn.pong is None:
+                        conn.pong = pong_frame(data)
+                        if not conn.dirty:
+                            conn.dirty = True
+                            touched.append(conn)
+                elif ftype == NOTE_PREFERRED:
+                    self._set_preferred(conn, parse_note_preferred(payload))
+                elif ftype == FORWARD:
+                    self._handle_forward(conn, payload, touched)
+                elif ftype == WATCH_CONNS:
+                    parse_watch_conns(payload)
+                    self._add_watcher(conn)
+                elif ftype == CLOSE_PEER:
+                    target = parse_close_peer(payload)
+                    if not conn.can_mesh:
+                        raise ProtocolError("insufficient permissions for ClosePeer")
+                    n = self.close_key(target, f"closed by mesh peer {short_key(conn.key)}")
+                    log.info("close_peer", by=short_key(conn.key), target=short_key(target), conns=n)
+                else:  # a type the reader was told to keep but nobody handles
+                    self.stats.unknown_frames += 1
+        finally:
+            st = self.stats
+            st.packets_received += n_pkts
+            st.bytes_received += n_bytes
+            st.packets_received_disco += n_disco
+            for d in touched:
+                d.dirty = False
+                d.kick()
+
+    def _drop_undeliverable(self, conn: ClientConn, dst: bytes, size: int, disco: bool, d: ClientConn | None) -> None:
+        if d is not None:  # closing, not yet unregistered
+            self.stats.drop("gone_disconnected", disco, size)
+            return
+        entry = self.keys.get(dst)
+        if entry is not None and len(entry.conns) > 1:
+            self.stats.drop("dup_client", disco, size)
+            return
+        self.stats.drop("unknown_dest", disco, size)
+        if disco:
+            conn.note_not_here(dst)
+
+    def _handle_forward(self, conn: ClientConn, payload: bytes, touched: list[ClientConn]) -> None:
+        if not conn.can_mesh:
+            raise ProtocolError("insufficient permissions for ForwardPacket")
+        src, dst, packet = parse_forward_packet(payload)
+        self.stats.packets_forwarded_in += 1
+        disco = len(packet) >= DISCO_MIN_LEN and packet.startswith(DISCO_MAGIC)
+        d = self.clients.get(dst)
+        if d is None or d.closed:
+            entry = self.keys.get(dst)
+            if d is None and entry is not None and len(entry.conns) > 1:
+                self.stats.drop("dup_client", disco, len(packet))
+            else:
+                self.stats.drop("unknown_dest_on_fwd", disco, len(packet))
+                if disco:
+                    conn.note_not_here(dst)
+                    if not conn.dirty:
+                        conn.dirty = True
+                        touched.append(conn)
+            return
+        q = d.q_disco if disco else d.q_other
+        if len(q) >= self.config.queue_depth:
+            self.stats.drop("queue_head", disco, len(q.popleft()) - RECV_PREFIX_LEN)
+        q.append(pack_header(RECV, KEY_LEN + len(packet)) + src + packet)
+        if src not in d.saw_src:
+            d.saw_src.add(src)
+            self.seen_by.setdefault(src, set()).add(d)
+        if not d.dirty:
+            d.dirty = True
+            touched.append(d)
+
+    def _set_preferred(self, conn: ClientConn, preferred: bool) -> None:
+        if conn.preferred == preferred:
+            return
+        conn.preferred = preferred
+        st = self.stats
+        st.current_home_connections += 1 if preferred else -1
+        # Moves right after connecting are the client's initial report, not a move.
+        if self.clock() - conn.connected_at > 5.0:
+            if preferred:
+                st.home_moves_in += 1
+            else:
+                st.home_moves_out += 1
+
+    def _add_watcher(self, conn: ClientConn) -> None:
+        if not conn.can_mesh:
+            raise ProtocolError("insufficient permissions for WatchConns")
+        if conn.key == self.public_key:
+            return  # a mesh client that is ourselves
+        for key, c in self.clients.items():
+            ip16, port = ip16_of(c.remote)
+            conn.ctrl.append(peer_present_frame(key, ip16, port, c.present_flags))
+        self.watchers.add(conn)
+        log.info("watcher_added", key=short_key(conn.key), peers=len(self.clients))
+        conn.kick()
+
+    # --- introspection ------------------------------------------------------------------
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "public_key": public_key_text(self.public_key),
+            "connections": self.stats.current_connections,
+            "keys": len(self.keys),
+            "watchers": len(self.watchers),
+        }
+
+
+__all__ = [
+    "DROP_REASONS",
+    "MAX_PACKET_SIZE",
+    "ClientConn",
+    "ConnectionClosed",
+    "FrameTooLarge",
+    "RelayConfig",
+    "RelayServer",
+    "RelayStats",
+]
