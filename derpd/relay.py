@@ -56,7 +56,7 @@ from .protocol import (
     server_info_frame,
     server_key_frame,
 )
-from .transport import Transport
+from .transport import Transport, format_addr
 
 DROP_REASONS = (
     "unknown_dest",
@@ -153,13 +153,6 @@ def ip16_of(remote: tuple[str, int] | None) -> tuple[bytes, int]:
     return ip.packed, port
 
 
-def _fmt_remote(remote: tuple[str, int] | None) -> str:
-    if remote is None:
-        return "-"
-    host, port = remote
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class _KeyConns:
     """Every connection of one public key, and which one gets its packets."""
 
@@ -248,7 +241,7 @@ class ClientConn:
         self._lot = trio.lowlevel.ParkingLot()
 
     def __repr__(self) -> str:
-        return f"<ClientConn {self.conn_id} {short_key(self.key)} {_fmt_remote(self.remote)}>"
+        return f"<ClientConn {self.conn_id} {short_key(self.key)} {format_addr(self.remote)}>"
 
     @property
     def present_flags(self) -> int:
@@ -473,7 +466,7 @@ class RelayServer:
         """Run one upgraded DERP connection to the end. Never raises for client faults."""
         conn_id = next(self._conn_ids)
         self.stats.accepts += 1
-        remote = _fmt_remote(transport.remote)
+        remote = format_addr(transport.remote)
         try:
             try:
                 key, info, reader = await self._handshake(transport, initial, preamble)

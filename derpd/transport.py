@@ -38,6 +38,14 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
+def format_addr(addr: tuple[str, int] | None) -> str:
+    """``host:port`` or ``[v6]:port`` for logs; ``-`` when unknown."""
+    if addr is None:
+        return "-"
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def remote_of(sock: socket.socket) -> tuple[str, int] | None:
     try:
         peer = sock.getpeername()

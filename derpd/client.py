@@ -1,0 +1,424 @@
+"""A trio DERP client: connect, handshake, send, receive, ping.
+
+Used by the tests, the bench and (later) the mesh. It speaks exactly what
+Tailscale's ``derphttp`` client speaks: ``GET /derp`` with ``Upgrade: DERP`` over
+plain HTTP or TLS (or fast start when the server key is known), then frames.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from .keys import KEY_LEN, NONCE_LEN, NodePrivate
+from .protocol import (
+    MAX_FRAME_LEN,
+    PING_DATA_LEN,
+    ClientInfo,
+    FrameReader,
+    FrameType,
+    HandshakeError,
+    PeerPresent,
+    ProtocolError,
+    ServerInfo,
+    client_info_frame,
+    close_peer_frame,
+    encode_frame,
+    forward_packet_frame,
+    note_preferred_frame,
+    open_server_info,
+    parse_peer_gone,
+    parse_peer_present,
+    parse_pong,
+    parse_recv_packet,
+    parse_restarting,
+    parse_server_key,
+    ping_frame,
+    pong_frame,
+    send_packet_frame,
+    WATCH_CONNS_FRAME,
+)
+
+RECV_SIZE = 256 * 1024
+
+
+class DerpHTTPError(Exception):
+    """The server answered the upgrade request with something other than 101."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
+        super().__init__(f"DERP upgrade failed: HTTP {status}: {body[:200]!r}")
+
+
+class ConnectionLost(Exception):
+    """The server closed the connection."""
+
+
+# --- what recv() yields ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedPacket:
+    src: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerGoneMessage:
+    peer: bytes
+    reason: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPresentMessage:
+    present: PeerPresent
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAliveMessage:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class PingMessage:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PongMessage:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HealthMessage:
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class RestartingMessage:
+    reconnect_in_ms: int
+    try_for_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownFrame:
+    frame_type: int
+    payload: bytes
+
+
+Message = (
+    ReceivedPacket
+    | PeerGoneMessage
+    | PeerPresentMessage
+    | KeepAliveMessage
+    | PingMessage
+    | PongMessage
+    | HealthMessage
+    | RestartingMessage
+    | UnknownFrame
+)
+
+
+def decode_message(ftype: int, payload: bytes) -> Message:
+    """One server frame as a message object (the client's side of the protocol)."""
+    if ftype == FrameType.RECV_PACKET:
+        src, data = parse_recv_packet(payload)
+        return ReceivedPacket(src, data)
+    if ftype == FrameType.PEER_GONE:
+        peer, reason = parse_peer_gone(payload)
+        return PeerGoneMessage(peer, reason)
+    if ftype == FrameType.PEER_PRESENT:
+        return PeerPresentMessage(parse_peer_present(payload))
+    if ftype == FrameType.KEEP_ALIVE:
+        return KeepAliveMessage()
+    if ftype == FrameType.PING:
+        return PingMessage(parse_pong(payload))
+    if ftype == FrameType.PONG:
+        return PongMessage(parse_pong(payload))
+    if ftype == FrameType.HEALTH:
+        return HealthMessage(payload.decode("utf-8", "replace"))
+    if ftype == FrameType.RESTARTING:
+        return RestartingMessage(*parse_restarting(payload))
+    return UnknownFrame(ftype, payload)
+
+
+def _split_url(url: str) -> tuple[str, str, int, str]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"DERP URL must be http:// or https://host[:port]/derp, got {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname, port, parts.path or "/derp"
+
+
+class DerpClient:
+    """One DERP connection. Create with ``await DerpClient.connect(url)``."""
+
+    def __init__(self, stream: trio.abc.Stream, key: NodePrivate, can_ack_pings: bool) -> None:
+        self.stream = stream
+        self.key = key
+        self.public_key = key.public
+        self.can_ack_pings = can_ack_pings
+        self.server_key: bytes = b""
+        self.server_info = ServerInfo()
+        self.http_response: h11.InformationalResponse | None = None
+        self._reader = FrameReader(max_frame_len=NONCE_LEN + MAX_FRAME_LEN)
+        self._frames: deque[tuple[int, bytes]] = deque()
+        self._pending: deque[Message] = deque()  # read by ping() while waiting for its pong
+        self._pings: dict[bytes, trio.Event] = {}
+        self._receiving = False
+        self._send_lock = trio.Lock()
+        self._closed = False
+
+    # --- connecting -------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        key: NodePrivate | None = None,
+        *,
+        mesh_key: bytes | None = None,
+        can_ack_pings: bool = True,
+        is_prober: bool = False,
+        app_name: str = "",
+        server_key: bytes | None = None,
+        fast_start: bool = False,
+        headers: Iterable[tuple[str, str]] = (),
+        ssl_context: ssl.SSLContext | None = None,
+        timeout: float = 10.0,
+    ) -> DerpClient:
+        """Dial, upgrade and handshake. ``fast_start`` needs ``server_key``."""
+        scheme, host, port, path = _split_url(url)
+        if fast_start and server_key is None:
+            raise ValueError("fast start needs the server's public key in advance")
+        key = key or NodePrivate.generate()
+        with trio.fail_after(timeout):
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            try:
+                if scheme == "https":
+                    ctx = ssl_context or ssl.create_default_context()
+                    ctx.set_alpn_protocols(["http/1.1"])
+                    tls = trio.SSLStream(stream, ctx, server_hostname=host, https_compatible=True)
+                    await tls.do_handshake()
+                    stream = tls
+                client = cls(stream, key, can_ack_pings)
+                info = ClientInfo(
+                    version=2,
+                    mesh_key=mesh_key,
+                    can_ack_pings=can_ack_pings,
+                    is_prober=is_prober,
+                    app_name=app_name,
+                )
+                await client._upgrade(host, port, path, headers, fast_start, server_key, info)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+        return client
+
+    async def _upgrade(
+        self,
+        host: str,
+        port: int,
+        path: str,
+        headers: Iterable[tuple[str, str]],
+        fast_start: bool,
+        server_key: bytes | None,
+        info: ClientInfo,
+    ) -> None:
+        http = h11.Connection(h11.CLIENT)
+        hdrs = [("Host", host if port in (80, 443) else f"{host}:{port}")]
+        hdrs += [("User-Agent", "derpd-client"), ("Connection", "Upgrade"), ("Upgrade", "DERP")]
+        if fast_start:
+            hdrs.append(("Derp-Fast-Start", "1"))
+        hdrs += list(headers)
+        request = http.send(h11.Request(method="GET", target=path, headers=hdrs))
+        request += http.send(h11.EndOfMessage())
+        if fast_start:
+            assert server_key is not None
+            # The whole login in one flight; the ServerKey frame arrives anyway and is checked below.
+            await self.stream.send_all(request + client_info_frame(self.key, server_key, info))
+        else:
+            await self.stream.send_all(request)
+            await self._read_101(http)
+        ftype, payload = await self._next_frame()
+        if ftype != FrameType.SERVER_KEY:
+            raise HandshakeError(f"expected ServerKey, got frame type 0x{ftype:02x}")
+        self.server_key = parse_server_key(payload)
+        if fast_start:
+            if self.server_key != server_key:
+                raise HandshakeError("server key differs from the expected one")
+        else:
+            await self.stream.send_all(client_info_frame(self.key, self.server_key, info))
+        ftype, payload = await self._next_frame()
+        if ftype != FrameType.SERVER_INFO:
+            raise HandshakeError(f"expected ServerInfo, got frame type 0x{ftype:02x}")
+        self.server_info = open_server_info(self.key, self.server_key, payload)
+
+    async def _read_101(self, http: h11.Connection) -> None:
+        body = b""
+        status = 0
+        while True:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                data = await self.stream.receive_some(RECV_SIZE)
+                http.receive_data(bytes(data))
+                if not data and status:
+                    raise DerpHTTPError(status, body)
+                continue
+            if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                self.http_response = event
+                rest, _ = http.trailing_data
+                if rest:
+                    self._reader.feed(bytes(rest))
+                return
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > 64 * 1024:
+                    raise DerpHTTPError(status, body)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                raise DerpHTTPError(status, body)
+
+    # --- frames ------------------------------------------------------------------------
+
+    async def _next_frame(self) -> tuple[int, bytes]:
+        while not self._frames:
+            frames = self._reader.read_frames()
+            if frames:
+                self._frames.extend(frames)
+                break
+            try:
+                data = await self.stream.receive_some(RECV_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise ConnectionLost(str(e)) from None
+            if not data:
+                raise ConnectionLost("server closed the connection")
+            self._reader.feed(data)
+        return self._frames.popleft()
+
+    async def _send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def send(self, dst: bytes, packet: bytes) -> None:
+        await self._send(send_packet_frame(dst, packet))
+
+    async def send_many(self, packets: Iterable[tuple[bytes, bytes]]) -> None:
+        """Many SendPacket frames in one write."""
+        await self._send(b"".join(send_packet_frame(dst, pkt) for dst, pkt in packets))
+
+    async def send_raw(self, data: bytes) -> None:
+        """Arbitrary bytes (tests use this to send malformed frames)."""
+        await self._send(data)
+
+    async def forward_packet(self, src: bytes, dst: bytes, packet: bytes) -> None:
+        await self._send(forward_packet_frame(src, dst, packet))
+
+    async def note_preferred(self, preferred: bool) -> None:
+        await self._send(note_preferred_frame(preferred))
+
+    async def watch_conns(self) -> None:
+        await self._send(WATCH_CONNS_FRAME)
+
+    async def close_peer(self, peer: bytes) -> None:
+        await self._send(close_peer_frame(peer))
+
+    async def send_pong(self, data: bytes) -> None:
+        await self._send(pong_frame(data))
+
+    async def recv(self) -> Message:
+        """The next message from the server. Pings are answered when ``can_ack_pings``."""
+        if self._pending:
+            return self._pending.popleft()
+        while True:
+            msg = await self._recv_one()
+            if msg is not None:
+                return msg
+
+    async def _recv_one(self) -> Message | None:
+        self._receiving = True
+        try:
+            ftype, payload = await self._next_frame()
+        finally:
+            self._receiving = False
+        msg = decode_message(ftype, payload)
+        if isinstance(msg, PongMessage):
+            event = self._pings.pop(msg.data, None)
+            if event is not None:
+                event.set()
+                return None
+        elif isinstance(msg, PingMessage) and self.can_ack_pings:
+            await self.send_pong(msg.data)
+        return msg
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                yield await self.recv()
+            except ConnectionLost:
+                return
+
+    async def recv_packet(self) -> ReceivedPacket:
+        """The next data packet, skipping keep-alives and other control messages."""
+        while True:
+            msg = await self.recv()
+            if isinstance(msg, ReceivedPacket):
+                return msg
+
+    async def ping(self, data: bytes | None = None) -> bytes:
+        """Send a Ping and wait for its Pong; other messages stay queued for recv()."""
+        data = data or os.urandom(PING_DATA_LEN)
+        event = trio.Event()
+        self._pings[data] = event
+        await self._send(ping_frame(data))
+        while not event.is_set():
+            if self._receiving:  # another task is reading; it will set the event
+                await event.wait()
+                break
+            msg = await self._recv_one()
+            if msg is not None:
+                self._pending.append(msg)
+        return data
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await trio.aclose_forcefully(self.stream)
+
+    async def __aenter__(self) -> DerpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+__all__ = [
+    "KEY_LEN",
+    "ConnectionLost",
+    "DerpClient",
+    "DerpHTTPError",
+    "HealthMessage",
+    "KeepAliveMessage",
+    "Message",
+    "PeerGoneMessage",
+    "PeerPresentMessage",
+    "PingMessage",
+    "PongMessage",
+    "ProtocolError",
+    "ReceivedPacket",
+    "RestartingMessage",
+    "UnknownFrame",
+    "decode_message",
+]

@@ -1,0 +1,284 @@
+"""The HTTP front: request heads, probe endpoints, and the upgrade into DERP.
+
+Parses with h11, answers the small set of endpoints derper serves, and hands an
+upgraded connection (plus any bytes the client sent after its request head) to a
+``DerpHandler``. It knows nothing of routing. Every request head must arrive within
+``head_timeout`` and fit in ``max_head`` bytes (slowloris and memory protection).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Protocol
+
+import h11
+import trio
+
+from . import log
+from .transport import Transport, format_addr
+
+MAX_HEAD = 8 * 1024
+MAX_BODY = 64 * 1024  # bodies are never used; small ones are drained for keep-alive
+HEAD_TIMEOUT = 10.0
+WRITE_TIMEOUT = 10.0
+
+CHALLENGE_RE = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
+NO_CACHE = b"no-cache, no-store, must-revalidate, no-transform, max-age=0"
+
+HOME_PAGE = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>derpd</title></head>
+<body>
+<h1>DERP</h1>
+<p>This is a <a href="https://tailscale.com/kb/1232/derp-servers">DERP</a> relay server
+(<a href="https://github.com/">derpd</a>) for Tailscale and Headscale tailnets.</p>
+<p>Clients connect to <code>/derp</code>. Health checks: <code>/derp/probe</code>,
+<code>/derp/latency-check</code>, <code>/generate_204</code>.</p>
+</body></html>
+"""
+
+
+class DerpHandler(Protocol):
+    def __call__(
+        self, transport: Transport, *, initial: bytes, preamble: bytes, not_ideal: bool
+    ) -> Awaitable[None]: ...
+
+
+@dataclass
+class HttpConfig:
+    home: str = ""  # "" = default page, "blank" = empty 200, http(s) URL = 302 redirect
+    head_timeout: float = HEAD_TIMEOUT
+    max_head: int = MAX_HEAD
+    derp_enabled: bool = True
+
+
+class _Close(Exception):
+    """End this HTTP connection (after a response, or silently)."""
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def _date() -> bytes:
+    return email.utils.formatdate(usegmt=True).encode()
+
+
+class HttpFront:
+    """Serves one accepted connection: zero or more HTTP requests, maybe an upgrade."""
+
+    def __init__(self, derp: DerpHandler | None, public_key: bytes, config: HttpConfig | None = None) -> None:
+        self.derp = derp
+        self.public_key_hex = public_key.hex().encode()  # Derp-Public-Key: bare lowercase hex
+        self.config = config or HttpConfig()
+        self.requests = 0
+        self.bad_requests = 0
+
+    async def handle(self, transport: Transport) -> None:
+        """Serve ``transport`` to the end and close it."""
+        handed_off = False
+        try:
+            handed_off = await self._serve(transport)
+        except _Close:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.debug("http_connection_error", remote=_remote(transport), reason=str(e))
+        finally:
+            if not handed_off:
+                with trio.CancelScope(shield=True):
+                    await transport.aclose()
+
+    async def _serve(self, transport: Transport) -> bool:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_head)
+        while True:
+            request = await self._read_head(conn, transport)
+            if request is None:
+                return False
+            self.requests += 1
+            if await self._dispatch(conn, transport, request):
+                return True
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+            else:
+                return False
+
+    async def _next_event(self, conn: h11.Connection, transport: Transport) -> object:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await transport.receive_some()
+            conn.receive_data(data)
+
+    async def _read_head(self, conn: h11.Connection, transport: Transport) -> h11.Request | None:
+        timeout = self.config.head_timeout
+        event: object = None
+        with trio.move_on_after(timeout) as scope:
+            try:
+                event = await self._next_event(conn, transport)
+            except h11.RemoteProtocolError as e:
+                await self._bad_request(conn, transport, e)
+        if scope.cancelled_caught:
+            if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                return None  # an idle keep-alive connection: close quietly
+            self.bad_requests += 1
+            log.info("http_bad_request", remote=_remote(transport), reason=f"request head not complete in {timeout:g}s")
+            await self._try_respond(conn, transport, 408, b"request timeout\n", close=True)
+            return None
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed or similar
+
+    async def _bad_request(self, conn: h11.Connection, transport: Transport, err: h11.RemoteProtocolError) -> None:
+        self.bad_requests += 1
+        status = err.error_status_hint
+        if "too long" in str(err).lower() or "buffer" in str(err).lower():
+            status = 431
+        log.info("http_bad_request", remote=_remote(transport), status=status, reason=str(err))
+        await self._try_respond(conn, transport, status, HTTPStatus(status).phrase.encode() + b"\n", close=True)
+        raise _Close
+
+    async def _try_respond(
+        self, conn: h11.Connection, transport: Transport, status: int, body: bytes, *, close: bool = False
+    ) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            await self._respond(conn, transport, status, body=body, close=close)
+        except (h11.LocalProtocolError, trio.BrokenResourceError, OSError):
+            pass
+
+    async def _drain_body(self, conn: h11.Connection, transport: Transport) -> None:
+        """Read the rest of the request so the connection can be reused."""
+        total = 0
+        with trio.move_on_after(self.config.head_timeout) as scope:
+            while True:
+                try:
+                    event = await self._next_event(conn, transport)
+                except h11.RemoteProtocolError as e:
+                    await self._bad_request(conn, transport, e)
+                if isinstance(event, h11.Data):
+                    total += len(event.data)
+                    if total > MAX_BODY:
+                        await self._try_respond(conn, transport, 413, b"request body too large\n", close=True)
+                        raise _Close
+                elif isinstance(event, h11.EndOfMessage):
+                    return
+                else:
+                    raise _Close
+        if scope.cancelled_caught:
+            raise _Close
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        transport: Transport,
+        status: int,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        body: bytes = b"",
+        *,
+        head: bool = False,
+        close: bool = False,
+    ) -> None:
+        hdrs = list(headers or [])
+        if body and not any(k.lower() == b"content-type" for k, _ in hdrs):
+            hdrs.append((b"Content-Type", b"text/plain; charset=utf-8"))
+            hdrs.append((b"X-Content-Type-Options", b"nosniff"))
+        hdrs.append((b"Date", _date()))
+        if status not in (204, 304):
+            hdrs.append((b"Content-Length", str(len(body)).encode()))
+        if close:
+            hdrs.append((b"Connection", b"close"))
+        out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=HTTPStatus(status).phrase.encode()))
+        if body and not head:
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
+        with trio.move_on_after(WRITE_TIMEOUT):
+            await transport.send_all(out)
+
+    async def _dispatch(self, conn: h11.Connection, transport: Transport, req: h11.Request) -> bool:
+        """Answer one request; True when the connection was handed to DERP."""
+        path = req.target.split(b"?", 1)[0]
+        method = req.method
+        headers = list(req.headers)  # names are lower-cased by h11
+        if path == b"/derp":
+            return await self._derp(conn, transport, req, headers)
+        await self._drain_body(conn, transport)
+        is_head = method == b"HEAD"
+        if path in (b"/derp/probe", b"/derp/latency-check"):
+            if method in (b"GET", b"HEAD"):
+                await self._respond(conn, transport, 200, [(b"Access-Control-Allow-Origin", b"*")], head=is_head)
+            else:
+                await self._respond(conn, transport, 405, body=b"bogus probe method\n")
+        elif path == b"/generate_204":
+            hdrs = [(b"Cache-Control", NO_CACHE)]
+            challenge = _header(headers, b"x-tailscale-challenge")
+            if challenge is not None and CHALLENGE_RE.fullmatch(challenge):
+                hdrs.append((b"X-Tailscale-Response", b"response " + challenge))
+            await self._respond(conn, transport, 204, hdrs)
+        elif path == b"/robots.txt":
+            await self._respond(conn, transport, 200, body=b"User-agent: *\nDisallow: /\n", head=is_head)
+        elif path == b"/":
+            home = self.config.home
+            if home == "blank":
+                await self._respond(conn, transport, 200, head=is_head)
+            elif home.startswith(("http://", "https://")):
+                await self._respond(conn, transport, 302, [(b"Location", home.encode())], head=is_head)
+            else:
+                html = [(b"Content-Type", b"text/html; charset=utf-8")]
+                await self._respond(conn, transport, 200, html, body=HOME_PAGE, head=is_head)
+        else:
+            await self._respond(conn, transport, 404, body=b"404 page not found\n", head=is_head)
+        log.debug("http_request", remote=_remote(transport), method=method.decode("latin-1"), path=path.decode("latin-1"))
+        return False
+
+    async def _derp(
+        self, conn: h11.Connection, transport: Transport, req: h11.Request, headers: list[tuple[bytes, bytes]]
+    ) -> bool:
+        upgrade = (_header(headers, b"upgrade") or b"").strip().lower()
+        if self.derp is None or not self.config.derp_enabled:
+            await self._drain_body(conn, transport)
+            await self._respond(conn, transport, 404, body=b"derp server disabled\n")
+            return False
+        if upgrade not in (b"derp", b"websocket"):
+            await self._drain_body(conn, transport)
+            await self._respond(conn, transport, 426, body=b"DERP requires connection upgrade\n")
+            return False
+        protocols = (_header(headers, b"sec-websocket-protocol") or b"").lower()
+        if upgrade == b"websocket" and b"derp" in protocols:
+            await self._drain_body(conn, transport)
+            await self._respond(conn, transport, 501, body=b"WebSocket DERP is not supported by this server yet\n")
+            return False
+        # The request head (and any body) is complete; the rest of the bytes are DERP.
+        event = await self._next_event(conn, transport)
+        if not isinstance(event, h11.EndOfMessage):
+            raise _Close
+        initial, _closed = conn.trailing_data
+        fast_start = _header(headers, b"derp-fast-start") == b"1"
+        preamble = b""
+        if not fast_start:
+            preamble = conn.send(
+                h11.InformationalResponse(
+                    status_code=101,
+                    reason=b"Switching Protocols",
+                    headers=[
+                        (b"Upgrade", b"DERP"),
+                        (b"Connection", b"Upgrade"),
+                        (b"Derp-Version", b"2"),
+                        (b"Derp-Public-Key", self.public_key_hex),
+                    ],
+                )
+            )
+        not_ideal = _header(headers, b"ideal-node") is not None
+        await self.derp(transport, initial=bytes(initial), preamble=preamble, not_ideal=not_ideal)
+        return True
+
+
+def _remote(transport: Transport) -> str:
+    return format_addr(transport.remote)
