@@ -1,0 +1,91 @@
+"""Shared fixtures: golden vectors, an in-process derpd on loopback, DERP clients."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from derpd.client import DerpClient
+from derpd.keys import NodePrivate
+from derpd.relay import RelayConfig
+from derpd.server import DerpServer, ServerSettings
+
+REPO = Path(__file__).resolve().parents[1]
+# The golden vectors live in the repo (copied from Tailscale-generated ../shared/vectors) so a
+# fresh clone anywhere can run the suite; DERPD_VECTORS points elsewhere if wanted.
+VECTORS = Path(os.environ.setdefault("DERPD_VECTORS", str(REPO / "tests" / "vectors")))
+
+
+def load_vector(name: str) -> dict[str, Any]:
+    with open(VECTORS / name, encoding="utf-8") as f:
+        return json.load(f)
+
+
+async def start_server(
+    nursery: trio.Nursery,
+    key: NodePrivate | None = None,
+    *,
+    stun_port: int = -1,
+    home: str = "",
+    mesh_key: bytes | None = None,
+    relay: RelayConfig | None = None,
+    addr: tuple[str, int] = ("127.0.0.1", 0),
+) -> DerpServer:
+    settings = ServerSettings(
+        addr=addr, stun_port=stun_port, home=home, mesh_key=mesh_key, relay=relay or RelayConfig()
+    )
+    server = DerpServer(key or NodePrivate.generate(), settings)
+    await nursery.start(server.run)
+    return server
+
+
+def url_of(server: DerpServer) -> str:
+    host, port = server.derp_addrs[0]
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}/derp"
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> DerpServer:
+    return await start_server(nursery)
+
+
+@pytest.fixture
+def url(server: DerpServer) -> str:
+    return url_of(server)
+
+
+class Clients:
+    """Opens DerpClients and closes them all at the end of a test."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.opened: list[DerpClient] = []
+
+    async def connect(self, key: NodePrivate | None = None, **kw: Any) -> DerpClient:
+        c = await DerpClient.connect(kw.pop("url", self.url), key, **kw)
+        self.opened.append(c)
+        return c
+
+
+@pytest.fixture
+async def clients(url: str) -> AsyncIterator[Clients]:
+    cs = Clients(url)
+    yield cs
+    for c in cs.opened:
+        await c.aclose()
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fails the test (not a timing assertion) if it never is."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
