@@ -21,6 +21,7 @@ from .keys import KEY_LEN, NONCE_LEN, NodePrivate
 from .protocol import (
     MAX_FRAME_LEN,
     PING_DATA_LEN,
+    WATCH_CONNS_FRAME,
     ClientInfo,
     FrameReader,
     FrameType,
@@ -30,7 +31,6 @@ from .protocol import (
     ServerInfo,
     client_info_frame,
     close_peer_frame,
-    encode_frame,
     forward_packet_frame,
     note_preferred_frame,
     open_server_info,
@@ -43,7 +43,6 @@ from .protocol import (
     ping_frame,
     pong_frame,
     send_packet_frame,
-    WATCH_CONNS_FRAME,
 )
 
 RECV_SIZE = 256 * 1024

@@ -235,7 +235,9 @@ class HttpFront:
                 await self._respond(conn, transport, 200, html, body=HOME_PAGE, head=is_head)
         else:
             await self._respond(conn, transport, 404, body=b"404 page not found\n", head=is_head)
-        log.debug("http_request", remote=_remote(transport), method=method.decode("latin-1"), path=path.decode("latin-1"))
+        log.debug(
+            "http_request", remote=_remote(transport), method=method.decode("latin-1"), path=path.decode("latin-1")
+        )
         return False
 
     async def _derp(

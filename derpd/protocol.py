@@ -416,7 +416,13 @@ def parse_restarting(payload: bytes) -> tuple[int, int]:
 def _go_json(obj: Mapping[str, Any]) -> bytes:
     """Compact JSON as Go's encoding/json writes it (HTML-safe escapes, raw UTF-8)."""
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    for raw, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for raw, esc in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(raw, esc)
     return text.encode()
 
@@ -451,6 +457,20 @@ def _go_fields(data: bytes, fields: Mapping[str, type], what: str) -> dict[str, 
     return out
 
 
+_CLIENT_INFO_FIELDS: Mapping[str, type] = {
+    "meshKey": str,
+    "version": int,
+    "CanAckPings": bool,
+    "IsProber": bool,
+    "AppName": str,
+}
+_SERVER_INFO_FIELDS: Mapping[str, type] = {
+    "version": int,
+    "TokenBucketBytesPerSecond": int,
+    "TokenBucketBytesBurst": int,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
     """The client's sealed hello (``derp.ClientInfo``)."""
@@ -460,8 +480,6 @@ class ClientInfo:
     can_ack_pings: bool = False
     is_prober: bool = False
     app_name: str = ""
-
-    _FIELDS = {"meshKey": str, "version": int, "CanAckPings": bool, "IsProber": bool, "AppName": str}
 
     def to_json(self) -> bytes:
         doc: dict[str, Any] = {}
@@ -478,7 +496,7 @@ class ClientInfo:
 
     @classmethod
     def from_json(cls, data: bytes) -> ClientInfo:
-        f = _go_fields(data, cls._FIELDS, "ClientInfo")
+        f = _go_fields(data, _CLIENT_INFO_FIELDS, "ClientInfo")
         mesh: bytes | None = None
         if f.get("meshKey"):
             text = f["meshKey"]
@@ -505,8 +523,6 @@ class ServerInfo:
     token_bucket_bytes_per_second: int = 0
     token_bucket_bytes_burst: int = 0
 
-    _FIELDS = {"version": int, "TokenBucketBytesPerSecond": int, "TokenBucketBytesBurst": int}
-
     def to_json(self) -> bytes:
         doc: dict[str, Any] = {}
         if self.version:
@@ -519,7 +535,7 @@ class ServerInfo:
 
     @classmethod
     def from_json(cls, data: bytes) -> ServerInfo:
-        f = _go_fields(data, cls._FIELDS, "ServerInfo")
+        f = _go_fields(data, _SERVER_INFO_FIELDS, "ServerInfo")
         return cls(
             version=f.get("version", 0),
             token_bucket_bytes_per_second=f.get("TokenBucketBytesPerSecond", 0),
@@ -527,7 +543,9 @@ class ServerInfo:
         )
 
 
-def client_info_payload(client: NodePrivate, server_public: bytes, info: ClientInfo, nonce: bytes | None = None) -> bytes:
+def client_info_payload(
+    client: NodePrivate, server_public: bytes, info: ClientInfo, nonce: bytes | None = None
+) -> bytes:
     """ClientInfo frame payload: client key, then the JSON sealed to the server."""
     return client.public + client.seal_to(server_public, info.to_json(), nonce)
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from derpd.keys import NodePrivate, parse_key_file, parse_mesh_key, parse_public_key
+from derpd.keys import NodePrivate, key_file_text, parse_key_file, parse_mesh_key, parse_public_key
 from derpd.protocol import (
     MAGIC,
     WATCH_CONNS_FRAME,
@@ -60,8 +60,6 @@ def test_key_derivation_matches_go() -> None:
 def test_key_file_text_is_derpers() -> None:
     key = parse_key_file(FRAMES["derper_key_file"])
     assert key.public == SERVER.public
-    from derpd.keys import key_file_text
-
     assert key_file_text(key) == FRAMES["derper_key_file"]
 
 
@@ -117,7 +115,9 @@ def test_client_frames_byte_exact() -> None:
         "NotePreferred(false)": note_preferred_frame(False),
         "WatchConnectionChanges()": WATCH_CONNS_FRAME,
         "ClosePeer(client2)": close_peer_frame(CLIENT2_PUB),
-        'ForwardPacket(src=client, dst=client2, "hello, derp")': forward_packet_frame(CLIENT.public, CLIENT2_PUB, hello),
+        'ForwardPacket(src=client, dst=client2, "hello, derp")': forward_packet_frame(
+            CLIENT.public, CLIENT2_PUB, hello
+        ),
     }
     seen = 0
     for entry in FRAMES["client_frames"]:

@@ -1,0 +1,421 @@
+"""The relay over real sockets on loopback: derpd's own client against its server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import pytest
+import trio
+
+from derpd.client import (
+    ConnectionLost,
+    DerpClient,
+    KeepAliveMessage,
+    PeerGoneMessage,
+    PeerPresentMessage,
+    ReceivedPacket,
+)
+from derpd.keys import NodePrivate
+from derpd.protocol import (
+    DISCO_MAGIC,
+    MAX_PACKET_SIZE,
+    ClientInfo,
+    FrameReader,
+    FrameType,
+    PeerGoneReason,
+    PeerPresentFlags,
+    client_info_frame,
+    encode_frame,
+    pack_header,
+    send_packet_frame,
+)
+from derpd.relay import RelayConfig
+from derpd.server import DerpServer
+
+from .conftest import Clients, start_server, url_of, wait_for
+
+DISCO = DISCO_MAGIC + b"k" * 32 + b"n" * 24 + b"payload"
+
+
+async def recv_data(c: DerpClient, timeout: float = 5.0) -> ReceivedPacket:
+    with trio.fail_after(timeout):
+        return await c.recv_packet()
+
+
+async def recv_type(c: DerpClient, cls: type, timeout: float = 5.0) -> object:
+    with trio.fail_after(timeout):
+        while True:
+            m = await c.recv()
+            if isinstance(m, cls):
+                return m
+
+
+async def assert_relays(a: DerpClient, b: DerpClient) -> None:
+    """A bystander pair still works: one packet each way."""
+    token = os.urandom(16)
+    await a.send(b.public_key, token)
+    assert (await recv_data(b)).data == token
+    await b.send(a.public_key, token[::-1])
+    assert (await recv_data(a)).data == token[::-1]
+
+
+# --- relaying -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [100, 1200, MAX_PACKET_SIZE])
+async def test_two_clients_relay_both_ways(clients: Clients, server: DerpServer, size: int) -> None:
+    a = await clients.connect()
+    b = await clients.connect()
+    assert a.server_key == server.key.public
+    assert a.server_info.version == 2
+    for src, dst in ((a, b), (b, a)):
+        payload = os.urandom(size)
+        await src.send(dst.public_key, payload)
+        got = await recv_data(dst)
+        assert got.src == src.public_key and got.data == payload
+    st = server.relay.stats
+    assert st.packets_received == 2 and st.packets_sent == 2
+    assert st.bytes_received == st.bytes_sent == 2 * size
+
+
+async def test_many_packets_batched_arrive_in_order(clients: Clients, server: DerpServer) -> None:
+    a = await clients.connect()
+    b = await clients.connect()
+    sent = [i.to_bytes(4, "big") * 300 for i in range(30)]  # within one queue's depth
+    await a.send_many((b.public_key, p) for p in sent)
+    got = [(await recv_data(b)).data for _ in sent]
+    assert got == sent
+    assert server.relay.stats.dropped("queue_head") == 0
+
+
+async def test_peer_gone_disconnected_reaches_everyone_who_received(clients: Clients, server: DerpServer) -> None:
+    a = await clients.connect()
+    b = await clients.connect()
+    c = await clients.connect()
+    await a.send(b.public_key, b"to b")
+    await recv_data(b)
+    await a.send(c.public_key, b"to c")
+    await recv_data(c)
+    await a.aclose()
+    for receiver in (b, c):
+        msg = await recv_type(receiver, PeerGoneMessage)
+        assert msg == PeerGoneMessage(a.public_key, PeerGoneReason.DISCONNECTED)
+    # c never received from b, so b leaving tells nobody; a single PeerGone per (src, receiver).
+    assert server.relay.stats.peer_gone_disconnected_frames == 2
+    assert not server.relay.seen_by.get(a.public_key)
+
+
+async def test_not_here_for_disco_to_unknown_key_is_rate_limited(clients: Clients, server: DerpServer) -> None:
+    now = 1000.0
+    server.relay.clock = lambda: now  # a frozen clock makes the 1/s burst-3 limiter exact
+    a = await clients.connect()
+    b = await clients.connect()
+    nobody = NodePrivate.generate().public
+    await a.send_many([(nobody, DISCO)] * 5 + [(nobody, b"not disco")] * 2)
+    for _ in range(3):
+        assert await recv_type(a, PeerGoneMessage) == PeerGoneMessage(nobody, PeerGoneReason.NOT_HERE)
+    await a.ping()  # everything the server had queued for a before its pong has arrived
+    assert server.relay.stats.peer_gone_not_here_frames == 3
+    st = server.relay.stats
+    assert st.dropped_packets[("unknown_dest", "disco")] == 5
+    assert st.dropped_packets[("unknown_dest", "other")] == 2
+    now += 1.0
+    await a.send(nobody, DISCO)
+    assert await recv_type(a, PeerGoneMessage) == PeerGoneMessage(nobody, PeerGoneReason.NOT_HERE)
+    await assert_relays(a, b)
+
+
+async def test_ping_pong(clients: Clients, server: DerpServer) -> None:
+    a = await clients.connect()
+    data = await a.ping(b"\x01\x02\x03\x04\x05\x06\x07\x08")
+    assert data == b"\x01\x02\x03\x04\x05\x06\x07\x08"
+    # A ping with extra bytes (allowed up to 1000) is answered with its first 8.
+    await a.send_raw(encode_frame(FrameType.PING, b"ABCDEFGH" + b"x" * 500))
+    msg = await recv_type(a, object)
+    assert getattr(msg, "data", None) == b"ABCDEFGH"
+    assert server.relay.stats.got_ping == 2 and server.relay.stats.sent_pong == 2
+
+
+async def test_note_preferred_tracks_home(clients: Clients, server: DerpServer) -> None:
+    a = await clients.connect()
+    await a.note_preferred(True)
+    await a.ping()
+    assert server.relay.stats.current_home_connections == 1
+    await a.note_preferred(False)
+    await a.note_preferred(False)
+    await a.ping()
+    assert server.relay.stats.current_home_connections == 0
+
+
+async def test_unknown_frame_types_are_skipped(clients: Clients, server: DerpServer) -> None:
+    a = await clients.connect()
+    b = await clients.connect()
+    await a.send_raw(encode_frame(0x77, b"future" * 1000) + encode_frame(FrameType.PONG, b"12345678"))
+    await assert_relays(a, b)
+
+
+async def test_keepalive_is_sent(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, relay=RelayConfig(keepalive=0.05))
+    c = await DerpClient.connect(url_of(server))
+    async with c:
+        assert isinstance(await recv_type(c, KeepAliveMessage), KeepAliveMessage)
+
+
+async def test_fast_start_path(clients: Clients, server: DerpServer) -> None:
+    a = await clients.connect(fast_start=True, server_key=server.key.public)
+    b = await clients.connect()
+    assert a.http_response is None  # no 101 on the fast path
+    await assert_relays(a, b)
+
+
+# --- duplicate keys ---------------------------------------------------------------------------
+
+
+async def test_duplicate_key_last_writer_is_active(clients: Clients, server: DerpServer) -> None:
+    key = NodePrivate.generate()
+    old = await clients.connect(key)
+    new = await clients.connect(key)
+    sender = await clients.connect()
+    st = server.relay.stats
+    assert (st.current_dup_client_keys, st.current_dup_client_conns, st.total_dup_client_conns) == (1, 2, 1)
+    await sender.send(key.public, b"first")
+    assert (await recv_data(new)).data == b"first"  # the newest connection is active
+    await old.ping()  # the old one speaks, so it becomes active again
+    await sender.send(key.public, b"second")
+    assert (await recv_data(old)).data == b"second"
+    await old.aclose()
+    await wait_for(lambda: st.current_dup_client_keys == 0, what="dup set to shrink")
+    await sender.send(key.public, b"third")
+    assert (await recv_data(new)).data == b"third"
+    assert st.current_dup_client_conns == 0
+    # One of two connections leaving is not "gone from the region".
+    assert st.peer_gone_disconnected_frames == 0
+
+
+# --- slow and vanished peers -----------------------------------------------------------------------
+
+
+async def raw_login(port: int, server_pub: bytes, key: NodePrivate | None = None, rcvbuf: int = 0) -> socket.socket:
+    """A hand-driven DERP client: upgrade and ClientInfo, then whatever the test does."""
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.setblocking(False)
+    ts = trio.socket.from_stdlib_socket(s)
+    await ts.connect(("127.0.0.1", port))
+    key = key or NodePrivate.generate()
+    req = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+    await ts.send(req + client_info_frame(key, server_pub, ClientInfo(version=2)))
+    return s
+
+
+async def read_until_closed(s: socket.socket, timeout: float = 5.0) -> bytes:
+    ts = trio.socket.from_stdlib_socket(s)
+    data = b""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                chunk = await ts.recv(65536)
+            except ConnectionResetError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+
+async def test_stuck_reader_does_not_delay_others_and_is_dropped(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="derpd")
+    server = await start_server(nursery, relay=RelayConfig(write_timeout=0.3))
+    url = url_of(server)
+    stuck_key = NodePrivate.generate()
+    stuck = await raw_login(server.port, server.key.public, stuck_key, rcvbuf=4096)
+    a = await DerpClient.connect(url)
+    b = await DerpClient.connect(url)
+    flooder = await DerpClient.connect(url)
+    async with a, b, flooder:
+        await wait_for(lambda: stuck_key.public in server.relay.clients, what="stuck client registered")
+        blob = b"z" * 60000
+        # Fill the stuck client's socket buffers and queue, interleaved with a->b traffic
+        # that must all arrive while the stuck one is still connected.
+        for i in range(20):
+            await flooder.send_many([(stuck_key.public, blob)] * 4)
+            await a.send(b.public_key, i.to_bytes(2, "big"))
+            assert (await recv_data(b)).data == i.to_bytes(2, "big")
+        await wait_for(lambda: server.relay.stats.sclient_write_timeouts == 1, what="write timeout")
+        await wait_for(lambda: stuck_key.public not in server.relay.clients, what="stuck client dropped")
+        await assert_relays(a, b)
+    stuck.close()
+    assert any(
+        "write timeout" in r.getMessage() or "write timeout" in str(getattr(r, "fields", "")) for r in caplog.records
+    )
+    st = server.relay.stats
+    lost = st.dropped("gone_disconnected") + st.dropped("queue_head") + st.dropped("write_error")
+    assert lost > 0  # what the stuck client never read is accounted for, not silently lost
+
+
+async def test_vanished_peer_times_out_in_handshake(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, relay=RelayConfig(handshake_timeout=0.2))
+    s = socket.socket()
+    s.setblocking(False)
+    ts = trio.socket.from_stdlib_socket(s)
+    await ts.connect(("127.0.0.1", server.port))
+    await ts.send(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n")
+    data = await read_until_closed(s)
+    assert data.startswith(b"HTTP/1.1 101")
+    s.close()
+    assert server.relay.stats.handshake_failures == 1
+    assert server.relay.stats.current_connections == 0
+
+
+# --- malformed input closes only the offending connection -----------------------------------------
+
+MALFORMED = {
+    "note_preferred_two_bytes": encode_frame(FrameType.NOTE_PREFERRED, b"\x01\x01"),
+    "send_packet_short": encode_frame(FrameType.SEND_PACKET, b"k" * 31),
+    "send_packet_oversized": pack_header(FrameType.SEND_PACKET, 32 + MAX_PACKET_SIZE + 1),
+    "frame_over_1mib": pack_header(0x55, (1 << 20) + 1),
+    "ping_short": encode_frame(FrameType.PING, b"1234"),
+    "ping_too_long": pack_header(FrameType.PING, 1001),
+    "watch_conns_without_mesh_key": encode_frame(FrameType.WATCH_CONNS),
+    "watch_conns_with_payload": encode_frame(FrameType.WATCH_CONNS, b"x"),
+    "close_peer_without_mesh_key": encode_frame(FrameType.CLOSE_PEER, b"k" * 32),
+    "forward_without_mesh_key": encode_frame(FrameType.FORWARD_PACKET, b"k" * 70),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+async def test_malformed_frame_closes_only_that_connection(
+    name: str, clients: Clients, server: DerpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="derpd")
+    a = await clients.connect()
+    b = await clients.connect()
+    bad = await clients.connect()
+    await a.send(bad.public_key, b"hello")  # so bad leaving sends a PeerGone to nobody it received from
+    await recv_data(bad)
+    await bad.send_raw(MALFORMED[name])
+    with pytest.raises(ConnectionLost), trio.fail_after(5):
+        while True:
+            await bad.recv()
+    await assert_relays(a, b)
+    assert server.relay.stats.current_connections == 2
+    closes = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "client_disconnected" and r.fields["key"] == bad.public_key[:4].hex()
+    ]  # type: ignore[attr-defined]
+    assert len(closes) == 1
+    reason = closes[0].fields["reason"]  # type: ignore[attr-defined]
+    assert "protocol error" in reason or "insufficient permissions" in reason
+
+
+HANDSHAKE_FAULTS = {
+    "bad_json": lambda srv, key: encode_frame(FrameType.CLIENT_INFO, key.public + key.seal_to(srv, b"{not json")),
+    "wrong_server_key": lambda srv, key: client_info_frame(key, NodePrivate.generate().public, ClientInfo(version=2)),
+    "first_frame_not_client_info": lambda srv, key: send_packet_frame(key.public, b"x"),
+    "client_info_too_long": lambda srv, key: pack_header(FrameType.CLIENT_INFO, (256 << 10) + 1),
+    "client_info_short": lambda srv, key: encode_frame(FrameType.CLIENT_INFO, b"k" * 40),
+    "json_wrong_type": lambda srv, key: encode_frame(
+        FrameType.CLIENT_INFO, key.public + key.seal_to(srv, b'{"version":"two"}')
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HANDSHAKE_FAULTS))
+async def test_bad_handshake_is_refused(
+    name: str, clients: Clients, server: DerpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="derpd")
+    a = await clients.connect()
+    b = await clients.connect()
+    key = NodePrivate.generate()
+    s = socket.socket()
+    s.setblocking(False)
+    ts = trio.socket.from_stdlib_socket(s)
+    await ts.connect(("127.0.0.1", server.port))
+    req = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n"
+    await ts.send(req + HANDSHAKE_FAULTS[name](server.key.public, key))
+    data = await read_until_closed(s)
+    s.close()
+    reader = FrameReader()
+    reader.feed(data[data.index(b"\r\n\r\n") + 4 :])
+    assert [t for t, _ in reader.read_frames()] == [FrameType.SERVER_KEY]  # no ServerInfo
+    assert server.relay.stats.handshake_failures == 1
+    assert key.public not in server.relay.clients
+    assert [r for r in caplog.records if r.getMessage() == "handshake_failed"]
+    await assert_relays(a, b)
+
+
+# --- mesh-key clients -------------------------------------------------------------------------------
+
+
+async def test_mesh_watcher_forward_and_close_peer(nursery: trio.Nursery) -> None:
+    mesh_key = os.urandom(32)
+    server = await start_server(nursery, mesh_key=mesh_key)
+    url = url_of(server)
+    a = await DerpClient.connect(url)
+    watcher = await DerpClient.connect(url, mesh_key=mesh_key)
+    await watcher.watch_conns()
+    flood = {(await recv_type(watcher, PeerPresentMessage)).present for _ in range(2)}  # type: ignore[attr-defined]
+    assert {p.key for p in flood} == {a.public_key, watcher.public_key}
+    flags = {p.key: p.flags for p in flood}
+    assert flags[a.public_key] == PeerPresentFlags.IS_REGULAR
+    assert flags[watcher.public_key] == PeerPresentFlags.IS_MESH_PEER
+    ip = {p.key: p for p in flood}[a.public_key]
+    assert ip.ip16 == b"\x00" * 10 + b"\xff\xff" + bytes([127, 0, 0, 1])
+
+    c = await DerpClient.connect(url, is_prober=True)
+    present = (await recv_type(watcher, PeerPresentMessage)).present  # type: ignore[attr-defined]
+    assert present.key == c.public_key and present.flags == PeerPresentFlags.IS_PROBER
+    await c.aclose()
+    assert await recv_type(watcher, PeerGoneMessage) == PeerGoneMessage(c.public_key, PeerGoneReason.DISCONNECTED)
+
+    fake_src = NodePrivate.generate().public
+    await watcher.forward_packet(fake_src, a.public_key, b"via mesh")
+    got = await recv_data(a)
+    assert (got.src, got.data) == (fake_src, b"via mesh")
+    assert server.relay.stats.packets_forwarded_in == 1
+
+    nobody = NodePrivate.generate().public
+    await watcher.forward_packet(fake_src, nobody, b"lost")
+    await watcher.ping()
+    assert server.relay.stats.dropped_packets[("unknown_dest_on_fwd", "other")] == 1
+
+    await watcher.close_peer(a.public_key)
+    with pytest.raises(ConnectionLost), trio.fail_after(5):
+        while True:
+            await a.recv()
+    assert await recv_type(watcher, PeerGoneMessage) == PeerGoneMessage(a.public_key, PeerGoneReason.DISCONNECTED)
+    await watcher.aclose()
+
+
+async def test_wrong_mesh_key_is_not_a_mesh_peer(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, mesh_key=os.urandom(32))
+    c = await DerpClient.connect(url_of(server), mesh_key=os.urandom(32))
+    async with c:
+        await c.watch_conns()
+        with pytest.raises(ConnectionLost), trio.fail_after(5):
+            while True:
+                await c.recv()
+
+
+async def test_queue_overflow_drops_oldest(clients: Clients, server: DerpServer) -> None:
+    """Beyond 32 queued packets for one destination, the oldest are dropped and counted."""
+    a = await clients.connect()
+    key = NodePrivate.generate()
+    stuck = await raw_login(server.port, server.key.public, key, rcvbuf=4096)
+    await wait_for(lambda: key.public in server.relay.clients, what="registration")
+    blob = b"q" * 60000
+    for _ in range(10):
+        await a.send_many([(key.public, blob)] * 10)
+    await a.ping()
+    st = server.relay.stats
+    assert st.dropped_packets[("queue_head", "other")] > 0
+    assert st.dropped_bytes[("queue_head", "other")] == 60000 * st.dropped_packets[("queue_head", "other")]
+    conn = server.relay.clients[key.public]
+    assert len(conn.q_other) <= 32
+    stuck.close()
