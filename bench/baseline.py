@@ -1,0 +1,171 @@
+"""The no-protocol baseline: the fastest trivial trio TCP forwarder, for a same-box reference.
+
+derpd's overhead is only meaningful as a ratio against what a trivial Python relay
+reaches on the same machine under the same load. This forwarder does no parsing at
+all: each connection starts with a 9-byte hello (magic, role, pair id); a receiver
+registers under its pair id, and a sender's bytes are copied verbatim to its pair's
+receiver. The load generator writes the very same SendPacket-framed bytes it writes
+to a DERP server, so frame sizes and write patterns are identical.
+
+It uses the fastest design from ``hot-path.md``: plain non-blocking socket calls,
+256 KiB reads, an immediate ``send`` and a trio readiness wait only when a socket
+would block (and one checkpoint per read, as derpd's transport does, for fairness).
+Unlike DERP it never drops: a slow receiver back-pressures its sender through TCP.
+
+Run: ``python -m bench.baseline --addr 127.0.0.1:0``; it prints ``listening HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import struct
+import sys
+
+import trio
+
+HELLO = struct.Struct(">4sBI")  # magic, role, pair id
+MAGIC = b"BSL1"
+ROLE_RECEIVER = 0
+ROLE_SENDER = 1
+RECV_SIZE = 256 * 1024
+_SOFT = (BlockingIOError, InterruptedError)
+_GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
+
+
+def hello(role: int, pair_id: int) -> bytes:
+    """The first bytes a baseline client writes."""
+    return HELLO.pack(MAGIC, role, pair_id)
+
+
+async def _recv(sock: socket.socket) -> bytes:
+    """Some bytes (b"" at EOF or reset), waiting only when nothing is buffered."""
+    while True:
+        try:
+            data = sock.recv(RECV_SIZE)
+        except _SOFT:
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except _GONE:
+            return b""
+        await trio.lowlevel.checkpoint()
+        return data
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    """Write now if the kernel takes it; park on writability only for the rest."""
+    try:
+        sent = sock.send(data)
+    except _SOFT:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)
+    while sent < len(data):
+        await trio.lowlevel.wait_writable(sock)
+        try:
+            sent += sock.send(view[sent:])
+        except _SOFT:
+            pass
+
+
+class Forwarder:
+    """Pair registry plus one task per connection."""
+
+    def __init__(self) -> None:
+        self.receivers: dict[int, socket.socket] = {}
+        self.arrived: dict[int, trio.Event] = {}
+
+    def _event(self, pair: int) -> trio.Event:
+        ev = self.arrived.get(pair)
+        if ev is None or (ev.is_set() and pair not in self.receivers):
+            ev = self.arrived[pair] = trio.Event()
+        return ev
+
+    async def handle(self, tsock: trio.socket.SocketType) -> None:
+        sock = socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach())
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            head = b""
+            while len(head) < HELLO.size:
+                data = await _recv(sock)
+                if not data:
+                    return
+                head += data
+            magic, role, pair = HELLO.unpack_from(head)
+            if magic != MAGIC:
+                return
+            rest = head[HELLO.size :]
+            if role == ROLE_RECEIVER:
+                await self._receiver(sock, pair)
+            elif role == ROLE_SENDER:
+                await self._sender(sock, pair, rest)
+        except _GONE:
+            pass
+        finally:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    async def _receiver(self, sock: socket.socket, pair: int) -> None:
+        self.receivers[pair] = sock
+        self._event(pair).set()
+        try:
+            while await _recv(sock):  # receivers never talk; wait for EOF
+                pass
+        finally:
+            if self.receivers.get(pair) is sock:
+                del self.receivers[pair]
+
+    async def _sender(self, sock: socket.socket, pair: int, data: bytes) -> None:
+        while True:
+            dst = self.receivers.get(pair)
+            if dst is None:
+                await self._event(pair).wait()
+                continue
+            if data:
+                try:
+                    await _send_all(dst, data)
+                except _GONE:
+                    continue  # the receiver went away; wait for the next one
+                except OSError:
+                    continue
+            data = await _recv(sock)
+            if not data:
+                return
+
+
+async def serve(host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen and forward until cancelled; reports the bound port through task_status."""
+    listener = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    await listener.bind((host, port))
+    listener.listen(1024)
+    fwd = Forwarder()
+    task_status.started(listener.getsockname()[1])
+    async with trio.open_nursery() as nursery:
+        with listener:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(fwd.handle, conn)
+
+
+async def _main(host: str, port: int) -> None:
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(serve, host, port)
+        print(f"listening {host}:{bound}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__.splitlines()[0])
+    ap.add_argument("--addr", default="127.0.0.1:0", help="HOST:PORT to listen on (port 0 = any)")
+    args = ap.parse_args(argv)
+    host, _, port = args.addr.rpartition(":")
+    try:
+        trio.run(_main, host.strip("[]") or "127.0.0.1", int(port))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Relay benchmark: N sender→receiver pairs through a DERP server (or the baseline forwarder).
+
+    python -m bench.relay --url http://127.0.0.1:3340/derp --pairs 10 --size 1200 --window 32
+    python -m bench.relay --baseline --pairs 10 --size 1200 --mode batched
+    python -m bench.relay --compare --url http://127.0.0.1:3340/derp --server-pid PID
+    python -m bench.relay --sweep --url http://127.0.0.1:3340/derp --server-pid PID
+
+Each run prints one JSON line on stdout (a sweep prints one per run) and a human table
+on stderr. Load comes from ``--workers`` separate processes (``bench.loadgen``), each
+owning whole pairs; the parent only coordinates and samples ``/proc`` of the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from .loadgen import MIN_SIZE, Target, WorkerConfig, hist_lower, hist_percentiles, parse_url, worker_main
+
+MODES = ("per-packet", "batched")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    """The benchmark could not run (server unreachable, a worker failed, ...)."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    pairs: int = 10
+    size: int = 1200
+    mode: str = "per-packet"
+    window: int | None = 32
+    rate: float | None = None
+    duration: float = 5.0
+    drain: float = 1.0
+    workers: int | None = None  # default min(pairs, cpu_count)
+    batch_max: int = 256
+    connect_timeout: float = 10.0
+
+
+# --- /proc sampling -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    cpu_s: float  # utime + stime of all threads
+    rss_mb: float
+    hwm_mb: float
+
+
+def sample_proc(pid: int) -> ProcSample:
+    """CPU seconds and resident memory of a process, from /proc (Linux only)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as e:
+        raise BenchError(f"cannot read /proc/{pid}: {e.strerror} (is --server-pid right?)") from None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
+    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+    mem = {}
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            mem[name] = int(value.split()[0]) / 1024
+    return ProcSample(cpu, mem.get("VmRSS", 0.0), mem.get("VmHWM", 0.0))
+
+
+# --- one run --------------------------------------------------------------------
+
+
+def _wait_all(conns: list[Connection], want: str, timeout: float) -> list[Any]:
+    """One ``(want, value)`` message from every worker, or BenchError."""
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < len(conns):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError(f"{len(conns) - len(out)} worker(s) did not report {want!r} within {timeout:g}s")
+        for c in wait([c for i, c in enumerate(conns) if i not in out], left):
+            i = conns.index(c)  # type: ignore[arg-type]
+            try:
+                kind, value = c.recv()  # type: ignore[union-attr]
+            except EOFError:
+                raise BenchError(f"worker {i} exited without reporting {want!r}") from None
+            if kind == "error":
+                raise BenchError(f"worker {i} failed: {value}")
+            out[i] = value
+    return [out[i] for i in range(len(conns))]
+
+
+def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> dict[str, Any]:
+    """Run one timed load against ``target``; the result dict is what gets printed as JSON."""
+    if spec.size < MIN_SIZE:
+        raise BenchError(f"--size must be at least {MIN_SIZE} (sequence number + timestamp)")
+    if (spec.window is None) == (spec.rate is None):
+        raise BenchError("exactly one of window and rate must be set")
+    nworkers = max(1, min(spec.workers or os.cpu_count() or 1, spec.pairs))
+    slices = [list(range(i, spec.pairs, nworkers)) for i in range(nworkers)]
+    ctx = mp.get_context("spawn")
+    conns: list[Connection] = []
+    procs = []
+    for ids in slices:
+        parent, child = ctx.Pipe()
+        cfg = WorkerConfig(
+            target=target,
+            pair_ids=ids,
+            size=spec.size,
+            mode=spec.mode,
+            window=spec.window,
+            rate=spec.rate,
+            duration=spec.duration,
+            drain=spec.drain,
+            batch_max=spec.batch_max,
+            connect_timeout=spec.connect_timeout,
+            total_pairs=spec.pairs,
+        )
+        proc = ctx.Process(target=worker_main, args=(child, cfg), daemon=True)
+        proc.start()
+        child.close()
+        conns.append(parent)
+        procs.append(proc)
+    try:
+        _wait_all(conns, "ready", spec.connect_timeout + 30)
+        start_at = time.monotonic() + 0.1
+        for c in conns:
+            c.send(("go", start_at))
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        before = sample_proc(server_pid) if server_pid else None
+        t0 = time.monotonic()
+        time.sleep(max(0.0, start_at + spec.duration - time.monotonic()))
+        after = sample_proc(server_pid) if server_pid else None
+        wall = time.monotonic() - t0
+        results = _wait_all(conns, "result", spec.duration + spec.drain + 30)
+    finally:
+        for c in conns:
+            c.close()
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+    return _summarize(target, spec, nworkers, results, before, after, wall, server_pid)
+
+
+def _summarize(
+    target: Target,
+    spec: RunSpec,
+    nworkers: int,
+    results: list[dict[str, Any]],
+    before: ProcSample | None,
+    after: ProcSample | None,
+    wall: float,
+    server_pid: int | None,
+) -> dict[str, Any]:
+    def total(key: str) -> int:
+        return sum(r[key] for r in results)
+
+    sent, received = total("sent"), total("received")
+    duration = max(r["elapsed_s"] for r in results)
+    pps = total("received_timed") / duration
+    hist: dict[int, int] = {}
+    for r in results:
+        for idx, n in r["hist"].items():
+            hist[int(idx)] = hist.get(int(idx), 0) + n
+    p50, p90, p99 = hist_percentiles(hist, (50, 90, 99))
+    per_pair = [n / duration for r in results for n in r["pair_received"]]
+
+    def ms(ns: float | None) -> float | None:
+        return None if ns is None else round(ns / 1e6, 3)
+
+    out: dict[str, Any] = {
+        "target": target.label or target.kind,
+        "mode": spec.mode,
+        "pairs": spec.pairs,
+        "size": spec.size,
+        "window": spec.window,
+        "rate": spec.rate,
+        "duration_s": round(duration, 3),
+        "sent": sent,
+        "received": received,
+        "lost": sent - received,
+        "loss_pct": round(100 * (sent - received) / sent, 4) if sent else 0.0,
+        "pps": round(pps, 1),
+        "mbps": round(pps * spec.size / 1e6, 3),
+        "latency_ms": {
+            "p50": ms(p50),
+            "p90": ms(p90),
+            "p99": ms(p99),
+            "max": ms(hist_lower(max(hist) + 1)) if hist else None,
+        },
+        "gaps": total("gaps"),
+        "out_of_order": total("late"),
+        "window_stalls": total("stalls"),
+        "pair_pps": {"min": round(min(per_pair), 1), "max": round(max(per_pair), 1)} if per_pair else None,
+        "drain_s": round(max(r["drain_s"] for r in results), 3),
+        "server": None,
+        "loadgen": {"cpu_pct": round(100 * total("cpu_s") / duration, 1), "workers": nworkers},
+    }
+    if spec.rate:
+        out["offered_pps"] = spec.rate * spec.pairs
+    if server_pid and before and after:
+        out["server"] = {
+            "pid": server_pid,
+            "cpu_pct": round(100 * (after.cpu_s - before.cpu_s) / wall, 1),
+            "rss_mb": round(after.rss_mb, 1),
+            "rss_peak_mb": round(after.hwm_mb, 1),
+        }
+    return out
+
+
+# --- the baseline forwarder -------------------------------------------------------
+
+
+@contextmanager
+def baseline_server(host: str = "127.0.0.1", timeout: float = 15.0) -> Iterator[tuple[Target, int]]:
+    """Start ``bench.baseline`` in a subprocess; yields its target and pid, stops it afterwards."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.baseline", "--addr", f"{host}:0"],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else ""
+        if not line.startswith("listening "):
+            raise BenchError(f"baseline forwarder did not start (exit code {proc.poll()}, said {line!r})")
+        port = int(line.rsplit(":", 1)[1])
+        yield Target("baseline", host, port, label="baseline"), proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# --- output ---------------------------------------------------------------------
+
+_COLUMNS = (
+    ("target", 10),
+    ("mode", 10),
+    ("pairs", 5),
+    ("size", 5),
+    ("win/rate", 8),
+    ("pkts/s", 9),
+    ("MB/s", 7),
+    ("loss%", 6),
+    ("p50ms", 7),
+    ("p90ms", 7),
+    ("p99ms", 7),
+    ("srvCPU%", 7),
+    ("srvMB", 6),
+    ("genCPU%", 7),
+    ("vs base", 7),
+)
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """A fixed-width table of results, one row per run."""
+    lines = [" ".join(name.rjust(w) for name, w in _COLUMNS)]
+    for r in results:
+        target = r["target"] if r["target"] == "baseline" else "derp"
+        srv = r["server"] or {}
+        lat = r["latency_ms"]
+        ratio = r.get("vs_baseline")
+        cells = (
+            target,
+            r["mode"],
+            str(r["pairs"]),
+            str(r["size"]),
+            f"w{r['window']}" if r["window"] else f"r{r['rate']:g}",
+            f"{r['pps']:.0f}",
+            _fmt(r["mbps"], 1),
+            _fmt(r["loss_pct"], 2),
+            _fmt(lat["p50"]),
+            _fmt(lat["p90"]),
+            _fmt(lat["p99"]),
+            _fmt(srv.get("cpu_pct"), 0),
+            _fmt(srv.get("rss_mb"), 0),
+            _fmt(r["loadgen"]["cpu_pct"], 0),
+            _fmt(ratio, 2) if ratio is not None else "-",
+        )
+        lines.append(" ".join(c.rjust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=True)))
+    return "\n".join(lines)
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result, separators=(",", ":")), flush=True)
+
+
+# --- CLI ------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.relay",
+        description="Benchmark a DERP relay with sender→receiver pairs; prints one JSON line per run.",
+    )
+    tgt = ap.add_argument_group("target")
+    tgt.add_argument("--url", help="DERP server URL, e.g. http://127.0.0.1:3340/derp")
+    tgt.add_argument("--baseline", action="store_true", help="start bench.baseline and load it instead of --url")
+    tgt.add_argument("--compare", action="store_true", help="run the baseline, then --url; report the ratio")
+    tgt.add_argument("--sweep", action="store_true", help="run the pairs × size × mode matrix on baseline and --url")
+    tgt.add_argument("--server-pid", type=int, help="sample this process's CPU and RSS from /proc")
+    load = ap.add_argument_group("load")
+    load.add_argument("--pairs", type=int, default=10)
+    load.add_argument("--size", type=int, default=1200, help="packet bytes after the 32-byte key (>= 16)")
+    load.add_argument("--mode", choices=MODES, default="per-packet")
+    pace = load.add_mutually_exclusive_group()
+    pace.add_argument("--window", type=int, help="max packets in flight per pair (default 32)")
+    pace.add_argument("--rate", type=float, help="packets/s per pair, open loop")
+    load.add_argument("--duration", type=float, help="timed seconds per run (default 5; 3 in a sweep)")
+    load.add_argument("--drain", type=float, default=1.0, help="max seconds to wait for in-flight packets")
+    load.add_argument("--workers", type=int, help="load-generator processes (default min(pairs, cpus))")
+    load.add_argument("--batch-max", type=int, default=256, help="max frames per write in batched rate mode")
+    sw = ap.add_argument_group("sweep")
+    sw.add_argument("--sweep-pairs", type=_int_list, default=[1, 10, 100])
+    sw.add_argument("--sweep-sizes", type=_int_list, default=[64, 1200])
+    sw.add_argument("--sweep-modes", type=lambda s: s.split(","), default=list(MODES))
+    sw.add_argument("--no-baseline", action="store_true", help="sweep: skip the baseline runs")
+    return ap
+
+
+def _ratio(result: dict[str, Any], base: dict[str, Any] | None) -> None:
+    if base and base["pps"]:
+        result["vs_baseline"] = round(result["pps"] / base["pps"], 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.url or args.baseline):
+        print("error: give --url, --baseline, or both", file=sys.stderr)
+        return 2
+    if (args.compare or args.sweep) and not args.url:
+        print("error: --compare and --sweep need --url", file=sys.stderr)
+        return 2
+    window = args.window if args.window is not None or args.rate is not None else 32
+    duration = args.duration if args.duration is not None else (3.0 if args.sweep else 5.0)
+    spec = RunSpec(
+        pairs=args.pairs,
+        size=args.size,
+        mode=args.mode,
+        window=window,
+        rate=args.rate,
+        duration=duration,
+        drain=args.drain,
+        workers=args.workers,
+        batch_max=args.batch_max,
+    )
+    try:
+        url_target = parse_url(args.url) if args.url else None
+        if args.sweep:
+            specs = [
+                replace(spec, pairs=n, size=s, mode=m)
+                for n in args.sweep_pairs
+                for s in args.sweep_sizes
+                for m in args.sweep_modes
+            ]
+            results = _sweep(url_target, specs, args.server_pid, with_baseline=not args.no_baseline)
+        elif args.compare or (args.baseline and url_target):
+            results = _sweep(url_target, [spec], args.server_pid, with_baseline=True)
+        elif args.baseline:
+            results = _sweep(None, [spec], None, with_baseline=True)
+        else:
+            assert url_target is not None
+            results = [run_load(url_target, spec, args.server_pid)]
+            emit(results[0])
+    except (BenchError, NotImplementedError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(table(results), file=sys.stderr)
+    return 0
+
+
+def _sweep(
+    url_target: Target | None, specs: list[RunSpec], server_pid: int | None, *, with_baseline: bool
+) -> list[dict[str, Any]]:
+    """Every spec on the baseline (first, so ratios can be computed), then on the URL."""
+    results: list[dict[str, Any]] = []
+    base: dict[RunSpec, dict[str, Any]] = {}
+    if with_baseline:
+        with baseline_server() as (target, pid):
+            for spec in specs:
+                _progress(target, spec)
+                r = run_load(target, spec, pid)
+                base[spec] = r
+                results.append(r)
+                emit(r)
+    if url_target is not None:
+        for spec in specs:
+            _progress(url_target, spec)
+            r = run_load(url_target, spec, server_pid)
+            _ratio(r, base.get(spec))
+            results.append(r)
+            emit(r)
+    return results
+
+
+def _progress(target: Target, spec: RunSpec) -> None:
+    pace = f"window {spec.window}" if spec.window else f"rate {spec.rate:g}/s"
+    print(
+        f"# {target.label or target.kind}: {spec.pairs} pairs × {spec.size} B, {spec.mode}, {pace}, "
+        f"{spec.duration:g}s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
