@@ -108,10 +108,16 @@ class HttpFront:
             else:
                 return False
 
-    async def _next_event(self, conn: h11.Connection, transport: Transport) -> object:
+    async def _next_event(self, conn: h11.Connection, transport: Transport, limit: int = 0) -> object:
+        """The next h11 event; with ``limit``, the bytes it may take (h11 itself only
+        bounds an event that is still incomplete, not one that arrives whole)."""
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
+                if limit and isinstance(event, h11.Request):
+                    head = sum(len(k) + len(v) + 4 for k, v in event.headers) + len(event.target) + 16
+                    if head > limit:
+                        raise h11.RemoteProtocolError("request head too long", error_status_hint=431)
                 return event
             data = await transport.receive_some()
             conn.receive_data(data)
@@ -121,7 +127,7 @@ class HttpFront:
         event: object = None
         with trio.move_on_after(timeout) as scope:
             try:
-                event = await self._next_event(conn, transport)
+                event = await self._next_event(conn, transport, self.config.max_head)
             except h11.RemoteProtocolError as e:
                 await self._bad_request(conn, transport, e)
         if scope.cancelled_caught:
@@ -138,7 +144,7 @@ class HttpFront:
     async def _bad_request(self, conn: h11.Connection, transport: Transport, err: h11.RemoteProtocolError) -> None:
         self.bad_requests += 1
         status = err.error_status_hint
-        if "too long" in str(err).lower() or "buffer" in str(err).lower():
+        if "buffer" in str(err).lower():  # h11's "Receive buffer too long"
             status = 431
         log.info("http_bad_request", remote=_remote(transport), status=status, reason=str(err))
         await self._try_respond(conn, transport, status, HTTPStatus(status).phrase.encode() + b"\n", close=True)
