@@ -255,8 +255,9 @@ class Worker:
         """Connect and hand-shake every receiver, then every sender (blocking, with timeouts)."""
         cfg = self.cfg
         keys = [(NodePrivate.generate(), NodePrivate.generate()) for _ in cfg.pair_ids]
-        rsocks = [self._open(pid, baseline.ROLE_RECEIVER, rk) for pid, (_, rk) in zip(cfg.pair_ids, keys, strict=True)]
-        for pid, (sk, rk), rsock in zip(cfg.pair_ids, keys, rsocks, strict=True):
+        ids = cfg.pair_ids
+        rsocks = [self._open(pid, baseline.ROLE_RECEIVER, rk) for pid, (_, rk) in zip(ids, keys, strict=True)]
+        for pid, (sk, rk), rsock in zip(ids, keys, rsocks, strict=True):
             ssock = self._open(pid, baseline.ROLE_SENDER, sk)
             tmpl = bytearray(send_packet_frame(rk.public, bytes(cfg.size)))
             p = Pair(pid, ssock, rsock, tmpl)
@@ -362,7 +363,7 @@ class Worker:
         if inflight < 0:  # written-off packets arrived after all
             p.written_off += inflight
             inflight = 0
-        credit = self.cfg.window - inflight  # type: ignore[operator]
+        credit = (self.cfg.window or 0) - inflight
         if credit > 0:
             self._send(p, credit)
 
@@ -383,11 +384,11 @@ class Worker:
 
     def _check_stalls(self, now: float) -> None:
         """Window mode: a relay that drops packets would otherwise freeze the window forever."""
-        window = self.cfg.window
+        window = self.cfg.window or 0
         limit = self.cfg.stall_timeout
         for p in self.pairs:
             inflight = p.sent - p.received - p.written_off
-            if inflight >= window and not p.blocked and now - p.last_progress > limit:  # type: ignore[operator]
+            if inflight >= window and not p.blocked and now - p.last_progress > limit:
                 p.written_off += inflight
                 p.stalls += 1
                 p.last_progress = now

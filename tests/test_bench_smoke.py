@@ -1,0 +1,123 @@
+"""Smoke test of the relay benchmark: it runs end to end against a real derpd and the baseline.
+
+No timing thresholds (CI boxes vary): only that the JSON is complete and that a low,
+open-loop rate is relayed without loss. derpd runs as a subprocess, as in real use.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.loadgen import hist_index, hist_lower, hist_percentiles
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {
+    "target", "mode", "pairs", "size", "window", "rate", "duration_s", "sent", "received", "lost",
+    "loss_pct", "pps", "mbps", "latency_ms", "gaps", "out_of_order", "server", "loadgen",
+}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def derpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """A derpd subprocess on a free loopback port: (URL, pid)."""
+    tmp = tmp_path_factory.mktemp("derpd")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "derpd", "serve", "--dev", "--addr", f"127.0.0.1:{port}", "--stun-port", "-1"]
+    cmd += ["--key-file", str(tmp / "derper.key"), "--log-level", "warning"]
+    with open(tmp / "derpd.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"derpd exited with {proc.returncode}: {(tmp / 'derpd.log').read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("derpd did not start listening within 15 s")
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/derp", proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _bench(*args: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.relay", "--duration", "1", "--drain", "1", *args],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def _check(r: dict[str, Any], target: str) -> None:
+    assert r.keys() >= KEYS
+    assert r["target"] == target
+    assert r["sent"] > 0
+    assert r["received"] == r["sent"]
+    assert r["loss_pct"] == 0
+    assert r["pps"] > 0
+    assert set(r["latency_ms"]) >= {"p50", "p90", "p99"}
+    assert r["latency_ms"]["p50"] > 0
+    assert r["server"]["cpu_pct"] >= 0
+    assert r["server"]["rss_mb"] > 0
+    assert r["loadgen"]["cpu_pct"] >= 0
+
+
+def test_compare_per_packet_low_rate(derpd: tuple[str, int]) -> None:
+    url, pid = derpd
+    base, derp = _bench("--compare", "--url", url, "--server-pid", str(pid), "--pairs", "2", "--rate", "200")
+    _check(base, "baseline")
+    _check(derp, url)
+    assert derp["mode"] == "per-packet"
+    assert derp["rate"] == 200
+    assert derp["window"] is None
+    assert "vs_baseline" in derp
+
+
+def test_batched_window(derpd: tuple[str, int]) -> None:
+    url, pid = derpd
+    args = ("--mode", "batched", "--window", "4", "--pairs", "3", "--workers", "2", "--size", "64")
+    (r,) = _bench("--url", url, "--server-pid", str(pid), *args)
+    _check(r, url)
+    assert r["window"] == 4
+    assert r["loadgen"]["workers"] == 2
+
+
+def test_histogram_percentiles() -> None:
+    for v in (0, 1, 63, 64, 65, 1000, 123_456, 10**9):
+        idx = hist_index(v)
+        assert hist_lower(idx) <= v < hist_lower(idx + 1)
+    hist: dict[int, int] = {}
+    for v in range(1_000, 101_000, 1_000):  # 1..100 µs, uniform
+        hist[hist_index(v)] = hist.get(hist_index(v), 0) + 1
+    p50, p99 = hist_percentiles(hist, (50, 99))
+    assert p50 is not None and p99 is not None
+    assert abs(p50 - 50_000) / 50_000 < 0.05
+    assert abs(p99 - 99_000) / 99_000 < 0.05
