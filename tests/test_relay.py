@@ -419,3 +419,41 @@ async def test_queue_overflow_drops_oldest(clients: Clients, server: DerpServer)
     conn = server.relay.clients[key.public]
     assert len(conn.q_other) <= 32
     stuck.close()
+
+
+async def test_churn_of_bad_and_vanishing_clients_leaks_nothing(server: DerpServer) -> None:
+    """Sockets, tasks and registry entries all come back after every kind of bad ending."""
+    url = url_of(server)
+    anchor = await DerpClient.connect(url)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    tasks_before = len(trio.lowlevel.current_root_task().child_nurseries[0].child_tasks)
+    for i in range(12):
+        c = await DerpClient.connect(url)
+        await c.send(anchor.public_key, b"x")
+        kind = i % 4
+        if kind == 0:  # vanish with a TCP reset in the middle of a frame
+            await c.send_raw(pack_header(FrameType.SEND_PACKET, 1000) + b"partial")
+            c.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            await c.aclose()
+        elif kind == 1:  # malformed frame
+            await c.send_raw(encode_frame(FrameType.NOTE_PREFERRED, b""))
+            with pytest.raises(ConnectionLost), trio.fail_after(5):
+                while True:
+                    await c.recv()
+            await c.aclose()
+        elif kind == 2:  # plain close
+            await c.aclose()
+        else:  # a handshake sealed to the wrong key
+            await c.aclose()
+            s = await raw_login(server.port, NodePrivate.generate().public)
+            await read_until_closed(s)
+            s.close()
+    await wait_for(lambda: server.relay.stats.current_connections == 1, what="connections to unwind")
+    await wait_for(lambda: len(os.listdir("/proc/self/fd")) <= fds_before, what="file descriptors to be closed")
+    root = trio.lowlevel.current_root_task().child_nurseries[0]
+    await wait_for(lambda: len(root.child_tasks) <= tasks_before, what="connection tasks to finish")
+    relay = server.relay
+    assert set(relay.clients) == set(relay.keys) == {anchor.public_key}
+    assert set(relay.seen_by) <= {anchor.public_key} and not relay.watchers
+    await anchor.ping()
+    await anchor.aclose()
