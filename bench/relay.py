@@ -79,6 +79,43 @@ def sample_proc(pid: int) -> ProcSample:
     return ProcSample(cpu, mem.get("VmRSS", 0.0), mem.get("VmHWM", 0.0))
 
 
+def sample_host() -> tuple[int, ...]:
+    """Whole-box CPU ticks (user nice system idle iowait irq softirq steal) from /proc/stat.
+
+    Per-process CPU misses softirq time, which is where loopback TCP's receive path is
+    mostly accounted; on a 2-core box that is a large share, so it is reported separately.
+    """
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return ()
+    return tuple(int(x) for x in first[1:9])
+
+
+def host_usage(before: tuple[int, ...], after: tuple[int, ...]) -> dict[str, Any] | None:
+    """Box-wide CPU use between two samples, in % of one core (like the per-process numbers)."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(d)
+    if total <= 0:
+        return None
+    cpus = os.cpu_count() or 1
+    user, nice, system, idle, iowait, irq, softirq, steal = d
+
+    def pct(x: int) -> float:
+        return round(100 * cpus * x / total, 1)
+
+    return {
+        "cpus": cpus,
+        "busy_pct": pct(total - idle - iowait),
+        "user_pct": pct(user + nice),
+        "system_pct": pct(system),
+        "softirq_pct": pct(irq + softirq),
+        "steal_pct": pct(steal),
+    }
+
+
 # --- one run --------------------------------------------------------------------
 
 
@@ -140,9 +177,11 @@ def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> di
             c.send(("go", start_at))
         time.sleep(max(0.0, start_at - time.monotonic()))
         before = sample_proc(server_pid) if server_pid else None
+        host0 = sample_host()
         t0 = time.monotonic()
         time.sleep(max(0.0, start_at + spec.duration - time.monotonic()))
         after = sample_proc(server_pid) if server_pid else None
+        host1 = sample_host()
         wall = time.monotonic() - t0
         results = _wait_all(conns, "result", spec.duration + spec.drain + 30)
     finally:
@@ -153,7 +192,12 @@ def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> di
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
-    return _summarize(target, spec, nworkers, results, before, after, wall, server_pid)
+    out = _summarize(target, spec, nworkers, results, before, after, wall, server_pid)
+    host = out["host"] = host_usage(host0, host1)
+    if host and out["server"]:  # what neither side nor the network stack used: other processes
+        known = out["server"]["cpu_pct"] + out["loadgen"]["cpu_pct"] + host["softirq_pct"]
+        host["other_pct"] = round(max(0.0, host["busy_pct"] - known), 1)
+    return out
 
 
 def _summarize(
@@ -213,9 +257,11 @@ def _summarize(
     if spec.rate:
         out["offered_pps"] = spec.rate * spec.pairs
     if server_pid and before and after:
+        cpu_s = after.cpu_s - before.cpu_s
         out["server"] = {
             "pid": server_pid,
-            "cpu_pct": round(100 * (after.cpu_s - before.cpu_s) / wall, 1),
+            "cpu_pct": round(100 * cpu_s / wall, 1),
+            "us_per_pkt": round(1e6 * cpu_s / (pps * wall), 2) if pps else None,
             "rss_mb": round(after.rss_mb, 1),
             "rss_peak_mb": round(after.hwm_mb, 1),
         }
@@ -268,8 +314,10 @@ _COLUMNS = (
     ("p90ms", 7),
     ("p99ms", 7),
     ("srvCPU%", 7),
+    ("µs/pkt", 6),
     ("srvMB", 6),
     ("genCPU%", 7),
+    ("sirq%", 5),
     ("vs base", 7),
 )
 
@@ -299,8 +347,10 @@ def table(results: list[dict[str, Any]]) -> str:
             _fmt(lat["p90"]),
             _fmt(lat["p99"]),
             _fmt(srv.get("cpu_pct"), 0),
+            _fmt(srv.get("us_per_pkt"), 1),
             _fmt(srv.get("rss_mb"), 0),
             _fmt(r["loadgen"]["cpu_pct"], 0),
+            _fmt((r.get("host") or {}).get("softirq_pct"), 0),
             _fmt(ratio, 2) if ratio is not None else "-",
         )
         lines.append(" ".join(c.rjust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=True)))
@@ -349,8 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ratio(result: dict[str, Any], base: dict[str, Any] | None) -> None:
+    """Throughput and server CPU per packet relative to the baseline under the same load."""
     if base and base["pps"]:
         result["vs_baseline"] = round(result["pps"] / base["pps"], 3)
+    ours, theirs = (result.get("server") or {}).get("us_per_pkt"), (base or {}).get("server") or {}
+    if ours and theirs.get("us_per_pkt"):
+        result["cpu_per_pkt_vs_baseline"] = round(ours / theirs["us_per_pkt"], 3)
 
 
 def main(argv: list[str] | None = None) -> int:
