@@ -1,0 +1,409 @@
+"""STUN message codec for the binding method, sans-IO (no sockets, no clocks).
+
+Server side: :func:`parse_binding_request` classifies a datagram as a Tailscale request
+(what Go's ``stun.ParseBindingRequest`` accepts), a generic RFC 5389/8489 request, or a
+classic RFC 3489 request, or raises :class:`StunError`; :func:`build_response` answers
+it. Tailscale requests get exactly the bytes Go's ``stun.Response`` writes, with one
+deliberate difference: an IPv4-mapped IPv6 client address (``::ffff:a.b.c.d``, seen on
+a dual-stack socket) is answered as plain IPv4 (family 1), which every STUN parser
+understands, where Go writes family 2.
+
+Client side (tests and tools): :func:`binding_request` builds Go's ``stun.Request``
+and :func:`parse_response` extracts the mapped address like Go's ``stun.ParseResponse``.
+
+No function here raises anything but :class:`StunError` on malformed input bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import os
+import socket
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "ATTR_CHANGE_REQUEST",
+    "ATTR_FINGERPRINT",
+    "ATTR_MAPPED_ADDRESS",
+    "ATTR_SOFTWARE",
+    "ATTR_XOR_MAPPED_ADDRESS",
+    "ATTR_XOR_MAPPED_ADDRESS_ALT",
+    "BINDING_REQUEST",
+    "BINDING_SUCCESS",
+    "HEADER_LEN",
+    "MAGIC_COOKIE",
+    "TAILSCALE_SOFTWARE",
+    "BindingRequest",
+    "BindingResponse",
+    "RequestKind",
+    "StunError",
+    "binding_request",
+    "binding_response",
+    "build_response",
+    "classic_binding_response",
+    "encode_message",
+    "fingerprint",
+    "new_txid",
+    "pack_address",
+    "parse_binding_request",
+    "parse_response",
+]
+
+HEADER_LEN = 20
+MAGIC_COOKIE = 0x2112A442
+COOKIE_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
+TXID_LEN = 12
+CLASSIC_TXID_LEN = 16
+
+BINDING_REQUEST = 0x0001
+BINDING_SUCCESS = 0x0101
+
+ATTR_MAPPED_ADDRESS = 0x0001
+ATTR_CHANGE_REQUEST = 0x0003
+ATTR_XOR_MAPPED_ADDRESS = 0x0020
+# Not in any RFC, but servers send it (a slip into the comprehension-optional range); Go accepts it too.
+ATTR_XOR_MAPPED_ADDRESS_ALT = 0x8020
+ATTR_SOFTWARE = 0x8022
+ATTR_FINGERPRINT = 0x8028
+
+FINGERPRINT_XOR = 0x5354554E
+TAILSCALE_SOFTWARE = b"tailnode"
+
+FAMILY_IPV4 = 1
+FAMILY_IPV6 = 2
+
+_V4MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+_BINDING_REQUEST_TYPE = BINDING_REQUEST.to_bytes(2, "big")
+_BINDING_SUCCESS_TYPE = BINDING_SUCCESS.to_bytes(2, "big")
+_FINGERPRINT_ATTR_HEADER = struct.pack("!HH", ATTR_FINGERPRINT, 4)
+_HH = struct.Struct("!HH")
+_HEADER = struct.Struct("!HHI12s")
+_CLASSIC_HEADER = struct.Struct("!HH16s")
+_ADDR_ATTR_V4 = struct.Struct("!HHBBH4s")
+_ADDR_ATTR_V6 = struct.Struct("!HHBBH16s")
+
+
+class StunError(ValueError):
+    """A datagram is not a STUN message we answer (or a response we can read).
+
+    The only exception the parsers raise on input bytes; the server drops the
+    datagram and counts it as ``not_stun``.
+    """
+
+
+class RequestKind(enum.StrEnum):
+    """Which flavour of binding request arrived; decides the shape of the answer."""
+
+    TAILSCALE = "tailscale"  # SOFTWARE "tailnode" + FINGERPRINT last: Go's exact reply
+    RFC5389 = "rfc5389"  # magic cookie, any other well-formed binding request
+    RFC3489 = "rfc3489"  # classic: no magic cookie, 16-byte transaction id
+
+
+@dataclass(frozen=True, slots=True)
+class BindingRequest:
+    """A binding request worth answering."""
+
+    txid: bytes  # 12 bytes; 16 for classic requests (the cookie field is part of the id)
+    kind: RequestKind
+    has_fingerprint: bool
+    software: bytes | None = None  # first SOFTWARE attribute value, if any
+    change_request: int | None = None  # CHANGE-REQUEST flags (classic NAT tests); never honoured
+
+    @property
+    def classic(self) -> bool:
+        return self.kind is RequestKind.RFC3489
+
+
+@dataclass(frozen=True, slots=True)
+class BindingResponse:
+    """What a client learns from a binding success response."""
+
+    txid: bytes  # 12 bytes, or 16 for a classic response
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address  # v4-mapped IPv6 is unmapped
+    port: int
+
+
+def fingerprint(data: bytes) -> int:
+    """FINGERPRINT value (RFC 5389 §15.5) for the message bytes that precede the attribute."""
+    return zlib.crc32(data) ^ FINGERPRINT_XOR
+
+
+def new_txid() -> bytes:
+    """A random 12-byte transaction id, as RFC 5389 asks (cryptographically random)."""
+    return os.urandom(TXID_LEN)
+
+
+def parse_binding_request(data: bytes) -> BindingRequest:
+    """Classify one datagram; raise :class:`StunError` unless it is a binding request we answer.
+
+    Attributes are walked over the whole datagram with 4-byte padding, as Go does. A
+    FINGERPRINT, when present, must have length 4, be the last attribute and carry the
+    right CRC; it is computed over the bytes on the wire before it, whose header length
+    already counts the FINGERPRINT when it is last (that is the RFC's "adjusted" length).
+    The header length field is not cross-checked for Tailscale requests (Go does not,
+    and its live server answers such packets); every other kind must have it right.
+    """
+    n = len(data)
+    if n < HEADER_LEN:
+        raise StunError("shorter than a STUN header")
+    if data[0] & 0xC0:
+        raise StunError("top two bits of the message type are set")
+    if data[0:2] != _BINDING_REQUEST_TYPE:
+        raise StunError("not a binding request")
+
+    software: bytes | None = None
+    tailnode = False
+    change_request: int | None = None
+    fp_at = -1
+    pos = HEADER_LEN
+    unpack_hh = _HH.unpack_from
+    while pos < n:
+        if fp_at >= 0:
+            raise StunError("attribute after FINGERPRINT")
+        if n - pos < 4:
+            raise StunError("truncated attribute header")
+        attr_type, attr_len = unpack_hh(data, pos)
+        start = pos + 4
+        end = start + attr_len
+        padded_end = start + ((attr_len + 3) & ~3)
+        if padded_end > n:
+            raise StunError("attribute runs past the end of the datagram")
+        if attr_type == ATTR_SOFTWARE:
+            value = bytes(data[start:end])
+            if software is None:
+                software = value
+            if value == TAILSCALE_SOFTWARE:
+                tailnode = True
+        elif attr_type == ATTR_FINGERPRINT:
+            if attr_len != 4:
+                raise StunError("FINGERPRINT attribute length is not 4")
+            fp_at = pos
+        elif attr_type == ATTR_CHANGE_REQUEST:
+            if attr_len != 4:
+                raise StunError("CHANGE-REQUEST attribute length is not 4")
+            change_request = int.from_bytes(data[start:end], "big")
+        pos = padded_end
+
+    has_fp = fp_at >= 0
+    if has_fp and int.from_bytes(data[fp_at + 4 : fp_at + 8], "big") != fingerprint(data[:fp_at]):
+        raise StunError("bad FINGERPRINT")
+
+    if data[4:8] == COOKIE_BYTES:
+        if tailnode and has_fp:
+            return BindingRequest(bytes(data[8:20]), RequestKind.TAILSCALE, True, software, change_request)
+        kind = RequestKind.RFC5389
+        txid = bytes(data[8:20])
+    else:
+        kind = RequestKind.RFC3489
+        txid = bytes(data[4:20])
+    if int.from_bytes(data[2:4], "big") != n - HEADER_LEN:
+        raise StunError("header length field does not match the datagram")
+    return BindingRequest(txid, kind, has_fp, software, change_request)
+
+
+def pack_address(host: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """Packed address of a peer: 4 bytes for IPv4 *and* v4-mapped IPv6, else 16; zone dropped.
+
+    Accepts what ``recvfrom`` returns (``"::ffff:127.0.0.1"``, ``"fe80::1%eth0"``).
+    """
+    if isinstance(host, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        packed = host.packed
+    else:
+        try:
+            if ":" in host:
+                packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+            else:
+                packed = socket.inet_pton(socket.AF_INET, host)
+        except (OSError, ValueError, TypeError) as exc:
+            raise StunError(f"not an IP address: {host!r}") from exc
+    if len(packed) == 16 and packed[:12] == _V4MAPPED_PREFIX:
+        return packed[12:]
+    return packed
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 0xFFFF:
+        raise StunError(f"port out of range: {port}")
+
+
+def _xor_mapped_attr(txid: bytes, packed: bytes, port: int) -> bytes:
+    if len(packed) == 4:
+        return _ADDR_ATTR_V4.pack(
+            ATTR_XOR_MAPPED_ADDRESS,
+            8,
+            0,
+            FAMILY_IPV4,
+            port ^ (MAGIC_COOKIE >> 16),
+            (int.from_bytes(packed, "big") ^ MAGIC_COOKIE).to_bytes(4, "big"),
+        )
+    key = int.from_bytes(COOKIE_BYTES + txid, "big")
+    return _ADDR_ATTR_V6.pack(
+        ATTR_XOR_MAPPED_ADDRESS,
+        20,
+        0,
+        FAMILY_IPV6,
+        port ^ (MAGIC_COOKIE >> 16),
+        (int.from_bytes(packed, "big") ^ key).to_bytes(16, "big"),
+    )
+
+
+def binding_response(
+    txid: bytes,
+    host: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
+    port: int,
+    *,
+    with_fingerprint: bool = False,
+) -> bytes:
+    """RFC 5389 binding success response with one XOR-MAPPED-ADDRESS (Go's ``stun.Response``).
+
+    Without ``with_fingerprint`` the bytes equal Go's, except that v4-mapped IPv6 is
+    written as family 1. With it, a FINGERPRINT is appended (for clients that sent one).
+    """
+    if len(txid) != TXID_LEN:
+        raise StunError("transaction id must be 12 bytes")
+    _check_port(port)
+    attr = _xor_mapped_attr(txid, pack_address(host), port)
+    body_len = len(attr) + (8 if with_fingerprint else 0)
+    msg = _HEADER.pack(BINDING_SUCCESS, body_len, MAGIC_COOKIE, txid) + attr
+    if with_fingerprint:
+        msg += _FINGERPRINT_ATTR_HEADER + fingerprint(msg).to_bytes(4, "big")
+    return msg
+
+
+def classic_binding_response(
+    txid16: bytes, host: str | ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
+) -> bytes:
+    """RFC 3489 binding response: only MAPPED-ADDRESS, echoing the 16-byte transaction id.
+
+    Classic clients know nothing of XOR-MAPPED-ADDRESS (RFC 5389 §12). An IPv6 peer gets
+    family 2, the RFC 5389 MAPPED-ADDRESS layout; RFC 3489 itself only defined IPv4.
+    """
+    if len(txid16) != CLASSIC_TXID_LEN:
+        raise StunError("classic transaction id must be 16 bytes")
+    _check_port(port)
+    packed = pack_address(host)
+    if len(packed) == 4:
+        attr = _ADDR_ATTR_V4.pack(ATTR_MAPPED_ADDRESS, 8, 0, FAMILY_IPV4, port, packed)
+    else:
+        attr = _ADDR_ATTR_V6.pack(ATTR_MAPPED_ADDRESS, 20, 0, FAMILY_IPV6, port, packed)
+    return _CLASSIC_HEADER.pack(BINDING_SUCCESS, len(attr), txid16) + attr
+
+
+def build_response(
+    request: BindingRequest, host: str | ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
+) -> bytes:
+    """The reply the server sends to ``request`` from the peer at ``host``/``port``.
+
+    Tailscale: Go's bytes. RFC 5389: XOR-MAPPED-ADDRESS, plus FINGERPRINT if the request
+    had one. Classic: MAPPED-ADDRESS only. No SOFTWARE anywhere (keeps replies small).
+    """
+    if request.kind is RequestKind.RFC3489:
+        return classic_binding_response(request.txid, host, port)
+    if request.kind is RequestKind.TAILSCALE:
+        return binding_response(request.txid, host, port)
+    return binding_response(request.txid, host, port, with_fingerprint=request.has_fingerprint)
+
+
+def encode_message(
+    msg_type: int,
+    txid: bytes,
+    attributes: Iterable[tuple[int, bytes]] = (),
+    *,
+    with_fingerprint: bool = False,
+) -> bytes:
+    """Encode any STUN message: a 12-byte txid gets the magic cookie, a 16-byte one is classic.
+
+    Attribute values are padded to 4 bytes; FINGERPRINT, if asked for, goes last with
+    the header length already counting it, as RFC 5389 §15.5 requires.
+    """
+    if len(txid) not in (TXID_LEN, CLASSIC_TXID_LEN):
+        raise StunError("transaction id must be 12 or 16 bytes")
+    body = bytearray()
+    for attr_type, value in attributes:
+        body += _HH.pack(attr_type, len(value)) + value + b"\x00" * (-len(value) % 4)
+    body_len = len(body) + (8 if with_fingerprint else 0)
+    if len(txid) == TXID_LEN:
+        msg = _HEADER.pack(msg_type, body_len, MAGIC_COOKIE, txid) + body
+    else:
+        msg = _CLASSIC_HEADER.pack(msg_type, body_len, txid) + body
+    if with_fingerprint:
+        msg += _FINGERPRINT_ATTR_HEADER + fingerprint(msg).to_bytes(4, "big")
+    return msg
+
+
+def binding_request(txid: bytes | None = None) -> bytes:
+    """A Tailscale-style binding request (Go's ``stun.Request``): SOFTWARE tailnode + FINGERPRINT."""
+    return encode_message(
+        BINDING_REQUEST,
+        new_txid() if txid is None else txid,
+        [(ATTR_SOFTWARE, TAILSCALE_SOFTWARE)],
+        with_fingerprint=True,
+    )
+
+
+def _address_attr(value: bytes) -> tuple[int, int, bytes]:
+    """(family, port, packed address) of a (XOR-)MAPPED-ADDRESS value, still XORed."""
+    if len(value) < 4:
+        raise StunError("address attribute too short")
+    family = value[1]
+    addr_len = 4 if family == FAMILY_IPV4 else 16 if family == FAMILY_IPV6 else 0
+    if addr_len == 0:
+        raise StunError(f"unknown address family {family}")
+    if len(value) < 4 + addr_len:
+        raise StunError("address attribute too short for its family")
+    return family, int.from_bytes(value[2:4], "big"), bytes(value[4 : 4 + addr_len])
+
+
+def _ip(packed: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if len(packed) == 16 and packed[:12] == _V4MAPPED_PREFIX:
+        packed = packed[12:]
+    return ipaddress.IPv4Address(packed) if len(packed) == 4 else ipaddress.IPv6Address(packed)
+
+
+def parse_response(data: bytes) -> BindingResponse:
+    """Mapped address from a binding success response, following Go's ``stun.ParseResponse``.
+
+    XOR-MAPPED-ADDRESS (0x0020 or 0x8020) wins over MAPPED-ADDRESS; v4-mapped IPv6 is
+    unmapped; bytes past the header length are ignored; FINGERPRINT is not checked.
+    A response without the magic cookie is read as classic: 16-byte txid, MAPPED-ADDRESS.
+    """
+    if len(data) < HEADER_LEN or data[0] & 0xC0:
+        raise StunError("not a STUN message")
+    if data[0:2] != _BINDING_SUCCESS_TYPE:
+        raise StunError("not a binding success response")
+    classic = data[4:8] != COOKIE_BYTES
+    txid = bytes(data[4:20]) if classic else bytes(data[8:20])
+    body_end = HEADER_LEN + int.from_bytes(data[2:4], "big")
+    if body_end > len(data):
+        raise StunError("header length exceeds the datagram")
+
+    xor_found: tuple[bytes, int] | None = None
+    plain_found: tuple[bytes, int] | None = None
+    pos = HEADER_LEN
+    while pos < body_end:
+        if body_end - pos < 4:
+            raise StunError("truncated attribute header")
+        attr_type, attr_len = _HH.unpack_from(data, pos)
+        start = pos + 4
+        padded_end = start + ((attr_len + 3) & ~3)
+        if padded_end > body_end:
+            raise StunError("attribute runs past the message")
+        value = data[start : start + attr_len]
+        if attr_type in (ATTR_XOR_MAPPED_ADDRESS, ATTR_XOR_MAPPED_ADDRESS_ALT) and not classic:
+            _, xport, xaddr = _address_attr(value)
+            key = COOKIE_BYTES + txid
+            addr = bytes(a ^ b for a, b in zip(xaddr, key, strict=False))
+            xor_found = (addr, xport ^ (MAGIC_COOKIE >> 16))
+        elif attr_type == ATTR_MAPPED_ADDRESS:
+            _, mport, maddr = _address_attr(value)
+            plain_found = (maddr, mport)
+        pos = padded_end
+
+    found = xor_found or plain_found
+    if found is None:
+        raise StunError("no address attribute")
+    return BindingResponse(txid, _ip(found[0]), found[1])
