@@ -197,7 +197,7 @@ class WorkerConfig:
     duration: float
     drain: float = 1.0
     batch_max: int = 256  # frames per write in batched rate mode
-    stall_timeout: float = 0.5  # window mode: in-flight packets written off after this long
+    stall_timeout: float = 0.2  # window mode: in-flight packets written off after this long
     connect_timeout: float = 10.0
     total_pairs: int = 1
 
@@ -215,8 +215,8 @@ class Pair:
     received: int = 0
     received_timed: int = 0
     next_seq: int = 0  # receiver: one past the highest sequence number seen
-    gaps: int = 0  # packets skipped in the sequence (dropped by the relay)
-    late: int = 0  # out of order or duplicate
+    gaps: int = 0  # sequence numbers skipped and not (yet) seen: dropped by the relay
+    late: int = 0  # arrived after a higher sequence number (out of order, or duplicate)
     written_off: int = 0  # window mode: presumed lost after a stall
     stalls: int = 0
     last_progress: float = 0.0
@@ -358,8 +358,13 @@ class Worker:
             self._fill(p)
 
     def _fill(self, p: Pair) -> None:
-        """Window mode: top the pair up to ``window`` packets in flight."""
-        inflight = p.sent - p.received - p.written_off
+        """Window mode: top the pair up to ``window`` packets in flight.
+
+        A relay keeps each pair's packets in order (one TCP stream each way), so a skipped
+        sequence number is a drop and frees its slot at once; only drops at the tail of a
+        burst need the stall timeout.
+        """
+        inflight = p.sent - p.received - p.gaps - p.written_off
         if inflight < 0:  # written-off packets arrived after all
             p.written_off += inflight
             inflight = 0
@@ -387,7 +392,7 @@ class Worker:
         window = self.cfg.window or 0
         limit = self.cfg.stall_timeout
         for p in self.pairs:
-            inflight = p.sent - p.received - p.written_off
+            inflight = p.sent - p.received - p.gaps - p.written_off
             if inflight >= window and not p.blocked and now - p.last_progress > limit:
                 p.written_off += inflight
                 p.stalls += 1
@@ -430,8 +435,9 @@ class Worker:
                         continue
                     if seq > nxt:
                         p.gaps += seq - nxt
-                    else:
+                    else:  # counted as a gap when skipped; it was only late
                         p.late += 1
+                        p.gaps -= 1
                         seq = nxt - 1
                 nxt = seq + 1
                 cnt += 1
