@@ -72,6 +72,14 @@ def cli() -> None:
     help="UDP port for STUN on the same host as --addr; -1 disables STUN.",
 )
 @click.option(
+    "--stun-host",
+    envvar="DERPD_STUN_HOST",
+    show_envvar=True,
+    default=None,
+    help="Host for the STUN socket when it should differ from --addr's (e.g. DERP on 127.0.0.1 behind a "
+    "TLS proxy, STUN public); '*' or '::' for every interface.",
+)
+@click.option(
     "--key-file",
     envvar="DERPD_KEY_FILE",
     show_envvar=True,
@@ -123,6 +131,7 @@ def cli() -> None:
 def serve(
     addr: str | None,
     stun_port: int,
+    stun_host: str | None,
     key_file: str | None,
     dev: bool,
     mesh_psk_file: str | None,
@@ -160,9 +169,13 @@ def serve(
     log.setup(log_level)
     if created:
         log.info("key_created", path=key_path, public_key=public_key_text(key.public))
+    if stun_host is not None:
+        stun_host = stun_host.strip("[]")
+        stun_host = "" if stun_host in ("*", "::") else stun_host
     settings = ServerSettings(
         addr=(host, port),
         stun_port=stun_port,
+        stun_host=stun_host,
         home=home,
         mesh_key=mesh_key,
         relay=RelayConfig(write_timeout=tcp_write_timeout),

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from stun.server import StunServer
+
 from . import log
 from .http import HttpConfig, HttpFront
 from .keys import NodePrivate, public_key_text
@@ -99,6 +101,7 @@ def _prepare(s: trio.socket.SocketType, sock_type: int, *, dual_stack: bool) -> 
 class ServerSettings:
     addr: tuple[str, int] = ("", 3340)
     stun_port: int = 3478  # -1 disables
+    stun_host: str | None = None  # None = the host of addr; "" = every interface, dual-stack
     home: str = ""
     mesh_key: bytes | None = None
     relay: RelayConfig = field(default_factory=RelayConfig)
@@ -113,7 +116,7 @@ class DerpServer:
         settings.relay.mesh_key = settings.mesh_key
         self.relay = RelayServer(key, settings.relay)
         self.http = HttpFront(self.relay.serve_connection, key.public, HttpConfig(home=settings.home))
-        self.stun: object | None = None
+        self.stun: StunServer | None = None
         self.derp_addrs: list[tuple[str, int]] = []
         self.stun_addrs: list[tuple[str, int]] = []
 
@@ -132,9 +135,8 @@ class DerpServer:
                 for s in listeners:
                     nursery.start_soon(self._accept_loop, s, nursery)
                 if self.settings.stun_port >= 0:
-                    from stun.server import StunServer
-
-                    stun = StunServer(host, self.settings.stun_port)
+                    stun_host = host if self.settings.stun_host is None else self.settings.stun_host
+                    stun = StunServer(stun_host, self.settings.stun_port)
                     self.stun = stun
                     await nursery.start(stun.serve)
                     self.stun_addrs = list(stun.addresses)

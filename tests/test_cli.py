@@ -17,11 +17,13 @@ import trio
 from derpd import __version__
 from derpd.client import DerpClient
 from derpd.keys import load_key_file, public_key_text
+from stun import codec as stun_codec
 
 DERPD = [sys.executable, "-m", "derpd"]
 SERVE_FLAGS = [
     "--addr",
     "--stun-port",
+    "--stun-host",
     "--key-file",
     "--dev",
     "--mesh-psk-file",
@@ -144,8 +146,18 @@ async def _stop(proc: trio.Process) -> str:
 
 
 async def test_serve_dev_relays_and_stops_on_sigterm(tmp_path: Path) -> None:
-    proc, port, lines = await _start(["serve", "--dev", "--addr", "127.0.0.1:0", "--stun-port", "-1"], tmp_path)
+    proc, port, lines = await _start(["serve", "--dev", "--addr", "127.0.0.1:0", "--stun-port", "0"], tmp_path)
     try:
+        m = re.search(r"stun=127\.0\.0\.1:(\d+)", "\n".join(lines))
+        assert m, lines
+        udp = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await udp.bind(("127.0.0.1", 0))
+        await udp.sendto(stun_codec.binding_request(), ("127.0.0.1", int(m.group(1))))
+        with trio.fail_after(5):
+            reply, _ = await udp.recvfrom(2048)
+        mapped = stun_codec.parse_response(reply)
+        assert (str(mapped.address), mapped.port) == udp.getsockname()
+        udp.close()
         key_file = tmp_path / ".derpd" / "derper.key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         server_pub = load_key_file(key_file).public
