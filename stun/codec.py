@@ -189,10 +189,13 @@ def parse_binding_request(data: bytes) -> BindingRequest:
         pos = padded_end
 
     has_fp = fp_at >= 0
-    if has_fp and int.from_bytes(data[fp_at + 4 : fp_at + 8], "big") != fingerprint(data[:fp_at]):
+    cookie = data[4:8] == COOKIE_BYTES
+    # FINGERPRINT is an RFC 5389 attribute: without the magic cookie the request is classic
+    # RFC 3489, where 0x8028 is just an unknown comprehension-optional attribute.
+    if has_fp and cookie and int.from_bytes(data[fp_at + 4 : fp_at + 8], "big") != fingerprint(data[:fp_at]):
         raise StunError("bad FINGERPRINT")
 
-    if data[4:8] == COOKIE_BYTES:
+    if cookie:
         if tailnode and has_fp:
             return BindingRequest(bytes(data[8:20]), RequestKind.TAILSCALE, True, software, change_request)
         kind = RequestKind.RFC5389
