@@ -22,20 +22,16 @@ from itertools import count
 import trio
 
 from . import log
-from .keys import KEY_LEN, NodePrivate, mesh_keys_equal, public_key_text, short_key
+from .keys import KEY_LEN, NodePrivate, mesh_keys_equal, short_key
 from .protocol import (
     CLIENT_FRAME_LIMITS,
-    DISCO_MAGIC,
-    DISCO_MIN_LEN,
     KEEP_ALIVE_FRAME,
     KEEPALIVE_SECONDS,
     MAX_CLIENT_INFO_LEN,
     MAX_FRAME_LEN,
-    MAX_PACKET_SIZE,
     SERVER_HANDLED,
     ClientInfo,
     FrameReader,
-    FrameTooLarge,
     FrameType,
     HandshakeError,
     MalformedFrame,
@@ -43,6 +39,7 @@ from .protocol import (
     PeerPresentFlags,
     ProtocolError,
     ServerInfo,
+    is_disco,
     open_client_info,
     pack_header,
     parse_close_peer,
@@ -380,15 +377,17 @@ class ClientConn:
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
 
-    def note_not_here(self, dst: bytes) -> None:
-        """PeerGone(NotHere) for a disco packet to an unknown key, 1/s burst 3."""
+    def note_not_here(self, dst: bytes) -> bool:
+        """Queue PeerGone(NotHere) for a disco packet to an unknown key, 1/s burst 3."""
         now = self.server.clock()
         self.tokens = min(3.0, self.tokens + (now - self.tokens_at))
         self.tokens_at = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            self.ctrl.append(peer_gone_frame(dst, PeerGoneReason.NOT_HERE))
-            self.server.stats.peer_gone_not_here_frames += 1
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        self.ctrl.append(peer_gone_frame(dst, PeerGoneReason.NOT_HERE))
+        self.server.stats.peer_gone_not_here_frames += 1
+        return True
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -429,6 +428,13 @@ class ClientConn:
                 raise ConnectionClosed("client closed the connection")
             self.bytes_in += len(data)
             reader.feed(data)
+
+
+def _touch(conn: ClientConn, touched: list[ClientConn]) -> None:
+    """Mark ``conn`` to be written once the current batch is routed."""
+    if not conn.dirty:
+        conn.dirty = True
+        touched.append(conn)
 
 
 class RelayServer:
@@ -666,9 +672,7 @@ class RelayServer:
         if conn.is_dup:
             self._note_activity(conn)
         clients = self.clients
-        depth = self.config.queue_depth
         src = conn.key
-        seen_by = self.seen_by
         touched: list[ClientConn] = []
         n_pkts = n_bytes = n_disco = 0
         try:
@@ -677,41 +681,22 @@ class RelayServer:
                     size = len(payload)
                     if size < KEY_LEN:
                         raise MalformedFrame(SEND, "shorter than a key")
+                    disco = is_disco(payload, KEY_LEN)
                     n_pkts += 1
                     n_bytes += size - KEY_LEN
-                    disco = size >= KEY_LEN + DISCO_MIN_LEN and payload.startswith(DISCO_MAGIC, KEY_LEN)
+                    n_disco += disco
                     dst = payload[:KEY_LEN]
                     d = clients.get(dst)
-                    if disco:
-                        n_disco += 1
                     if d is None or d.closed:
-                        self._drop_undeliverable(conn, dst, size - KEY_LEN, disco, d)
-                        if disco and conn.ctrl and not conn.dirty:
-                            conn.dirty = True
-                            touched.append(conn)
-                        continue
-                    q = d.q_disco if disco else d.q_other
-                    if len(q) >= depth:
-                        self.stats.drop("queue_head", disco, len(q.popleft()) - RECV_PREFIX_LEN)
-                    q.append(pack_header(RECV, size) + src + payload[KEY_LEN:])
-                    if src not in d.saw_src:
-                        d.saw_src.add(src)
-                        receivers = seen_by.get(src)
-                        if receivers is None:
-                            seen_by[src] = {d}
-                        else:
-                            receivers.add(d)
-                    if not d.dirty:
-                        d.dirty = True
-                        touched.append(d)
+                        self._drop_undeliverable(conn, dst, size - KEY_LEN, disco, d, "unknown_dest", touched)
+                    else:
+                        self._deliver(d, pack_header(RECV, size) + src + payload[KEY_LEN:], disco, src, touched)
                 elif ftype == PING:
                     self.stats.got_ping += 1
                     data = parse_ping(payload)
-                    if conn.pong is None:
+                    if conn.pong is None:  # one pending pong; pings beyond it are ignored
                         conn.pong = pong_frame(data)
-                        if not conn.dirty:
-                            conn.dirty = True
-                            touched.append(conn)
+                        _touch(conn, touched)
                 elif ftype == NOTE_PREFERRED:
                     self._set_preferred(conn, parse_note_preferred(payload))
                 elif ftype == FORWARD:
@@ -736,7 +721,33 @@ class RelayServer:
                 d.dirty = False
                 d.kick()
 
-    def _drop_undeliverable(self, conn: ClientConn, dst: bytes, size: int, disco: bool, d: ClientConn | None) -> None:
+    def _deliver(self, d: ClientConn, frame: bytes, disco: bool, src: bytes, touched: list[ClientConn]) -> None:
+        """Queue a RecvPacket frame for ``d``, evicting the oldest packet when the queue is full."""
+        q = d.q_disco if disco else d.q_other
+        if len(q) >= self.config.queue_depth:
+            self.stats.drop("queue_head", disco, len(q.popleft()) - RECV_PREFIX_LEN)
+        q.append(frame)
+        if src not in d.saw_src:  # so d hears PeerGone when src leaves
+            d.saw_src.add(src)
+            receivers = self.seen_by.get(src)
+            if receivers is None:
+                self.seen_by[src] = {d}
+            else:
+                receivers.add(d)
+        if not d.dirty:
+            d.dirty = True
+            touched.append(d)
+
+    def _drop_undeliverable(
+        self,
+        conn: ClientConn,
+        dst: bytes,
+        size: int,
+        disco: bool,
+        d: ClientConn | None,
+        unknown_reason: str,
+        touched: list[ClientConn],
+    ) -> None:
         if d is not None:  # closing, not yet unregistered
             self.stats.drop("gone_disconnected", disco, size)
             return
@@ -744,39 +755,21 @@ class RelayServer:
         if entry is not None and len(entry.conns) > 1:
             self.stats.drop("dup_client", disco, size)
             return
-        self.stats.drop("unknown_dest", disco, size)
-        if disco:
-            conn.note_not_here(dst)
+        self.stats.drop(unknown_reason, disco, size)
+        if disco and conn.note_not_here(dst):
+            _touch(conn, touched)
 
     def _handle_forward(self, conn: ClientConn, payload: bytes, touched: list[ClientConn]) -> None:
         if not conn.can_mesh:
             raise ProtocolError("insufficient permissions for ForwardPacket")
         src, dst, packet = parse_forward_packet(payload)
         self.stats.packets_forwarded_in += 1
-        disco = len(packet) >= DISCO_MIN_LEN and packet.startswith(DISCO_MAGIC)
+        disco = is_disco(packet)
         d = self.clients.get(dst)
         if d is None or d.closed:
-            entry = self.keys.get(dst)
-            if d is None and entry is not None and len(entry.conns) > 1:
-                self.stats.drop("dup_client", disco, len(packet))
-            else:
-                self.stats.drop("unknown_dest_on_fwd", disco, len(packet))
-                if disco:
-                    conn.note_not_here(dst)
-                    if not conn.dirty:
-                        conn.dirty = True
-                        touched.append(conn)
-            return
-        q = d.q_disco if disco else d.q_other
-        if len(q) >= self.config.queue_depth:
-            self.stats.drop("queue_head", disco, len(q.popleft()) - RECV_PREFIX_LEN)
-        q.append(pack_header(RECV, KEY_LEN + len(packet)) + src + packet)
-        if src not in d.saw_src:
-            d.saw_src.add(src)
-            self.seen_by.setdefault(src, set()).add(d)
-        if not d.dirty:
-            d.dirty = True
-            touched.append(d)
+            self._drop_undeliverable(conn, dst, len(packet), disco, d, "unknown_dest_on_fwd", touched)
+        else:  # delivered locally only, never forwarded again
+            self._deliver(d, pack_header(RECV, KEY_LEN + len(packet)) + src + packet, disco, src, touched)
 
     def _set_preferred(self, conn: ClientConn, preferred: bool) -> None:
         if conn.preferred == preferred:
@@ -802,25 +795,3 @@ class RelayServer:
         self.watchers.add(conn)
         log.info("watcher_added", key=short_key(conn.key), peers=len(self.clients))
         conn.kick()
-
-    # --- introspection ------------------------------------------------------------------
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "public_key": public_key_text(self.public_key),
-            "connections": self.stats.current_connections,
-            "keys": len(self.keys),
-            "watchers": len(self.watchers),
-        }
-
-
-__all__ = [
-    "DROP_REASONS",
-    "MAX_PACKET_SIZE",
-    "ClientConn",
-    "ConnectionClosed",
-    "FrameTooLarge",
-    "RelayConfig",
-    "RelayServer",
-    "RelayStats",
-]
