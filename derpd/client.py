@@ -206,7 +206,12 @@ class DerpClient:
                     ctx = ssl_context or ssl.create_default_context()
                     ctx.set_alpn_protocols(["http/1.1"])
                     tls = trio.SSLStream(stream, ctx, server_hostname=host, https_compatible=True)
-                    await tls.do_handshake()
+                    try:
+                        await tls.do_handshake()
+                    except trio.BrokenResourceError as e:
+                        if isinstance(e.__cause__, ssl.SSLError):  # say why: bad certificate, ...
+                            raise e.__cause__ from None
+                        raise
                     stream = tls
                 client = cls(stream, key, can_ack_pings)
                 info = ClientInfo(
