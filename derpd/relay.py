@@ -421,6 +421,9 @@ class ClientConn:
             frames = reader.read_frames()
             if frames:
                 handle(self, frames)
+            if reader.skipped:  # frame types a server ignores (forward compatibility)
+                self.server.stats.unknown_frames += reader.skipped
+                reader.skipped = 0
             if reader.error is not None:
                 raise reader.error
             data = await receive()
@@ -710,8 +713,6 @@ class RelayServer:
                         raise ProtocolError("insufficient permissions for ClosePeer")
                     n = self.close_key(target, f"closed by mesh peer {short_key(conn.key)}")
                     log.info("close_peer", by=short_key(conn.key), target=short_key(target), conns=n)
-                else:  # a type the reader was told to keep but nobody handles
-                    self.stats.unknown_frames += 1
         finally:
             st = self.stats
             st.packets_received += n_pkts

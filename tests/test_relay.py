@@ -154,6 +154,7 @@ async def test_unknown_frame_types_are_skipped(clients: Clients, server: DerpSer
     b = await clients.connect()
     await a.send_raw(encode_frame(0x77, b"future" * 1000) + encode_frame(FrameType.PONG, b"12345678"))
     await assert_relays(a, b)
+    assert server.relay.stats.unknown_frames == 2
 
 
 async def test_keepalive_is_sent(nursery: trio.Nursery) -> None:
