@@ -120,6 +120,8 @@ def parse_url(url: str) -> Target:
     if not u.hostname:
         raise ValueError(f"no host in URL {url!r}")
     tls = u.scheme == "https"
+    if tls:  # see dial()
+        raise ValueError("https:// targets are not supported yet; use http://")
     return Target("derp", u.hostname, u.port or (443 if tls else 80), u.path or "/derp", tls, url)
 
 
@@ -562,7 +564,12 @@ def worker_main(conn: Connection, cfg: WorkerConfig) -> None:
         if msg[0] != "go":
             return
         conn.send(("result", w.run(msg[1])))
-    except BaseException as e:  # report everything to the parent, which decides
+    except (OSError, HandshakeFailed, RuntimeError) as e:  # expected failures: one line
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+    except BaseException as e:  # anything else is a bug here: report it with the traceback
         try:
             conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         except OSError:

@@ -27,6 +27,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from derpd.protocol import MAX_PACKET_SIZE
+
 from .loadgen import MIN_SIZE, Target, WorkerConfig, hist_lower, hist_percentiles, parse_url, worker_main
 
 MODES = ("per-packet", "batched")
@@ -70,13 +72,26 @@ def sample_proc(pid: int) -> ProcSample:
     except OSError as e:
         raise BenchError(f"cannot read /proc/{pid}: {e.strerror} (is --server-pid right?)") from None
     fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
-    cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+    cpu = _schedstat_cpu(pid)
+    if cpu is None:
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
     mem = {}
     for line in status.splitlines():
         name, _, value = line.partition(":")
         if name in ("VmRSS", "VmHWM"):
             mem[name] = int(value.split()[0]) / 1024
     return ProcSample(cpu, mem.get("VmRSS", 0.0), mem.get("VmHWM", 0.0))
+
+
+def _schedstat_cpu(pid: int) -> float | None:
+    """On-CPU seconds of all threads in ns precision (stat's clock ticks are 10 ms)."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
 
 
 def sample_host() -> tuple[int, ...]:
@@ -139,12 +154,27 @@ def _wait_all(conns: list[Connection], want: str, timeout: float) -> list[Any]:
     return [out[i] for i in range(len(conns))]
 
 
-def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> dict[str, Any]:
-    """Run one timed load against ``target``; the result dict is what gets printed as JSON."""
+def check_spec(spec: RunSpec) -> None:
+    """Reject a load that cannot run, before any process is started."""
     if spec.size < MIN_SIZE:
         raise BenchError(f"--size must be at least {MIN_SIZE} (sequence number + timestamp)")
+    if spec.size > MAX_PACKET_SIZE:
+        raise BenchError(f"--size must be at most {MAX_PACKET_SIZE} (DERP's packet limit)")
     if (spec.window is None) == (spec.rate is None):
         raise BenchError("exactly one of window and rate must be set")
+    if spec.window is not None and spec.window < 1:
+        raise BenchError("--window must be at least 1")
+    if spec.rate is not None and spec.rate <= 0:
+        raise BenchError("--rate must be positive")
+    if spec.pairs < 1 or spec.duration <= 0 or spec.drain < 0:
+        raise BenchError("--pairs must be at least 1, --duration positive, --drain not negative")
+    if spec.mode not in MODES:
+        raise BenchError(f"--mode must be one of {', '.join(MODES)}")
+
+
+def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> dict[str, Any]:
+    """Run one timed load against ``target``; the result dict is what gets printed as JSON."""
+    check_spec(spec)
     nworkers = max(1, min(spec.workers or os.cpu_count() or 1, spec.pairs))
     slices = [list(range(i, spec.pairs, nworkers)) for i in range(nworkers)]
     ctx = mp.get_context("spawn")
@@ -318,7 +348,8 @@ _COLUMNS = (
     ("srvMB", 6),
     ("genCPU%", 7),
     ("sirq%", 5),
-    ("vs base", 7),
+    ("pps×b", 6),
+    ("cpu×b", 6),
 )
 
 
@@ -333,7 +364,6 @@ def table(results: list[dict[str, Any]]) -> str:
         target = r["target"] if r["target"] == "baseline" else "derp"
         srv = r["server"] or {}
         lat = r["latency_ms"]
-        ratio = r.get("vs_baseline")
         cells = (
             target,
             r["mode"],
@@ -351,7 +381,8 @@ def table(results: list[dict[str, Any]]) -> str:
             _fmt(srv.get("rss_mb"), 0),
             _fmt(r["loadgen"]["cpu_pct"], 0),
             _fmt((r.get("host") or {}).get("softirq_pct"), 0),
-            _fmt(ratio, 2) if ratio is not None else "-",
+            _fmt(r.get("vs_baseline"), 2),
+            _fmt(r.get("cpu_per_pkt_vs_baseline"), 2),
         )
         lines.append(" ".join(c.rjust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=True)))
     return "\n".join(lines)
@@ -430,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         url_target = parse_url(args.url) if args.url else None
+        specs = [spec]
         if args.sweep:
             specs = [
                 replace(spec, pairs=n, size=s, mode=m)
@@ -437,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                 for s in args.sweep_sizes
                 for m in args.sweep_modes
             ]
+        for s in specs:
+            check_spec(s)
+        if args.sweep:
             results = _sweep(url_target, specs, args.server_pid, with_baseline=not args.no_baseline)
         elif args.compare or (args.baseline and url_target):
             results = _sweep(url_target, [spec], args.server_pid, with_baseline=True)
