@@ -239,7 +239,6 @@ class Worker:
         self.hist = [0] * HIST_SIZE
         self.timed = False
         self.sending = False
-        self.errors: list[str] = []
 
     # --- setup
 
@@ -283,12 +282,17 @@ class Worker:
                     f"{timeout:g}s; is the server relaying?"
                 )
             for p in waiting:
+                if p.blocked:
+                    continue
                 frame = bytearray(p.tmpl)
                 STAMP.pack_into(frame, STAMP_OFFSET, PROBE_FLAG | n, time.perf_counter_ns())
                 try:
-                    p.ssock.send(frame)
+                    sent = p.ssock.send(frame)
                 except _SOFT:
-                    pass
+                    sent = 0
+                if 0 < sent < len(frame):  # keep the stream framed
+                    p.pending = bytes(frame[sent:])
+                    self._want_write(p)
             n += 1
             self._poll_until(time.monotonic() + 0.05)
         self._poll_until(time.monotonic() + 0.05)  # swallow duplicate probes
