@@ -726,7 +726,12 @@ class RelayServer:
         """Queue a RecvPacket frame for ``d``, evicting the oldest packet when the queue is full."""
         q = d.q_disco if disco else d.q_other
         if len(q) >= self.config.queue_depth:
-            self.stats.drop("queue_head", disco, len(q.popleft()) - RECV_PREFIX_LEN)
+            if not d.writing:
+                # A full queue within one read is no reason to drop: the receiver's socket
+                # may take it all now. Only a receiver that is already behind loses packets.
+                d.kick()
+            if len(q) >= self.config.queue_depth:
+                self.stats.drop("queue_head", disco, len(q.popleft()) - RECV_PREFIX_LEN)
         q.append(frame)
         if src not in d.saw_src:  # so d hears PeerGone when src leaves
             d.saw_src.add(src)

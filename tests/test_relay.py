@@ -90,6 +90,17 @@ async def test_many_packets_batched_arrive_in_order(clients: Clients, server: De
     assert server.relay.stats.dropped("queue_head") == 0
 
 
+async def test_burst_beyond_queue_depth_to_a_reading_peer_loses_nothing(clients: Clients, server: DerpServer) -> None:
+    """200 packets in one write: the queue limit is for receivers that fall behind, not bursts."""
+    a = await clients.connect()
+    b = await clients.connect()
+    sent = [i.to_bytes(4, "big") * 300 for i in range(200)]
+    await a.send_many((b.public_key, p) for p in sent)
+    got = [(await recv_data(b)).data for _ in sent]
+    assert got == sent
+    assert server.relay.stats.dropped("queue_head") == 0
+
+
 async def test_peer_gone_disconnected_reaches_everyone_who_received(clients: Clients, server: DerpServer) -> None:
     a = await clients.connect()
     b = await clients.connect()
