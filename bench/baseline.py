@@ -1,16 +1,20 @@
-"""The no-protocol baseline: the fastest trivial trio TCP forwarder, for a same-box reference.
+"""The no-protocol baseline: a minimal trio packet relay, for a same-box reference.
 
 derpd's overhead is only meaningful as a ratio against what a trivial Python relay
-reaches on the same machine under the same load. This forwarder does no parsing at
-all: each connection starts with a 9-byte hello (magic, role, pair id); a receiver
-registers under its pair id, and a sender's bytes are copied verbatim to its pair's
-receiver. The load generator writes the very same SendPacket-framed bytes it writes
-to a DERP server, so frame sizes and write patterns are identical.
+reaches on the same machine under the same load. This forwarder does the least a packet
+relay must do and nothing DERP-specific: each connection starts with a 37-byte hello
+(magic, role, 32-byte key); receivers register under their key; a sender's stream is
+split into the very same SendPacket frames the load generator writes to a DERP server
+(type, length, destination key, payload), and every frame goes, unchanged, to the
+receiver registered under its destination key. No handshake, no crypto, no queues,
+drop policy or statistics.
 
 It uses the fastest design from ``hot-path.md``: plain non-blocking socket calls,
-256 KiB reads, an immediate ``send`` and a trio readiness wait only when a socket
-would block (and one checkpoint per read, as derpd's transport does, for fairness).
-Unlike DERP it never drops: a slow receiver back-pressures its sender through TCP.
+256 KiB reads, every whole frame walked by offset, one ``send`` per destination per
+read, and a trio readiness wait only when a socket would block (plus one checkpoint
+per read, as derpd's transport does, for fairness). Unlike DERP it never drops: a
+slow receiver back-pressures its sender through TCP. Frames to an unknown key are
+discarded.
 
 Run: ``python -m bench.baseline --addr 127.0.0.1:0``; it prints ``listening HOST:PORT``.
 """
@@ -24,8 +28,10 @@ import sys
 
 import trio
 
-HELLO = struct.Struct(">4sBI")  # magic, role, pair id
-MAGIC = b"BSL1"
+HELLO = struct.Struct(">4sB32s")  # magic, role, key
+MAGIC = b"BSL2"
+FRAME_HEADER = struct.Struct(">BI")
+KEY_LEN = 32
 ROLE_RECEIVER = 0
 ROLE_SENDER = 1
 RECV_SIZE = 256 * 1024
@@ -33,9 +39,9 @@ _SOFT = (BlockingIOError, InterruptedError)
 _GONE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
 
 
-def hello(role: int, pair_id: int) -> bytes:
-    """The first bytes a baseline client writes."""
-    return HELLO.pack(MAGIC, role, pair_id)
+def hello(role: int, key: bytes) -> bytes:
+    """The first bytes a baseline client writes (a receiver's key is its address)."""
+    return HELLO.pack(MAGIC, role, key)
 
 
 async def _recv(sock: socket.socket) -> bytes:
@@ -70,17 +76,10 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
 
 
 class Forwarder:
-    """Pair registry plus one task per connection."""
+    """Receiver registry plus one task per connection."""
 
     def __init__(self) -> None:
-        self.receivers: dict[int, socket.socket] = {}
-        self.arrived: dict[int, trio.Event] = {}
-
-    def _event(self, pair: int) -> trio.Event:
-        ev = self.arrived.get(pair)
-        if ev is None or (ev.is_set() and pair not in self.receivers):
-            ev = self.arrived[pair] = trio.Event()
-        return ev
+        self.receivers: dict[bytes, socket.socket] = {}
 
     async def handle(self, tsock: trio.socket.SocketType) -> None:
         sock = socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach())
@@ -93,46 +92,58 @@ class Forwarder:
                 if not data:
                     return
                 head += data
-            magic, role, pair = HELLO.unpack_from(head)
+            magic, role, key = HELLO.unpack_from(head)
             if magic != MAGIC:
                 return
             rest = head[HELLO.size :]
             if role == ROLE_RECEIVER:
-                await self._receiver(sock, pair)
+                await self._receiver(sock, key)
             elif role == ROLE_SENDER:
-                await self._sender(sock, pair, rest)
+                await self._sender(sock, rest)
         except _GONE:
             pass
         finally:
             trio.lowlevel.notify_closing(sock)
             sock.close()
 
-    async def _receiver(self, sock: socket.socket, pair: int) -> None:
-        self.receivers[pair] = sock
-        self._event(pair).set()
+    async def _receiver(self, sock: socket.socket, key: bytes) -> None:
+        self.receivers[key] = sock
         try:
             while await _recv(sock):  # receivers never talk; wait for EOF
                 pass
         finally:
-            if self.receivers.get(pair) is sock:
-                del self.receivers[pair]
+            if self.receivers.get(key) is sock:
+                del self.receivers[key]
 
-    async def _sender(self, sock: socket.socket, pair: int, data: bytes) -> None:
+    async def _sender(self, sock: socket.socket, data: bytes) -> None:
+        unpack = FRAME_HEADER.unpack_from
+        receivers = self.receivers
         while True:
-            dst = self.receivers.get(pair)
-            if dst is None:
-                await self._event(pair).wait()
-                continue
-            if data:
-                try:
-                    await _send_all(dst, data)
-                except _GONE:
-                    continue  # the receiver went away; wait for the next one
-                except OSError:
-                    continue
-            data = await _recv(sock)
-            if not data:
+            out: dict[bytes, list[bytes]] = {}
+            pos, end = 0, len(data)
+            while end - pos >= 5:
+                _type, length = unpack(data, pos)
+                stop = pos + 5 + length
+                if stop > end:
+                    break
+                dst = data[pos + 5 : pos + 5 + KEY_LEN]
+                parts = out.get(dst)
+                if parts is None:
+                    out[dst] = [data[pos:stop]]
+                else:
+                    parts.append(data[pos:stop])
+                pos = stop
+            for dst, parts in out.items():
+                dsock = receivers.get(dst)
+                if dsock is not None:
+                    try:
+                        await _send_all(dsock, b"".join(parts))
+                    except OSError:
+                        pass  # the receiver went away
+            more = await _recv(sock)
+            if not more:
                 return
+            data = data[pos:] + more if pos < end else more
 
 
 async def serve(

@@ -246,7 +246,7 @@ class Worker:
         cfg = self.cfg
         sock = dial(cfg.target, cfg.connect_timeout)
         if cfg.target.kind == "baseline":
-            sock.sendall(baseline.hello(role, pair_id))
+            sock.sendall(baseline.hello(role, key.public))
         else:
             derp_handshake(sock, cfg.target, key)
         sock.setblocking(False)
