@@ -133,7 +133,7 @@ class FrameReader:
     returned, ``error`` is set, and the next ``read_frames`` raises it.
     """
 
-    __slots__ = ("_buf", "_need", "_pos", "_skip", "error", "limits", "max_frame_len", "skipped", "wanted")
+    __slots__ = ("_buf", "_need", "_pos", "_skip", "_table", "error", "skipped")
 
     def __init__(
         self,
@@ -142,15 +142,34 @@ class FrameReader:
         limits: Mapping[int, int] | None = None,
         wanted: frozenset[int] | None = None,
     ) -> None:
-        self.max_frame_len = max_frame_len
-        self.limits: Mapping[int, int] = limits or {}
-        self.wanted = wanted
         self.error: ProtocolError | None = None
         self.skipped = 0  # frames discarded because their type is not wanted
         self._buf: bytes | bytearray = b""
         self._pos = 0
         self._need = 0  # bytes from _pos needed before another frame can complete
         self._skip = 0  # bytes of an unwanted frame still to discard
+        self._table: list[int] = []
+        self.configure(max_frame_len=max_frame_len, limits=limits, wanted=wanted)
+
+    def configure(
+        self,
+        *,
+        max_frame_len: int = MAX_FRAME_LEN,
+        limits: Mapping[int, int] | None = None,
+        wanted: frozenset[int] | None = None,
+    ) -> None:
+        """Set the rules for frames not yet read (a server widens them after the handshake)."""
+        limits = limits or {}
+        # One lookup per frame: the payload limit of each type, bit-inverted when unwanted.
+        table = [limits.get(t, max_frame_len) for t in range(256)]
+        if wanted is not None:
+            table = [lim if t in wanted else ~lim for t, lim in enumerate(table)]
+        self._table = table
+        self._need = 0
+
+    def limit(self, frame_type: int) -> int:
+        lim = self._table[frame_type]
+        return lim if lim >= 0 else ~lim
 
     @property
     def buffered(self) -> int:
@@ -177,13 +196,13 @@ class FrameReader:
 
     def read_frame(self) -> Frame | None:
         """At most one whole frame (for handshakes, where limits change after it)."""
-        frames = self._parse(1)
+        frames = self._parse(True)
         return frames[0] if frames else None
 
     def read_frames(self) -> list[Frame]:
-        return self._parse(-1)
+        return self._parse(False)
 
-    def _parse(self, budget: int) -> list[Frame]:
+    def _parse(self, single: bool) -> list[Frame]:
         if self.error is not None:
             raise self.error
         buf = self._buf
@@ -198,30 +217,30 @@ class FrameReader:
         self._need = 0
         out: list[Frame] = []
         append = out.append
-        limits = self.limits
-        wanted = self.wanted
-        max_len = self.max_frame_len
+        table = self._table
+        unpack = _unpack_header
         while end - pos >= FRAME_HEADER_LEN:
-            ftype, length = _unpack_header(buf, pos)
-            if length > limits.get(ftype, max_len):
-                self.error = FrameTooLarge(ftype, length, limits.get(ftype, max_len))
-                pos = end
-                break
+            ftype, length = unpack(buf, pos)
+            lim = table[ftype]
             stop = pos + FRAME_HEADER_LEN + length
-            if wanted is not None and ftype not in wanted:
+            if lim >= 0 and length <= lim:
+                if stop > end:
+                    self._need = stop - pos
+                    break
+                append((ftype, buf[pos + FRAME_HEADER_LEN : stop]))
+                pos = stop
+                if single:
+                    break
+            elif lim < 0 and length <= ~lim:
                 self.skipped += 1
                 if stop > end:
                     self._skip = stop - end
                     pos = end
                     break
                 pos = stop
-                continue
-            if stop > end:
-                self._need = stop - pos
-                break
-            append((ftype, buf[pos + FRAME_HEADER_LEN : stop]))
-            pos = stop
-            if len(out) == budget:
+            else:
+                self.error = FrameTooLarge(ftype, length, self.limit(ftype))
+                pos = end
                 break
         self._buf = buf
         self._pos = pos

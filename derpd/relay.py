@@ -25,6 +25,8 @@ from . import log
 from .keys import KEY_LEN, NodePrivate, mesh_keys_equal, short_key
 from .protocol import (
     CLIENT_FRAME_LIMITS,
+    DISCO_MAGIC,
+    DISCO_MIN_LEN,
     KEEP_ALIVE_FRAME,
     KEEPALIVE_SECONDS,
     MAX_CLIENT_INFO_LEN,
@@ -186,6 +188,7 @@ class ClientConn:
         "preferred",
         "q_disco",
         "q_other",
+        "recv_prefixes",
         "remote",
         "saw_src",
         "server",
@@ -231,6 +234,7 @@ class ClientConn:
         self.preferred = False
         self.is_dup = False
         self.saw_src: set[bytes] = set()
+        self.recv_prefixes: dict[int, bytes] = {}  # RecvPacket header + our key, by payload size
         self.tokens = 3.0  # PeerGone(NotHere) limiter: 1/s, burst 3
         self.tokens_at = self.connected_at
         self.bytes_in = 0
@@ -433,6 +437,18 @@ class ClientConn:
             reader.feed(data)
 
 
+DISCO_SEND_MIN = KEY_LEN + DISCO_MIN_LEN
+MAX_CACHED_PREFIXES = 64
+
+
+def _cache_prefix(prefixes: dict[int, bytes], size: int, src: bytes) -> bytes:
+    """The RecvPacket header and source key for a SendPacket payload of ``size`` bytes."""
+    if len(prefixes) >= MAX_CACHED_PREFIXES:
+        prefixes.clear()
+    prefix = prefixes[size] = pack_header(RECV, size) + src
+    return prefix
+
+
 def _touch(conn: ClientConn, touched: list[ClientConn]) -> None:
     """Mark ``conn`` to be written once the current batch is routed."""
     if not conn.dirty:
@@ -539,9 +555,7 @@ class RelayServer:
         if ftype != FrameType.CLIENT_INFO:
             raise HandshakeError(f"first frame is type 0x{ftype:02x}, want ClientInfo")
         key, info = open_client_info(self.private_key, payload)
-        reader.max_frame_len = MAX_FRAME_LEN
-        reader.limits = CLIENT_FRAME_LIMITS
-        reader.wanted = SERVER_HANDLED
+        reader.configure(max_frame_len=MAX_FRAME_LEN, limits=CLIENT_FRAME_LIMITS, wanted=SERVER_HANDLED)
         return key, info, reader
 
     def _register(self, conn: ClientConn) -> None:
@@ -676,24 +690,47 @@ class RelayServer:
             self._note_activity(conn)
         clients = self.clients
         src = conn.key
+        prefixes = conn.recv_prefixes
+        depth = self.config.queue_depth
         touched: list[ClientConn] = []
         n_pkts = n_bytes = n_disco = 0
         try:
             for ftype, payload in frames:
                 if ftype == SEND:
+                    # The hot path: _deliver() inlined, and the RecvPacket header+source
+                    # prefix cached per packet size (a sender's packets come in few sizes).
                     size = len(payload)
                     if size < KEY_LEN:
                         raise MalformedFrame(SEND, "shorter than a key")
-                    disco = is_disco(payload, KEY_LEN)
                     n_pkts += 1
-                    n_bytes += size - KEY_LEN
-                    n_disco += disco
+                    n_bytes += size
                     dst = payload[:KEY_LEN]
                     d = clients.get(dst)
+                    if size >= DISCO_SEND_MIN and payload.startswith(DISCO_MAGIC, KEY_LEN):
+                        n_disco += 1
+                        if d is None or d.closed:
+                            self._drop_undeliverable(conn, dst, size - KEY_LEN, True, d, "unknown_dest", touched)
+                        else:
+                            self._deliver(d, pack_header(RECV, size) + src + payload[KEY_LEN:], True, src, touched)
+                        continue
                     if d is None or d.closed:
-                        self._drop_undeliverable(conn, dst, size - KEY_LEN, disco, d, "unknown_dest", touched)
-                    else:
-                        self._deliver(d, pack_header(RECV, size) + src + payload[KEY_LEN:], disco, src, touched)
+                        self._drop_undeliverable(conn, dst, size - KEY_LEN, False, d, "unknown_dest", touched)
+                        continue
+                    prefix = prefixes.get(size)
+                    if prefix is None:
+                        prefix = _cache_prefix(prefixes, size, src)
+                    q = d.q_other
+                    if len(q) >= depth:
+                        if not d.writing:
+                            d.kick()
+                        if len(q) >= depth:
+                            self.stats.drop("queue_head", False, len(q.popleft()) - RECV_PREFIX_LEN)
+                    q.append(prefix + payload[KEY_LEN:])
+                    if src not in d.saw_src:
+                        self._note_seen(d, src)
+                    if not d.dirty:
+                        d.dirty = True
+                        touched.append(d)
                 elif ftype == PING:
                     self.stats.got_ping += 1
                     data = parse_ping(payload)
@@ -716,14 +753,17 @@ class RelayServer:
         finally:
             st = self.stats
             st.packets_received += n_pkts
-            st.bytes_received += n_bytes
+            st.bytes_received += n_bytes - n_pkts * KEY_LEN
             st.packets_received_disco += n_disco
             for d in touched:
                 d.dirty = False
                 d.kick()
 
     def _deliver(self, d: ClientConn, frame: bytes, disco: bool, src: bytes, touched: list[ClientConn]) -> None:
-        """Queue a RecvPacket frame for ``d``, evicting the oldest packet when the queue is full."""
+        """Queue a RecvPacket frame for ``d``, evicting the oldest packet when the queue is full.
+
+        (handle_frames inlines this for non-disco SendPackets; keep the two in step.)
+        """
         q = d.q_disco if disco else d.q_other
         if len(q) >= self.config.queue_depth:
             if not d.writing:
@@ -733,16 +773,20 @@ class RelayServer:
             if len(q) >= self.config.queue_depth:
                 self.stats.drop("queue_head", disco, len(q.popleft()) - RECV_PREFIX_LEN)
         q.append(frame)
-        if src not in d.saw_src:  # so d hears PeerGone when src leaves
-            d.saw_src.add(src)
-            receivers = self.seen_by.get(src)
-            if receivers is None:
-                self.seen_by[src] = {d}
-            else:
-                receivers.add(d)
+        if src not in d.saw_src:
+            self._note_seen(d, src)
         if not d.dirty:
             d.dirty = True
             touched.append(d)
+
+    def _note_seen(self, d: ClientConn, src: bytes) -> None:
+        """``d`` received from ``src``, so it hears PeerGone when ``src`` leaves the region."""
+        d.saw_src.add(src)
+        receivers = self.seen_by.get(src)
+        if receivers is None:
+            self.seen_by[src] = {d}
+        else:
+            receivers.add(d)
 
     def _drop_undeliverable(
         self,
