@@ -62,6 +62,7 @@ class PeerPresentFlags(IntEnum):
 
 
 Frame = tuple[int, bytes]
+Span = tuple[int, int, int]  # frame type, payload start, payload end (offsets into a buffer)
 
 # Frame types a server acts on after the handshake; the rest are skipped unread.
 SERVER_HANDLED = frozenset(
@@ -196,26 +197,35 @@ class FrameReader:
 
     def read_frame(self) -> Frame | None:
         """At most one whole frame (for handshakes, where limits change after it)."""
-        frames = self._parse(True)
-        return frames[0] if frames else None
+        buf, spans = self._scan(True)
+        if not spans:
+            return None
+        ftype, start, stop = spans[0]
+        return ftype, buf[start:stop]
 
     def read_frames(self) -> list[Frame]:
-        return self._parse(False)
+        buf, spans = self._scan(False)
+        return [(ftype, buf[start:stop]) for ftype, start, stop in spans]
 
-    def _parse(self, single: bool) -> list[Frame]:
+    def read_spans(self) -> tuple[bytes, list[Span]]:
+        """``read_frames`` without copying payloads: the (immutable) buffer the frames are in,
+        and for each frame its type and payload offsets. For relays that forward bytes."""
+        return self._scan(False)
+
+    def _scan(self, single: bool) -> tuple[bytes, list[Span]]:
         if self.error is not None:
             raise self.error
         buf = self._buf
         pos = self._pos
         end = len(buf)
         if end - pos < self._need or end - pos < FRAME_HEADER_LEN:
-            return []
+            return b"", []
         if type(buf) is bytearray:
             buf = bytes(memoryview(buf)[pos:])
             end -= pos
             pos = 0
         self._need = 0
-        out: list[Frame] = []
+        out: list[Span] = []
         append = out.append
         table = self._table
         unpack = _unpack_header
@@ -227,7 +237,7 @@ class FrameReader:
                 if stop > end:
                     self._need = stop - pos
                     break
-                append((ftype, buf[pos + FRAME_HEADER_LEN : stop]))
+                append((ftype, pos + FRAME_HEADER_LEN, stop))
                 pos = stop
                 if single:
                     break
@@ -246,7 +256,7 @@ class FrameReader:
         self._pos = pos
         if self.error is not None and not out:
             raise self.error
-        return out
+        return buf, out  # type: ignore[return-value]  # buf is bytes here
 
 
 # --- writing ---------------------------------------------------------------------

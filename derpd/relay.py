@@ -25,8 +25,8 @@ from . import log
 from .keys import KEY_LEN, NodePrivate, mesh_keys_equal, short_key
 from .protocol import (
     CLIENT_FRAME_LIMITS,
-    DISCO_MAGIC,
     DISCO_MIN_LEN,
+    FRAME_HEADER_LEN,
     KEEP_ALIVE_FRAME,
     KEEPALIVE_SECONDS,
     MAX_CLIENT_INFO_LEN,
@@ -41,6 +41,7 @@ from .protocol import (
     PeerPresentFlags,
     ProtocolError,
     ServerInfo,
+    Span,
     is_disco,
     open_client_info,
     pack_header,
@@ -69,7 +70,7 @@ DROP_REASONS = (
 KINDS = ("disco", "other")
 
 SEND = FrameType.SEND_PACKET
-RECV = FrameType.RECV_PACKET
+RECV = int(FrameType.RECV_PACKET)
 PING = FrameType.PING
 NOTE_PREFERRED = FrameType.NOTE_PREFERRED
 FORWARD = FrameType.FORWARD_PACKET
@@ -178,6 +179,9 @@ class ClientConn:
         "connected_at",
         "ctrl",
         "dirty",
+        "express",
+        "express_bytes",
+        "express_pkts",
         "flight",
         "info",
         "is_dup",
@@ -222,6 +226,10 @@ class ClientConn:
         self.write_timeout = MESH_WRITE_TIMEOUT if can_mesh else server.config.write_timeout
         self.q_other: deque[bytes] = deque()
         self.q_disco: deque[bytes] = deque()
+        # RecvPacket runs written straight through for a client that is keeping up.
+        self.express: list[bytes | bytearray] = []
+        self.express_pkts = 0
+        self.express_bytes = 0
         self.ctrl: list[bytes] = []  # PeerGone, PeerPresent, KeepAlive, ServerInfo: never dropped
         self.pong: bytes | None = None  # one pending pong, as the reference's 1-slot channel
         self.pending: memoryview | None = None  # unsent tail of the batch being written
@@ -257,31 +265,36 @@ class ClientConn:
 
     # --- output -----------------------------------------------------------------
 
-    def _take_batch(self) -> bytes | None:
-        """Everything queued for this client as one buffer (control frames first)."""
+    def _take_batch(self) -> bytes | bytearray | None:
+        """Everything waiting for this client as one buffer: control frames, the pong,
+        disco packets, packets written straight through, then the queue, in that order."""
         qd = self.q_disco
         qo = self.q_other
-        if not (self.ctrl or self.pong or qd or qo):
+        express = self.express
+        if not (express or self.ctrl or self.pong or qd or qo):
             return None
         nd = len(qd)
-        no = len(qo)
+        no = len(qo) + self.express_pkts
         bd = sum(map(len, qd)) - nd * RECV_PREFIX_LEN if nd else 0
-        bo = sum(map(len, qo)) - no * RECV_PREFIX_LEN if no else 0
+        bo = self.express_bytes + (sum(map(len, qo)) - len(qo) * RECV_PREFIX_LEN if qo else 0)
         self.flight = (nd, bd, no, bo)
-        if not (self.ctrl or self.pong or nd):
-            data = b"".join(qo)
+        if len(express) == 1 and not (self.ctrl or self.pong or qd or qo):
+            data: bytes | bytearray = express[0]  # the common case: one run, no copy
         else:
-            parts = self.ctrl
+            parts: list[bytes | bytearray] = self.ctrl
             self.ctrl = []
             if self.pong is not None:
                 parts.append(self.pong)
                 self.pong = None
                 self.server.stats.sent_pong += 1
             parts.extend(qd)
+            parts.extend(express)
             parts.extend(qo)
             data = b"".join(parts)
             qd.clear()
-        qo.clear()
+            qo.clear()
+        express.clear()
+        self.express_pkts = self.express_bytes = 0
         return data
 
     def _batch_done(self, nbytes: int) -> None:
@@ -422,9 +435,9 @@ class ClientConn:
         receive = self.transport.receive_some
         handle = self.server.handle_frames
         while True:
-            frames = reader.read_frames()
-            if frames:
-                handle(self, frames)
+            buf, spans = reader.read_spans()
+            if spans:
+                handle(self, buf, spans)
             if reader.skipped:  # frame types a server ignores (forward compatibility)
                 self.server.stats.unknown_frames += reader.skipped
                 reader.skipped = 0
@@ -598,6 +611,10 @@ class RelayServer:
             if q:
                 st.drop("gone_disconnected", disco, sum(map(len, q)) - len(q) * RECV_PREFIX_LEN, len(q))
                 q.clear()
+        if conn.express_pkts:
+            st.drop("gone_disconnected", False, conn.express_bytes, conn.express_pkts)
+            conn.express.clear()
+            conn.express_pkts = conn.express_bytes = 0
         conn.ctrl.clear()
         for src in conn.saw_src:
             receivers = self.seen_by.get(src)
@@ -684,54 +701,57 @@ class RelayServer:
 
     # --- the hot path ----------------------------------------------------------------
 
-    def handle_frames(self, conn: ClientConn, frames: list[tuple[int, bytes]]) -> None:
-        """Route one read's worth of frames, then write once per touched destination."""
+    def handle_frames(self, conn: ClientConn, buf: bytes, spans: list[Span]) -> None:
+        """Route one read's worth of frames, then write once per touched destination.
+
+        The hot path: consecutive SendPackets to the same idle destination form a run,
+        which becomes that destination's RecvPackets by patching a single copy of the
+        run's bytes (the frames keep their length; only the type byte and the key change).
+        A destination that is already behind gets packets one by one through its bounded
+        queue and the reference's drop policy.
+        """
         if conn.is_dup:
             self._note_activity(conn)
         clients = self.clients
         src = conn.key
-        prefixes = conn.recv_prefixes
-        depth = self.config.queue_depth
         touched: list[ClientConn] = []
         n_pkts = n_bytes = n_disco = 0
+        run: ClientConn | None = None  # destination of the current run
+        run_dst = b""
+        run_end = run_i = 0  # end of its last frame, index of its first span
         try:
-            for ftype, payload in frames:
+            for i, (ftype, start, stop) in enumerate(spans):
                 if ftype == SEND:
-                    # The hot path: _deliver() inlined, and the RecvPacket header+source
-                    # prefix cached per packet size (a sender's packets come in few sizes).
-                    size = len(payload)
+                    size = stop - start
                     if size < KEY_LEN:
                         raise MalformedFrame(SEND, "shorter than a key")
                     n_pkts += 1
                     n_bytes += size
-                    dst = payload[:KEY_LEN]
-                    d = clients.get(dst)
-                    if size >= DISCO_SEND_MIN and payload.startswith(DISCO_MAGIC, KEY_LEN):
+                    if buf[start + KEY_LEN : start + KEY_LEN + 1] == b"T" and is_disco(buf[start + KEY_LEN : stop]):
                         n_disco += 1
-                        if d is None or d.closed:
-                            self._drop_undeliverable(conn, dst, size - KEY_LEN, True, d, "unknown_dest", touched)
-                        else:
-                            self._deliver(d, pack_header(RECV, size) + src + payload[KEY_LEN:], True, src, touched)
+                        if run is not None:
+                            self._emit_run(run, buf, spans, run_i, i, src, touched)
+                            run = None
+                        self._send_one(conn, buf[start:stop], True, touched)
                         continue
-                    if d is None or d.closed:
-                        self._drop_undeliverable(conn, dst, size - KEY_LEN, False, d, "unknown_dest", touched)
-                        continue
-                    prefix = prefixes.get(size)
-                    if prefix is None:
-                        prefix = _cache_prefix(prefixes, size, src)
-                    q = d.q_other
-                    if len(q) >= depth:
-                        if not d.writing:
-                            d.kick()
-                        if len(q) >= depth:
-                            self.stats.drop("queue_head", False, len(q.popleft()) - RECV_PREFIX_LEN)
-                    q.append(prefix + payload[KEY_LEN:])
-                    if src not in d.saw_src:
-                        self._note_seen(d, src)
-                    if not d.dirty:
-                        d.dirty = True
-                        touched.append(d)
-                elif ftype == PING:
+                    if run is not None:
+                        if start == run_end + FRAME_HEADER_LEN and buf.startswith(run_dst, start):
+                            run_end = stop
+                            continue
+                        self._emit_run(run, buf, spans, run_i, i, src, touched)
+                        run = None
+                    dst = buf[start : start + KEY_LEN]
+                    d = clients.get(dst)
+                    if d is not None and not d.closed and not d.writing and not d.q_other:
+                        run, run_dst, run_end, run_i = d, dst, stop, i
+                    else:
+                        self._send_one(conn, buf[start:stop], False, touched)
+                    continue
+                if run is not None:
+                    self._emit_run(run, buf, spans, run_i, i, src, touched)
+                    run = None
+                payload = buf[start:stop]
+                if ftype == PING:
                     self.stats.got_ping += 1
                     data = parse_ping(payload)
                     if conn.pong is None:  # one pending pong; pings beyond it are ignored
@@ -750,6 +770,8 @@ class RelayServer:
                         raise ProtocolError("insufficient permissions for ClosePeer")
                     n = self.close_key(target, f"closed by mesh peer {short_key(conn.key)}")
                     log.info("close_peer", by=short_key(conn.key), target=short_key(target), conns=n)
+            if run is not None:
+                self._emit_run(run, buf, spans, run_i, len(spans), src, touched)
         finally:
             st = self.stats
             st.packets_received += n_pkts
@@ -758,6 +780,39 @@ class RelayServer:
             for d in touched:
                 d.dirty = False
                 d.kick()
+
+    def _emit_run(
+        self, d: ClientConn, buf: bytes, spans: list[Span], i: int, j: int, src: bytes, touched: list[ClientConn]
+    ) -> None:
+        """Turn the adjacent SendPackets ``spans[i:j]`` into RecvPackets from ``src`` for ``d``."""
+        base = spans[i][1] - FRAME_HEADER_LEN
+        seg = bytearray(buf[base : spans[j - 1][2]])
+        for _, start, _ in spans[i:j]:
+            at = start - base
+            seg[at - FRAME_HEADER_LEN] = RECV
+            seg[at : at + KEY_LEN] = src
+        n = j - i
+        d.express.append(seg)
+        d.express_pkts += n
+        d.express_bytes += len(seg) - n * RECV_PREFIX_LEN
+        if src not in d.saw_src:
+            self._note_seen(d, src)
+        if not d.dirty:
+            d.dirty = True
+            touched.append(d)
+
+    def _send_one(self, conn: ClientConn, payload: bytes, disco: bool, touched: list[ClientConn]) -> None:
+        """One SendPacket payload through the destination's queue (or a counted drop)."""
+        dst = payload[:KEY_LEN]
+        d = self.clients.get(dst)
+        if d is None or d.closed:
+            self._drop_undeliverable(conn, dst, len(payload) - KEY_LEN, disco, d, "unknown_dest", touched)
+            return
+        src = conn.key
+        prefix = conn.recv_prefixes.get(len(payload))
+        if prefix is None:
+            prefix = _cache_prefix(conn.recv_prefixes, len(payload), src)
+        self._deliver(d, prefix + payload[KEY_LEN:], disco, src, touched)
 
     def _deliver(self, d: ClientConn, frame: bytes, disco: bool, src: bytes, touched: list[ClientConn]) -> None:
         """Queue a RecvPacket frame for ``d``, evicting the oldest packet when the queue is full.

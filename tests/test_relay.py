@@ -8,6 +8,8 @@ import socket
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from derpd.client import (
     ConnectionLost,
@@ -99,6 +101,58 @@ async def test_burst_beyond_queue_depth_to_a_reading_peer_loses_nothing(clients:
     got = [(await recv_data(b)).data for _ in sent]
     assert got == sent
     assert server.relay.stats.dropped("queue_head") == 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["b", "c", "nobody"]), st.booleans(), st.integers(0, 1500)),
+        min_size=1,
+        max_size=60,
+    ),
+    st.lists(st.integers(1, 4000), max_size=6),
+)
+async def test_any_mix_in_one_write_reaches_each_receiver_in_order(
+    sends: list[tuple[str, bool, int]], cuts: list[int]
+) -> None:
+    """Interleaved destinations, disco packets, unknown keys and pings, written in one go or
+    cut anywhere: every receiver gets exactly its packets, each kind in order, nothing dropped."""
+    async with trio.open_nursery() as nursery:  # each example runs in its own event loop
+        server = await start_server(nursery)
+        await _mix_example(server, sends, cuts)
+        nursery.cancel_scope.cancel()
+
+
+async def _mix_example(server: DerpServer, sends: list[tuple[str, bool, int]], cuts: list[int]) -> None:
+    url = url_of(server)
+    a, b, c = [await DerpClient.connect(url) for _ in range(3)]
+    keys = {"b": b.public_key, "c": c.public_key, "nobody": NodePrivate.generate().public}
+    wire = b""
+    expect: dict[str, list[bytes]] = {"b": [], "c": []}
+    for i, (who, disco, size) in enumerate(sends):
+        body = (DISCO + i.to_bytes(2, "big")) if disco else i.to_bytes(2, "big") + b"p" * size
+        wire += send_packet_frame(keys[who], body)
+        if i % 7 == 3:
+            wire += encode_frame(FrameType.PING, b"pingpong") + encode_frame(0x77, b"future")
+        if who in expect:
+            expect[who].append(body)
+    pos = 0
+    for cut in sorted(cuts):
+        await a.send_raw(wire[pos:cut])
+        pos = max(pos, min(cut, len(wire)))
+    await a.send_raw(wire[pos:])
+    for who, receiver in (("b", b), ("c", c)):
+        packets = [await recv_data(receiver) for _ in expect[who]]
+        assert {p.src for p in packets} <= {a.public_key}
+        got = [p.data for p in packets]
+        assert all(g.startswith(DISCO_MAGIC) or g[2:] == b"p" * (len(g) - 2) for g in got)
+        assert [g for g in got if g.startswith(DISCO_MAGIC)] == [e for e in expect[who] if e.startswith(DISCO_MAGIC)]
+        assert [g for g in got if not g.startswith(DISCO_MAGIC)] == [
+            e for e in expect[who] if not e.startswith(DISCO_MAGIC)
+        ]
+    assert server.relay.stats.dropped("queue_head") == 0
+    for cl in (a, b, c):
+        await cl.aclose()
 
 
 async def test_peer_gone_disconnected_reaches_everyone_who_received(clients: Clients, server: DerpServer) -> None:
