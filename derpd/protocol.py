@@ -49,6 +49,10 @@ class FrameType(IntEnum):
     RESTARTING = 0x15
 
 
+_SEND = int(FrameType.SEND_PACKET)
+_DISCO_SEND_MIN = KEY_LEN + DISCO_MIN_LEN
+
+
 class PeerGoneReason(IntEnum):
     DISCONNECTED = 0x00
     NOT_HERE = 0x01
@@ -62,7 +66,9 @@ class PeerPresentFlags(IntEnum):
 
 
 Frame = tuple[int, bytes]
-Span = tuple[int, int, int]  # frame type, payload start, payload end (offsets into a buffer)
+# Frame type, payload start, payload end (offsets into a buffer), and for a run of
+# SendPackets the header offset of each of its frames (see FrameReader.read_spans).
+Span = tuple[int, int, int, list[int] | None]
 
 # Frame types a server acts on after the handshake; the rest are skipped unread.
 SERVER_HANDLED = frozenset(
@@ -197,22 +203,25 @@ class FrameReader:
 
     def read_frame(self) -> Frame | None:
         """At most one whole frame (for handshakes, where limits change after it)."""
-        buf, spans = self._scan(True)
+        buf, spans = self._scan(single=True, runs=False)
         if not spans:
             return None
-        ftype, start, stop = spans[0]
+        ftype, start, stop, _ = spans[0]
         return ftype, buf[start:stop]
 
     def read_frames(self) -> list[Frame]:
-        buf, spans = self._scan(False)
-        return [(ftype, buf[start:stop]) for ftype, start, stop in spans]
+        buf, spans = self._scan(single=False, runs=False)
+        return [(ftype, buf[start:stop]) for ftype, start, stop, _ in spans]
 
     def read_spans(self) -> tuple[bytes, list[Span]]:
-        """``read_frames`` without copying payloads: the (immutable) buffer the frames are in,
-        and for each frame its type and payload offsets. For relays that forward bytes."""
-        return self._scan(False)
+        """``read_frames`` for relays, without copying payloads: the (immutable) buffer the
+        frames are in, and per frame its type and payload offsets. Consecutive SendPackets
+        to one destination, none of them disco, come as a single span ``(SEND_PACKET,
+        first payload start, last payload end, [header offset of each frame])`` so that
+        they can be forwarded as a block; every other span has ``None`` there."""
+        return self._scan(single=False, runs=True)
 
-    def _scan(self, single: bool) -> tuple[bytes, list[Span]]:
+    def _scan(self, *, single: bool, runs: bool) -> tuple[bytes, list[Span]]:
         if self.error is not None:
             raise self.error
         buf = self._buf
@@ -229,6 +238,10 @@ class FrameReader:
         append = out.append
         table = self._table
         unpack = _unpack_header
+        run: list[int] = []  # header offsets of the pending run of SendPackets
+        run_key = b""
+        run_start = run_stop = 0
+        send, disco_min, disco_magic = _SEND, _DISCO_SEND_MIN, DISCO_MAGIC
         while end - pos >= FRAME_HEADER_LEN:
             ftype, length = unpack(buf, pos)
             lim = table[ftype]
@@ -237,7 +250,33 @@ class FrameReader:
                 if stop > end:
                     self._need = stop - pos
                     break
-                append((ftype, pos + FRAME_HEADER_LEN, stop))
+                start = pos + FRAME_HEADER_LEN
+                if (
+                    ftype == send
+                    and runs
+                    and length >= KEY_LEN
+                    and not (
+                        length >= disco_min
+                        and buf[start + KEY_LEN] == 0x54
+                        and buf.startswith(disco_magic, start + KEY_LEN)
+                    )
+                ):
+                    if run and run_stop == pos and buf.startswith(run_key, start):
+                        run.append(pos)
+                        run_stop = stop
+                    else:
+                        if run:
+                            append((send, run_start, run_stop, run if len(run) > 1 else None))
+                        run = [pos]
+                        run_key = buf[start : start + KEY_LEN]
+                        run_start = start
+                        run_stop = stop
+                    pos = stop
+                    continue
+                if run:
+                    append((_SEND, run_start, run_stop, run if len(run) > 1 else None))
+                    run = []
+                append((ftype, start, stop, None))
                 pos = stop
                 if single:
                     break
@@ -252,6 +291,8 @@ class FrameReader:
                 self.error = FrameTooLarge(ftype, length, self.limit(ftype))
                 pos = end
                 break
+        if run:
+            append((_SEND, run_start, run_stop, run if len(run) > 1 else None))
         self._buf = buf
         self._pos = pos
         if self.error is not None and not out:

@@ -25,6 +25,7 @@ from . import log
 from .keys import KEY_LEN, NodePrivate, mesh_keys_equal, short_key
 from .protocol import (
     CLIENT_FRAME_LIMITS,
+    DISCO_MAGIC,
     DISCO_MIN_LEN,
     FRAME_HEADER_LEN,
     KEEP_ALIVE_FRAME,
@@ -704,52 +705,42 @@ class RelayServer:
     def handle_frames(self, conn: ClientConn, buf: bytes, spans: list[Span]) -> None:
         """Route one read's worth of frames, then write once per touched destination.
 
-        The hot path: consecutive SendPackets to the same idle destination form a run,
-        which becomes that destination's RecvPackets by patching a single copy of the
-        run's bytes (the frames keep their length; only the type byte and the key change).
-        A destination that is already behind gets packets one by one through its bounded
-        queue and the reference's drop policy.
+        The hot path: the reader hands over consecutive SendPackets to one destination as
+        a run. For a destination that is keeping up, the run becomes its RecvPackets by
+        patching one copy of the run's bytes (frames keep their length; only the type byte
+        and the key change). A destination that is already behind gets the packets one by
+        one through its bounded queue and the reference's drop policy.
         """
         if conn.is_dup:
             self._note_activity(conn)
         clients = self.clients
-        src = conn.key
         touched: list[ClientConn] = []
         n_pkts = n_bytes = n_disco = 0
-        run: ClientConn | None = None  # destination of the current run
-        run_dst = b""
-        run_end = run_i = 0  # end of its last frame, index of its first span
         try:
-            for i, (ftype, start, stop) in enumerate(spans):
+            for ftype, start, stop, run in spans:
                 if ftype == SEND:
-                    size = stop - start
-                    if size < KEY_LEN:
-                        raise MalformedFrame(SEND, "shorter than a key")
-                    n_pkts += 1
-                    n_bytes += size
-                    if buf[start + KEY_LEN : start + KEY_LEN + 1] == b"T" and is_disco(buf[start + KEY_LEN : stop]):
-                        n_disco += 1
-                        if run is not None:
-                            self._emit_run(run, buf, spans, run_i, i, src, touched)
-                            run = None
-                        self._send_one(conn, buf[start:stop], True, touched)
-                        continue
                     if run is not None:
-                        if start == run_end + FRAME_HEADER_LEN and buf.startswith(run_dst, start):
-                            run_end = stop
+                        frames = run
+                        n_pkts += len(run)
+                        n_bytes += stop - start - len(run) * RECV_PREFIX_LEN + FRAME_HEADER_LEN
+                    else:  # a single packet
+                        if stop - start < KEY_LEN:
+                            raise MalformedFrame(SEND, "shorter than a key")
+                        n_pkts += 1
+                        n_bytes += stop - start - KEY_LEN
+                        if stop - start >= DISCO_SEND_MIN and buf.startswith(DISCO_MAGIC, start + KEY_LEN):
+                            n_disco += 1
+                            self._send_one(conn, buf[start:stop], True, touched)
                             continue
-                        self._emit_run(run, buf, spans, run_i, i, src, touched)
-                        run = None
-                    dst = buf[start : start + KEY_LEN]
-                    d = clients.get(dst)
+                        frames = [start - FRAME_HEADER_LEN]
+                    d = clients.get(buf[start : start + KEY_LEN])
                     if d is not None and not d.closed and not d.writing and not d.q_other:
-                        run, run_dst, run_end, run_i = d, dst, stop, i
+                        self._emit_run(d, conn.key, buf, frames, stop, touched)
                     else:
-                        self._send_one(conn, buf[start:stop], False, touched)
+                        for at in frames:
+                            end = at + FRAME_HEADER_LEN + int.from_bytes(buf[at + 1 : at + FRAME_HEADER_LEN])
+                            self._send_one(conn, buf[at + FRAME_HEADER_LEN : end], False, touched)
                     continue
-                if run is not None:
-                    self._emit_run(run, buf, spans, run_i, i, src, touched)
-                    run = None
                 payload = buf[start:stop]
                 if ftype == PING:
                     self.stats.got_ping += 1
@@ -770,28 +761,26 @@ class RelayServer:
                         raise ProtocolError("insufficient permissions for ClosePeer")
                     n = self.close_key(target, f"closed by mesh peer {short_key(conn.key)}")
                     log.info("close_peer", by=short_key(conn.key), target=short_key(target), conns=n)
-            if run is not None:
-                self._emit_run(run, buf, spans, run_i, len(spans), src, touched)
         finally:
             st = self.stats
             st.packets_received += n_pkts
-            st.bytes_received += n_bytes - n_pkts * KEY_LEN
+            st.bytes_received += n_bytes
             st.packets_received_disco += n_disco
             for d in touched:
                 d.dirty = False
                 d.kick()
 
     def _emit_run(
-        self, d: ClientConn, buf: bytes, spans: list[Span], i: int, j: int, src: bytes, touched: list[ClientConn]
+        self, d: ClientConn, src: bytes, buf: bytes, run: list[int], stop: int, touched: list[ClientConn]
     ) -> None:
-        """Turn the adjacent SendPackets ``spans[i:j]`` into RecvPackets from ``src`` for ``d``."""
-        base = spans[i][1] - FRAME_HEADER_LEN
-        seg = bytearray(buf[base : spans[j - 1][2]])
-        for _, start, _ in spans[i:j]:
-            at = start - base
-            seg[at - FRAME_HEADER_LEN] = RECV
-            seg[at : at + KEY_LEN] = src
-        n = j - i
+        """Turn adjacent SendPackets (header offsets ``run``) into RecvPackets from ``src`` for ``d``."""
+        base = run[0]
+        seg = bytearray(buf[base:stop])
+        for offset in run:
+            at = offset - base
+            seg[at] = RECV
+            seg[at + FRAME_HEADER_LEN : at + RECV_PREFIX_LEN] = src
+        n = len(run)
         d.express.append(seg)
         d.express_pkts += n
         d.express_bytes += len(seg) - n * RECV_PREFIX_LEN

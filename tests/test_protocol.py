@@ -119,6 +119,49 @@ def test_unwanted_types_are_skipped_in_any_chunking(
     assert _frames(data, chunks, wanted=wanted) == expect
 
 
+def _expand(buf: bytes, spans: list) -> list[tuple[int, bytes]]:
+    out = []
+    for ftype, start, stop, run in spans:
+        if run is None:
+            out.append((ftype, buf[start:stop]))
+            continue
+        assert ftype == FrameType.SEND_PACKET and len(run) > 1
+        assert run[0] == start - 5 and len({buf[at + 5 : at + 37] for at in run}) == 1  # one destination
+        for at in run:
+            length = int.from_bytes(buf[at + 1 : at + 5])
+            payload = buf[at + 5 : at + 5 + length]
+            assert not is_disco(payload, 32)
+            out.append((ftype, payload))
+        assert at + 5 + length == stop  # adjacent frames, nothing skipped in between
+    return out
+
+
+sends_st = st.lists(
+    st.one_of(
+        st.tuples(st.just(int(FrameType.SEND_PACKET)), st.sampled_from([b"A" * 32, b"B" * 32]), st.binary(max_size=80)),
+        st.tuples(st.just(int(FrameType.SEND_PACKET)), st.just(b"A" * 32), st.just(DISCO_MAGIC + b"d" * 60)),
+        st.tuples(st.sampled_from([int(FrameType.PING), 0x77]), st.just(b""), st.binary(min_size=8, max_size=8)),
+    ),
+    max_size=30,
+)
+
+
+@given(sends_st, st.lists(st.integers(1, 200), max_size=20))
+def test_spans_with_runs_are_the_same_frames(items: list[tuple[int, bytes, bytes]], chunks: list[int]) -> None:
+    """read_spans groups SendPackets into runs, yet describes exactly read_frames' frames."""
+    data = encode_frames((t, key + body) for t, key, body in items)
+    wanted = frozenset({int(FrameType.SEND_PACKET), int(FrameType.PING)})
+    expect = [(t, k + b) for t, k, b in items if t in wanted]
+    reader = FrameReader(wanted=wanted)
+    got: list[tuple[int, bytes]] = []
+    pos = 0
+    for size in [*chunks, len(data)]:
+        reader.feed(data[pos : pos + size])
+        pos += size
+        got += _expand(*reader.read_spans())
+    assert got == expect
+
+
 def test_unwanted_frames_are_not_buffered() -> None:
     reader = FrameReader(wanted=SERVER_HANDLED)
     reader.feed(pack_header(0x77, 900_000) + b"x" * 1000)
