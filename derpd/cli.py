@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import trio
@@ -35,6 +37,9 @@ ROOT_KEY_FILE = "/var/lib/derpd/derper.key"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 class ConfigError(click.UsageError):
     """A bad flag value or file: reported as one line, exit status 2."""
 
@@ -46,6 +51,17 @@ def _default_key_file() -> str | None:
     if os.geteuid() == 0:
         return ROOT_KEY_FILE
     return None
+
+
+def _key_file_option(help_text: str, *, required: bool) -> Callable[[F], F]:
+    return click.option(
+        "--key-file",
+        envvar="DERPD_KEY_FILE",
+        show_envvar=True,
+        type=click.Path(dir_okay=False),
+        required=required,
+        help=help_text,
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -79,14 +95,10 @@ def cli() -> None:
     help="Host for the STUN socket when it should differ from --addr's (e.g. DERP on 127.0.0.1 behind a "
     "TLS proxy, STUN public); '*' or '::' for every interface.",
 )
-@click.option(
-    "--key-file",
-    envvar="DERPD_KEY_FILE",
-    show_envvar=True,
-    type=click.Path(dir_okay=False),
-    default=None,
-    help=f"Server private key in derper's JSON format; created (mode 0600) if missing. "
+@_key_file_option(
+    f"Server private key in derper's JSON format; created (mode 0600) if missing. "
     f"Default $STATE_DIRECTORY/derper.key under systemd, {ROOT_KEY_FILE} as root, {DEV_KEY_FILE} with --dev.",
+    required=False,
 )
 @click.option(
     "--dev",
@@ -212,14 +224,7 @@ async def _serve(key: _NodePrivate, settings: ServerSettings) -> None:
 
 
 @cli.command()
-@click.option(
-    "--key-file",
-    envvar="DERPD_KEY_FILE",
-    show_envvar=True,
-    type=click.Path(dir_okay=False),
-    required=True,
-    help="Where to write the new key file (mode 0600); an existing file is never overwritten.",
-)
+@_key_file_option("Where to write the new key file (mode 0600); an existing file is never overwritten.", required=True)
 def genkey(key_file: str) -> None:
     """Create a server key file and print its public key."""
     if Path(key_file).exists():
@@ -233,14 +238,7 @@ def genkey(key_file: str) -> None:
 
 
 @cli.command()
-@click.option(
-    "--key-file",
-    envvar="DERPD_KEY_FILE",
-    show_envvar=True,
-    type=click.Path(dir_okay=False),
-    required=True,
-    help="The server key file to read.",
-)
+@_key_file_option("The server key file to read.", required=True)
 def pubkey(key_file: str) -> None:
     """Print the public key (nodekey:<hex>) of a key file."""
     try:

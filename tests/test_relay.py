@@ -54,6 +54,13 @@ async def recv_type(c: DerpClient, cls: type, timeout: float = 5.0) -> object:
                 return m
 
 
+async def expect_closed(c: DerpClient) -> None:
+    """The server closes ``c``'s connection (after whatever it still had to say)."""
+    with pytest.raises(ConnectionLost), trio.fail_after(5):
+        while True:
+            await c.recv()
+
+
 async def assert_relays(a: DerpClient, b: DerpClient) -> None:
     """A bystander pair still works: one packet each way."""
     token = os.urandom(16)
@@ -364,9 +371,7 @@ async def test_malformed_frame_closes_only_that_connection(
     await a.send(bad.public_key, b"hello")  # so bad leaving sends a PeerGone to nobody it received from
     await recv_data(bad)
     await bad.send_raw(MALFORMED[name])
-    with pytest.raises(ConnectionLost), trio.fail_after(5):
-        while True:
-            await bad.recv()
+    await expect_closed(bad)
     await assert_relays(a, b)
     assert server.relay.stats.current_connections == 2
     closes = [
@@ -452,9 +457,7 @@ async def test_mesh_watcher_forward_and_close_peer(nursery: trio.Nursery) -> Non
     assert server.relay.stats.dropped_packets[("unknown_dest_on_fwd", "other")] == 1
 
     await watcher.close_peer(a.public_key)
-    with pytest.raises(ConnectionLost), trio.fail_after(5):
-        while True:
-            await a.recv()
+    await expect_closed(a)
     assert await recv_type(watcher, PeerGoneMessage) == PeerGoneMessage(a.public_key, PeerGoneReason.DISCONNECTED)
     await watcher.aclose()
 
@@ -464,9 +467,7 @@ async def test_wrong_mesh_key_is_not_a_mesh_peer(nursery: trio.Nursery) -> None:
     c = await DerpClient.connect(url_of(server), mesh_key=os.urandom(32))
     async with c:
         await c.watch_conns()
-        with pytest.raises(ConnectionLost), trio.fail_after(5):
-            while True:
-                await c.recv()
+        await expect_closed(c)
 
 
 async def test_queue_overflow_drops_oldest(clients: Clients, server: DerpServer) -> None:
@@ -503,9 +504,7 @@ async def test_churn_of_bad_and_vanishing_clients_leaks_nothing(server: DerpServ
             await c.aclose()
         elif kind == 1:  # malformed frame
             await c.send_raw(encode_frame(FrameType.NOTE_PREFERRED, b""))
-            with pytest.raises(ConnectionLost), trio.fail_after(5):
-                while True:
-                    await c.recv()
+            await expect_closed(c)
             await c.aclose()
         elif kind == 2:  # plain close
             await c.aclose()

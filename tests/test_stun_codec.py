@@ -1,6 +1,6 @@
 """STUN codec against Tailscale's golden vectors, plus property tests.
 
-The vectors (``/work/shared/vectors/stun.json``) were produced by Tailscale's Go
+The vectors (``tests/vectors/stun.json``) were produced by Tailscale's Go
 ``net/stun`` package. Go answers only Tailscale-style requests; derpd also answers
 generic RFC 5389 and classic RFC 3489 binding requests, so for each of Go's
 ``parse_binding_request_cases`` this file states derpd's own verdict explicitly.
@@ -9,10 +9,7 @@ generic RFC 5389 and classic RFC 3489 binding requests, so for each of Go's
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 import struct
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,21 +19,9 @@ from hypothesis import strategies as st
 from stun import codec
 from stun.codec import BindingRequest, RequestKind, StunError
 
+from .conftest import load_vector
 
-def vectors_dir() -> Path:
-    """``$DERPD_VECTORS``, else ``<repo>/../shared/vectors``."""
-    env = os.environ.get("DERPD_VECTORS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "vectors"
-
-
-def load_stun_vectors() -> dict[str, Any]:
-    path = vectors_dir() / "stun.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"STUN golden vectors not found at {path}; set DERPD_VECTORS to their directory")
-    return json.loads(path.read_text())
-
-
-VECTORS = load_stun_vectors()
+VECTORS = load_vector("stun.json")
 
 
 def split_addr(text: str) -> tuple[str, int]:

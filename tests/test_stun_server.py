@@ -28,26 +28,16 @@ from stun import codec
 from stun.codec import RequestKind, StunError
 from stun.server import StunServer, StunStats
 
+from .conftest import load_vector
+from .test_stun_codec import DERPD_VERDICT
+
 HANG_GUARD = 30.0
 REPO = Path(__file__).resolve().parents[1]
 PYSTUN3_DIR = REPO / ".venv" / "pystun3"
 LINUX_ONLY = pytest.mark.skipif(sys.platform != "linux", reason="IP_PKTINFO replies are Linux-only")
 
 
-def vectors_dir() -> Path:
-    """``$DERPD_VECTORS``, else ``<repo>/../shared/vectors``."""
-    env = os.environ.get("DERPD_VECTORS")
-    return Path(env) if env else REPO.parent / "shared" / "vectors"
-
-
-def load_stun_vectors() -> dict[str, Any]:
-    path = vectors_dir() / "stun.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"STUN golden vectors not found at {path}; set DERPD_VECTORS to their directory")
-    return json.loads(path.read_text())
-
-
-VECTORS = load_stun_vectors()
+VECTORS = load_vector("stun.json")
 
 
 def ipv6_loopback_works() -> bool:
@@ -160,19 +150,8 @@ def stun_log() -> Iterator[list[logging.LogRecord]]:
 
 # -- golden vectors over the wire ----------------------------------------------------
 
-DERPD_ANSWERS = {  # of Go's parse_binding_request_cases; see test_stun_codec.DERPD_VERDICT for why
-    "ok_go_request": RequestKind.TAILSCALE,
-    "extra_attr_before_software": RequestKind.TAILSCALE,
-    "software_after_other_attr_padded": RequestKind.TAILSCALE,
-    "header_length_field_wrong": RequestKind.TAILSCALE,
-    "software_not_tailnode": RequestKind.RFC5389,
-    "software_pion": RequestKind.RFC5389,
-    "rfc5389_generic_no_software": RequestKind.RFC5389,
-    "rfc5389_bare_header": RequestKind.RFC5389,
-    "missing_fingerprint": RequestKind.RFC5389,
-    "wrong_magic_cookie_refingerprinted": RequestKind.RFC3489,
-    "wrong_magic_cookie": RequestKind.RFC3489,
-}
+# The cases derpd answers, and how (see test_stun_codec.DERPD_VERDICT for why).
+DERPD_ANSWERS = {name: kind for name, kind in DERPD_VERDICT.items() if kind is not None}
 
 
 async def test_go_verdict_cases_over_the_wire(nursery: trio.Nursery, udp_client: MakeClient) -> None:
