@@ -7,7 +7,7 @@ open-loop rate is relayed without loss. derpd runs as a subprocess, as in real u
 from __future__ import annotations
 
 import json
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -26,34 +26,24 @@ KEYS = {
 }  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def derpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    """A derpd subprocess on a free loopback port: (URL, pid)."""
+    """A derpd subprocess on a kernel-chosen loopback port (read from its log): (URL, pid)."""
     tmp = tmp_path_factory.mktemp("derpd")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "derpd", "serve", "--dev", "--addr", f"127.0.0.1:{port}", "--stun-port", "-1"]
-    cmd += ["--key-file", str(tmp / "derper.key"), "--log-level", "warning"]
-    with open(tmp / "derpd.log", "wb") as log:
+    cmd = [sys.executable, "-m", "derpd", "serve", "--dev", "--addr", "127.0.0.1:0", "--stun-port", "-1"]
+    cmd += ["--key-file", str(tmp / "derper.key")]
+    log_path = tmp / "derpd.log"
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 15
-        while True:
+        while not (m := re.search(r"event=serving derp=127\.0\.0\.1:(\d+)", log_path.read_text())):
             if proc.poll() is not None:
-                pytest.fail(f"derpd exited with {proc.returncode}: {(tmp / 'derpd.log').read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("derpd did not start listening within 15 s")
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/derp", proc.pid
+                pytest.fail(f"derpd exited with {proc.returncode}: {log_path.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail("derpd did not start listening within 15 s")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{m.group(1)}/derp", proc.pid
     finally:
         proc.terminate()
         try:
