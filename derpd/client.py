@@ -44,6 +44,8 @@ from .protocol import (
     pong_frame,
     send_packet_frame,
 )
+from .transport import StreamTransport
+from .websocket import WebSocketTransport
 
 RECV_SIZE = 256 * 1024
 
@@ -192,9 +194,11 @@ class DerpClient:
         fast_start: bool = False,
         headers: Iterable[tuple[str, str]] = (),
         ssl_context: ssl.SSLContext | None = None,
+        websocket: bool = False,
         timeout: float = 10.0,
     ) -> DerpClient:
-        """Dial, upgrade and handshake. ``fast_start`` needs ``server_key``."""
+        """Dial, upgrade and handshake. ``fast_start`` needs ``server_key``; ``websocket``
+        speaks DERP inside WebSocket binary messages (subprotocol ``derp``), as browsers do."""
         scheme, host, port, path = _split_url(url)
         if fast_start and server_key is None:
             raise ValueError("fast start needs the server's public key in advance")
@@ -213,6 +217,8 @@ class DerpClient:
                             raise e.__cause__ from None
                         raise
                     stream = tls
+                if websocket:
+                    stream = await WebSocketTransport.connect(StreamTransport(stream, None), host, path)  # type: ignore[assignment]
                 client = cls(stream, key, can_ack_pings)
                 info = ClientInfo(
                     version=2,
@@ -221,7 +227,10 @@ class DerpClient:
                     is_prober=is_prober,
                     app_name=app_name,
                 )
-                await client._upgrade(host, port, path, headers, fast_start, server_key, info)
+                if websocket:
+                    await client._login(False, server_key, info)
+                else:
+                    await client._upgrade(host, port, path, headers, fast_start, server_key, info)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
@@ -252,6 +261,10 @@ class DerpClient:
         else:
             await self.stream.send_all(request)
             await self._read_101(http)
+        await self._login(fast_start, server_key, info)
+
+    async def _login(self, fast_start: bool, server_key: bytes | None, info: ClientInfo) -> None:
+        """ServerKey, ClientInfo (already sent on the fast path), ServerInfo."""
         ftype, payload = await self._next_frame()
         if ftype != FrameType.SERVER_KEY:
             raise HandshakeError(f"expected ServerKey, got frame type 0x{ftype:02x}")

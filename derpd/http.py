@@ -20,6 +20,7 @@ import trio
 
 from . import log
 from .transport import Transport, format_addr
+from .websocket import WebSocketError, WebSocketTransport, wants_derp
 
 MAX_HEAD = 8 * 1024
 MAX_BODY = 64 * 1024  # bodies are never used; small ones are drained for keep-alive
@@ -79,6 +80,7 @@ class HttpFront:
         self.config = config or HttpConfig()
         self.requests = 0
         self.bad_requests = 0
+        self.websocket_accepts = 0
 
     async def handle(self, transport: Transport) -> None:
         """Serve ``transport`` to the end and close it."""
@@ -258,16 +260,27 @@ class HttpFront:
             await self._drain_body(conn, transport)
             await self._respond(conn, transport, 426, body=b"DERP requires connection upgrade\n")
             return False
-        protocols = (_header(headers, b"sec-websocket-protocol") or b"").lower()
-        if upgrade == b"websocket" and b"derp" in protocols:
-            await self._drain_body(conn, transport)
-            await self._respond(conn, transport, 501, body=b"WebSocket DERP is not supported by this server yet\n")
-            return False
+        websocket = upgrade == b"websocket" and wants_derp(_header(headers, b"sec-websocket-protocol") or b"")
         # The request head (and any body) is complete; the rest of the bytes are DERP.
         event = await self._next_event(conn, transport)
         if not isinstance(event, h11.EndOfMessage):
             raise _Close
         initial, _closed = conn.trailing_data
+        not_ideal = _header(headers, b"ideal-node") is not None
+        if websocket:
+            try:
+                ws = await WebSocketTransport.accept(transport, req.target, headers, bytes(initial))
+            except WebSocketError as e:
+                self.bad_requests += 1
+                log.info("http_bad_request", remote=_remote(transport), status=400, reason=str(e))
+                await self._respond(conn, transport, 400, body=str(e).encode() + b"\n", close=True)
+                return False
+            if ws is None:
+                log.info("websocket_refused", remote=_remote(transport), reason="no derp subprotocol")
+                return False
+            self.websocket_accepts += 1
+            await self.derp(ws, initial=b"", preamble=b"", not_ideal=not_ideal)
+            return True
         fast_start = _header(headers, b"derp-fast-start") == b"1"
         preamble = b""
         if not fast_start:
@@ -283,7 +296,6 @@ class HttpFront:
                     ],
                 )
             )
-        not_ideal = _header(headers, b"ideal-node") is not None
         await self.derp(transport, initial=bytes(initial), preamble=preamble, not_ideal=not_ideal)
         return True
 

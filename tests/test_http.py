@@ -160,11 +160,6 @@ async def test_legacy_websocket_upgrade_value_speaks_raw_derp(server: DerpServer
     assert c.server_key == server.key.public
 
 
-async def test_websocket_subprotocol_is_not_raw_derp(server: DerpServer) -> None:
-    resp, _ = await get(server.port, "/derp", extra="Upgrade: websocket\r\nSec-WebSocket-Protocol: derp\r\n")
-    assert resp.status_code == 501
-
-
 async def test_upgrade_refused_reports_status_to_client(server: DerpServer) -> None:
     with pytest.raises(DerpHTTPError) as e:
         await DerpClient.connect(f"http://127.0.0.1:{server.port}/nope")

@@ -1,0 +1,144 @@
+"""Abuse limits: token buckets, the accept limiter, per-IP caps, the per-client rate config.
+
+Pure bookkeeping with explicit clocks (no sockets, no trio), so every rule can be tested
+exactly. The server and relay decide what to do with a "no".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .keys import KEY_LEN
+from .protocol import MAX_PACKET_SIZE
+
+MIN_RATE_BURST = MAX_PACKET_SIZE + KEY_LEN  # 65,568: one largest SendPacket payload
+
+
+class LimitError(ValueError):
+    """A limit setting or rate-config file is unusable; the message says why."""
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``. ``try_take`` refuses when short;
+    ``take`` lets the balance go negative and says how long to wait it off."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst <= 0:
+            raise LimitError("token bucket rate and burst must be positive")
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+
+    def try_take(self, now: float, n: float = 1.0) -> bool:
+        self._refill(now)
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+    def take(self, now: float, n: float) -> float:
+        """Spend ``n`` (at most one burst at a time counts); seconds until the balance is back to zero."""
+        self._refill(now)
+        self.tokens -= min(n, self.burst)
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class AcceptLimiter:
+    """``--accept-connection-limit`` / ``--accept-connection-burst``: new connections per second."""
+
+    def __init__(self, rate: float = math.inf, burst: int = 0, *, now: float = 0.0) -> None:
+        self.bucket = None if math.isinf(rate) else TokenBucket(rate, max(1, burst) if burst else max(1.0, rate), now)
+        self.accepted = 0
+        self.rejected = 0
+
+    def allow(self, now: float) -> bool:
+        if self.bucket is None or self.bucket.try_take(now):
+            self.accepted += 1
+            return True
+        self.rejected += 1
+        return False
+
+
+class PerIPLimiter:
+    """``--max-conns-per-ip``: concurrent connections from one address (0 = no cap)."""
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.active: dict[str, int] = {}
+        self.rejected = 0
+
+    def acquire(self, ip: str) -> bool:
+        n = self.active.get(ip, 0)
+        if self.limit and n >= self.limit:
+            self.rejected += 1
+            return False
+        self.active[ip] = n + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        n = self.active.get(ip, 0) - 1
+        if n > 0:
+            self.active[ip] = n
+        else:
+            self.active.pop(ip, None)
+
+
+@dataclass(frozen=True)
+class RateConfig:
+    """derper's ``--rate-config`` file: a per-client receive rate; 0 disables."""
+
+    bytes_per_second: int = 0
+    burst_bytes: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.bytes_per_second > 0
+
+    @classmethod
+    def from_json(cls, text: str) -> RateConfig:
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise LimitError(f"not JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise LimitError('expected a JSON object like {"PerClientRateLimitBytesPerSec": 1000000}')
+        fields = {k.lower(): v for k, v in doc.items()}  # Go matches field names case-insensitively
+        values = []
+        for name in ("PerClientRateLimitBytesPerSec", "PerClientRateBurstBytes"):
+            v = fields.get(name.lower(), 0)
+            if v is None:
+                v = 0
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise LimitError(f"{name} must be a non-negative integer")
+            values.append(v)
+        rate, burst = values
+        if rate == 0:
+            return cls()
+        return cls(rate, max(burst, MIN_RATE_BURST))
+
+    @classmethod
+    def load(cls, path: str | Path) -> RateConfig:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise LimitError(f"cannot read rate config {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise LimitError(f"rate config {path} is not UTF-8 text") from None
+        try:
+            return cls.from_json(text)
+        except LimitError as e:
+            raise LimitError(f"rate config {path}: {e}") from None
+
+    def bucket(self, now: float) -> TokenBucket | None:
+        return TokenBucket(self.bytes_per_second, self.burst_bytes, now) if self.enabled else None
