@@ -48,9 +48,10 @@ class TokenBucket:
         return False
 
     def take(self, now: float, n: float) -> float:
-        """Spend ``n`` (at most one burst at a time counts); seconds until the balance is back to zero."""
+        """Spend ``n``, going into debt if need be; seconds until the balance is back to zero.
+        (A reader that waits that long before reading again averages exactly ``rate``.)"""
         self._refill(now)
-        self.tokens -= min(n, self.burst)
+        self.tokens -= n
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
@@ -58,7 +59,8 @@ class AcceptLimiter:
     """``--accept-connection-limit`` / ``--accept-connection-burst``: new connections per second."""
 
     def __init__(self, rate: float = math.inf, burst: int = 0, *, now: float = 0.0) -> None:
-        self.bucket = None if math.isinf(rate) else TokenBucket(rate, max(1, burst) if burst else max(1.0, rate), now)
+        # derper's default burst is MaxInt, which never limits; here it defaults to one second's worth.
+        self.bucket = None if math.isinf(rate) else TokenBucket(rate, burst if burst > 0 else max(1.0, rate), now)
         self.accepted = 0
         self.rejected = 0
 
