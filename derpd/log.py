@@ -59,6 +59,26 @@ def error(name: str, **fields: Any) -> None:
     event(logging.ERROR, name, **fields)
 
 
+class Sampled:
+    """A recurring event (a flood of garbage, refused connections): every occurrence at
+    debug, and at most one info line per ``every`` seconds with how many there were."""
+
+    def __init__(self, name: str, every: float = 60.0) -> None:
+        self.name = name
+        self.every = every
+        self.count = 0
+        self.next_at = float("-inf")
+
+    def note(self, **fields: Any) -> None:
+        debug(self.name, **fields)
+        self.count += 1
+        now = time.monotonic()
+        if now >= self.next_at and log.isEnabledFor(logging.INFO):
+            info(self.name, count=self.count, **{f"last_{k}": v for k, v in fields.items()})
+            self.count = 0
+            self.next_at = now + self.every
+
+
 def setup(level: str = "info", stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(KeyValueFormatter())

@@ -16,13 +16,15 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
+from typing import Protocol
 
 import trio
 
 from . import log
-from .keys import KEY_LEN, NodePrivate, mesh_keys_equal, short_key
+from .keys import KEY_LEN, NodePrivate, mesh_keys_equal, public_key_text, short_key
+from .limits import RateConfig, TokenBucket
 from .protocol import (
     CLIENT_FRAME_LIMITS,
     DISCO_MAGIC,
@@ -99,6 +101,21 @@ class RelayConfig:
     keepalive: float = KEEPALIVE_SECONDS
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     mesh_key: bytes | None = None
+    rate: RateConfig = field(default_factory=RateConfig)  # per-client receive limit; mesh peers exempt
+
+
+class Verdict(Protocol):
+    allowed: bool
+    reason: str
+
+
+class Admitter(Protocol):
+    """Decides whether a (non-mesh) client key may use the relay; see derpd.admission."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def check(self, key: bytes, source_ip: str) -> Verdict: ...
 
 
 class RelayStats:
@@ -128,6 +145,8 @@ class RelayStats:
         self.unknown_frames = 0
         self.handshake_failures = 0
         self.protocol_errors = 0
+        self.admission_rejected = 0
+        self.rate_limit_waited = 0
         self.dropped_packets: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
         self.dropped_bytes: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
 
@@ -170,6 +189,7 @@ class ClientConn:
 
     __slots__ = (
         "_lot",
+        "bucket",
         "bytes_in",
         "bytes_out",
         "can_mesh",
@@ -248,6 +268,7 @@ class ClientConn:
         self.tokens_at = self.connected_at
         self.bytes_in = 0
         self.bytes_out = 0
+        self.bucket: TokenBucket | None = None  # the receive rate limit, when configured
         self._lot = trio.lowlevel.ParkingLot()
 
     def __repr__(self) -> str:
@@ -435,6 +456,7 @@ class ClientConn:
     async def _read_loop(self, reader: FrameReader) -> None:
         receive = self.transport.receive_some
         handle = self.server.handle_frames
+        wait = 0.0
         while True:
             buf, spans = reader.read_spans()
             if spans:
@@ -444,11 +466,16 @@ class ClientConn:
                 reader.skipped = 0
             if reader.error is not None:
                 raise reader.error
-            data = await receive()
+            if wait > 0:  # over the rate limit: not reading is TCP back-pressure, nothing is dropped
+                self.server.stats.rate_limit_waited += 1
+                await trio.sleep(wait)
+            bucket = self.bucket
+            data = await receive() if bucket is None else await receive(int(bucket.burst))
             if not data:
                 raise ConnectionClosed("client closed the connection")
             self.bytes_in += len(data)
             reader.feed(data)
+            wait = 0.0 if bucket is None else bucket.take(trio.current_time(), len(data))
 
 
 DISCO_SEND_MIN = KEY_LEN + DISCO_MIN_LEN
@@ -490,6 +517,7 @@ class RelayServer:
         self.watchers: set[ClientConn] = set()
         self.seen_by: dict[bytes, set[ClientConn]] = {}  # src key -> receivers it sent to
         self.server_key_frame = server_key_frame(self.public_key)
+        self.admission: Admitter | None = None
         self._conn_ids = count(1)
 
     # --- connection lifecycle -------------------------------------------------------
@@ -515,8 +543,17 @@ class RelayServer:
                 log.info("handshake_failed", conn=conn_id, remote=remote, reason=reason)
                 return
             can_mesh = mesh_keys_equal(self.config.mesh_key, info.mesh_key)
+            if not can_mesh and not await self._admit(key, transport, conn_id):
+                return
             conn = ClientConn(self, transport, key, info, conn_id, can_mesh=can_mesh, not_ideal=not_ideal)
-            conn.ctrl.append(server_info_frame(self.private_key, key, ServerInfo()))
+            rate = self.config.rate
+            server_info = ServerInfo()
+            if rate.enabled and not can_mesh:
+                conn.bucket = rate.bucket(trio.current_time())
+                server_info = ServerInfo(
+                    token_bucket_bytes_per_second=rate.bytes_per_second, token_bucket_bytes_burst=rate.burst_bytes
+                )
+            conn.ctrl.append(server_info_frame(self.private_key, key, server_info))
             self._register(conn)
             log.info(
                 "client_connected",
@@ -544,6 +581,27 @@ class RelayServer:
         finally:
             with trio.CancelScope(shield=True):
                 await transport.aclose()
+
+    async def _admit(self, key: bytes, transport: Transport, conn_id: int) -> bool:
+        """Mesh peers never get here; everyone else passes every configured check or is closed."""
+        admission = self.admission
+        if admission is None or not admission.enabled:
+            return True
+        source = transport.remote[0] if transport.remote else ""
+        verdict = await admission.check(key, source)
+        if verdict.allowed:
+            return True
+        self.stats.admission_rejected += 1
+        log.info("client_rejected", conn=conn_id, key=public_key_text(key), source=source, reason=verdict.reason)
+        return False
+
+    def set_rate(self, rate: RateConfig) -> None:
+        """A new per-client receive limit for everyone connected and everyone to come."""
+        self.config.rate = rate
+        now = trio.current_time()
+        for entry in self.keys.values():
+            for conn in entry.conns:
+                conn.bucket = None if conn.can_mesh else rate.bucket(now)
 
     async def _handshake(
         self, transport: Transport, initial: bytes, preamble: bytes

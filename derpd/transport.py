@@ -25,8 +25,8 @@ class Transport(Protocol):
 
     remote: tuple[str, int] | None
 
-    async def receive_some(self) -> bytes:
-        """Some bytes, or b"" at end of stream."""
+    async def receive_some(self, max_bytes: int = RECV_SIZE) -> bytes:
+        """Some bytes (at most ``max_bytes``), or b"" at end of stream."""
         ...
 
     def try_send(self, data: bytes | memoryview) -> int:
@@ -76,11 +76,11 @@ class SocketTransport:
         fd = tsock.detach()
         return cls(socket.socket(tsock.family, tsock.type, tsock.proto, fileno=fd))
 
-    async def receive_some(self) -> bytes:
+    async def receive_some(self, max_bytes: int = RECV_SIZE) -> bytes:
         sock = self.sock
         while True:
             try:
-                data = sock.recv(RECV_SIZE)
+                data = sock.recv(max_bytes)
             except _SOFT_ERRORS:
                 await trio.lowlevel.wait_readable(sock)
                 continue
@@ -135,9 +135,9 @@ class StreamTransport:
         self.stream = stream
         self.remote = remote
 
-    async def receive_some(self) -> bytes:
+    async def receive_some(self, max_bytes: int = RECV_SIZE) -> bytes:
         try:
-            return bytes(await self.stream.receive_some(RECV_SIZE))
+            return bytes(await self.stream.receive_some(max_bytes))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 

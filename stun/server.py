@@ -91,26 +91,6 @@ class StunStats:
         return {"ipv4": self.ipv4, "ipv6": self.ipv6}
 
 
-class _RateLimitedInfo:
-    """One info line per ``every`` seconds for a recurring event; debug lines in between."""
-
-    def __init__(self, event: str, every: float = LOG_EVERY) -> None:
-        self.event = event
-        self.every = every
-        self.suppressed = 0
-        self.next_at = float("-inf")
-
-    def note(self, remote: Any, reason: str) -> None:
-        if _logger.isEnabledFor(logging.DEBUG):
-            log.debug(self.event, remote=_fmt_addr(remote), reason=reason)
-        self.suppressed += 1
-        now = trio.current_time()
-        if now >= self.next_at and _logger.isEnabledFor(logging.INFO):
-            log.info(self.event, count=self.suppressed, last_remote=_fmt_addr(remote), last_reason=reason)
-            self.suppressed = 0
-            self.next_at = now + self.every
-
-
 def _fmt_addr(addr: Any) -> str:
     try:
         host, port = addr[0], addr[1]
@@ -165,8 +145,8 @@ class StunServer:
         self._buf = bytearray(RECV_BUFFER_SIZE)
         self._view = memoryview(self._buf)
         self._cmsg_cache: dict[bytes, list[tuple[int, int, bytes]]] = {}
-        self._drops = _RateLimitedInfo("stun_dropped")
-        self._write_errors = _RateLimitedInfo("stun_write_error")
+        self._drops = log.Sampled("stun_dropped", LOG_EVERY)
+        self._write_errors = log.Sampled("stun_write_error", LOG_EVERY)
 
     # -- addresses -----------------------------------------------------------------
 
@@ -309,7 +289,7 @@ class StunServer:
                 reply = build_response(request, addr[0], addr[1])
             except StunError as exc:
                 stats.not_stun += 1
-                self._drops.note(addr, str(exc))
+                self._drops.note(remote=_fmt_addr(addr), reason=str(exc))
                 continue
             if reply[_FAMILY_OFFSET] == 1:
                 stats.ipv4 += 1
@@ -326,7 +306,7 @@ class StunServer:
                 return _SEND_BLOCKED, (reply, addr, cmsg)
             except OSError as exc:
                 stats.write_error += 1
-                self._write_errors.note(addr, str(exc))
+                self._write_errors.note(remote=_fmt_addr(addr), reason=str(exc))
                 continue
             stats.success += 1
         return _BUDGET_SPENT, None
@@ -341,7 +321,7 @@ class StunServer:
                 sock.sendto(reply, addr)
         except OSError as exc:
             self.stats.write_error += 1
-            self._write_errors.note(addr, str(exc) or type(exc).__name__)
+            self._write_errors.note(remote=_fmt_addr(addr), reason=str(exc) or type(exc).__name__)
             return
         self.stats.success += 1
 
