@@ -56,7 +56,7 @@ _T_UNSPEC, _T_STREAM, _T_DGRAM = 0, 1, 2
 _ADDR_LEN = {_AF_UNSPEC: 0, _AF_INET: 12, _AF_INET6: 36, _AF_UNIX: 216}
 _MIN_CAP = _ADDR_LEN[_AF_UNIX]  # a smaller cap would refuse valid headers outright
 
-_V1_PROTOS = (b"TCP4 ", b"TCP6 ", b"UNKNOWN")
+_V1_PROTOS = (b"TCP4 ", b"TCP6 ", b"UNKNOWN ")
 _V1_NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _V1_TCP = re.compile(rb"(TCP4|TCP6) ([^ ]+) ([^ ]+) (0|[1-9][0-9]{0,4}) (0|[1-9][0-9]{0,4})")
 
@@ -155,7 +155,7 @@ class ProxyHeaderReader:
             raise ProxyProtocolError(f"v1 header has no CRLF within {V1_MAX_LEN} bytes")
         # Reject an unknown protocol word as soon as it cannot become TCP4, TCP6 or UNKNOWN.
         body = head[len(V1_PREFIX) : cut]
-        if not any(body[: len(p)] == p[: len(body)] for p in _V1_PROTOS):
+        if body != b"UNKNOWN" and not any(body[: len(p)] == p[: len(body)] for p in _V1_PROTOS):
             raise ProxyProtocolError(f"v1 protocol must be TCP4, TCP6 or UNKNOWN: {_preview(body)}")
         if end is None:
             return None
