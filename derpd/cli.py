@@ -6,17 +6,21 @@ one ``derpd: error: ...`` line and exit status 2 before anything is started.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import click
 import trio
 
 from . import __version__, log
+from .admission import Admission, AdmissionError
 from .keys import (
     InvalidKeyError,
     load_key_file,
@@ -27,8 +31,11 @@ from .keys import (
     write_key_file,
 )
 from .keys import NodePrivate as _NodePrivate
+from .limits import LimitError, RateConfig
+from .proxyproto import parse_trusted
 from .relay import RelayConfig
 from .server import AddressError, DerpServer, ServerSettings, parse_hostport
+from .tls import CertError, CertStore
 
 DEV_ADDR = "127.0.0.1:3340"
 DEV_KEY_FILE = ".derpd/derper.key"
@@ -70,128 +77,167 @@ def cli() -> None:
     """derpd: a DERP relay and STUN server for Tailscale and Headscale tailnets."""
 
 
+def _opt(flag: str, help_text: str, **kw: Any) -> Callable[[F], F]:
+    """A serve option with its DERPD_<NAME> environment twin."""
+    env = "DERPD_" + flag.split("/", 1)[0][2:].upper().replace("-", "_")
+    return click.option(flag, envvar=env, show_envvar=True, help=help_text, **kw)
+
+
+class Duration(click.ParamType):
+    """Go-style durations as derper takes them: 2s, 500ms, 10m, 1h30m; a bare number is seconds."""
+
+    name = "duration"
+    _UNITS: ClassVar[dict[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                self.fail(f"{value!r} is not a duration like 2s, 500ms, 10m or 1h", param, ctx)
+            seconds = sum(float(n) * self._UNITS[u] for n, u in parts)
+        if seconds < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return seconds
+
+
 @cli.command()
-@click.option(
+@_opt(
     "--addr",
-    envvar="DERPD_ADDR",
-    show_envvar=True,
-    default=None,
-    help=f"DERP/HTTP listen address HOST:PORT, [IPv6]:PORT or :PORT (all interfaces, dual-stack). "
+    f"DERP listen address HOST:PORT, [IPv6]:PORT or :PORT (all interfaces, dual-stack). "
     f"Default {DEFAULT_ADDR}, or {DEV_ADDR} with --dev.",
+    default=None,
 )
-@click.option(
+@_opt(
     "--stun-port",
-    envvar="DERPD_STUN_PORT",
-    show_envvar=True,
+    "UDP port for STUN on the same host as --addr; -1 disables STUN.",
     type=click.IntRange(-1, 65535),
     default=3478,
-    help="UDP port for STUN on the same host as --addr; -1 disables STUN.",
 )
-@click.option(
+@_opt(
     "--stun-host",
-    envvar="DERPD_STUN_HOST",
-    show_envvar=True,
-    default=None,
-    help="Host for the STUN socket when it should differ from --addr's (e.g. DERP on 127.0.0.1 behind a "
+    "Host for the STUN socket when it should differ from --addr's (e.g. DERP on 127.0.0.1 behind a "
     "TLS proxy, STUN public); '*' or '::' for every interface.",
+    default=None,
 )
 @_key_file_option(
     f"Server private key in derper's JSON format; created (mode 0600) if missing. "
     f"Default $STATE_DIRECTORY/derper.key under systemd, {ROOT_KEY_FILE} as root, {DEV_KEY_FILE} with --dev.",
     required=False,
 )
-@click.option(
-    "--dev",
-    envvar="DERPD_DEV",
-    show_envvar=True,
-    is_flag=True,
-    help=f"Safe local defaults: DERP on {DEV_ADDR}, STUN on 127.0.0.1, key in {DEV_KEY_FILE}.",
-)
-@click.option(
+@_opt("--dev", f"Safe local defaults: DERP on {DEV_ADDR}, STUN on 127.0.0.1, key in {DEV_KEY_FILE}.", is_flag=True)
+@_opt(
     "--mesh-psk-file",
-    envvar="DERPD_MESH_PSK_FILE",
-    show_envvar=True,
+    "File with the region's 64-hex-digit mesh key; clients presenting it may watch "
+    "connections and forward packets. Must not be readable by others.",
     type=click.Path(dir_okay=False),
     default=None,
-    help="File with the region's 64-hex-digit mesh key; clients presenting it may watch "
-    "connections and forward packets. Must not be readable by others.",
 )
-@click.option(
+@_opt(
     "--home",
-    envvar="DERPD_HOME",
-    show_envvar=True,
+    "What / serves: empty for the built-in page, 'blank' for an empty page, or an http(s) URL to redirect to.",
     default="",
-    help="What / serves: empty for the built-in page, 'blank' for an empty page, or an http(s) URL to redirect to.",
 )
-@click.option(
+@_opt(
+    "--certmode",
+    "TLS on --addr: 'manual' loads CERTDIR/HOSTNAME.crt and .key (or creates a self-signed certificate when "
+    "HOSTNAME is an IP address). Empty for plain HTTP. ACME is not built in: see the README for certbot.",
+    type=click.Choice(["", "manual"]),
+    default="",
+)
+@_opt(
+    "--certdir",
+    "Directory of HOSTNAME.crt/.key for --certmode manual. Default: 'certs' beside the key file.",
+    type=click.Path(file_okay=False),
+    default=None,
+)
+@_opt("--hostname", "The server's name (or IP) for TLS: certificate name, SNI check, https redirects.", default="")
+@_opt(
+    "--http-port",
+    "Plain-HTTP port on the same host in TLS mode (/generate_204, redirects to https); -1 disables. "
+    "Default 80 with --certmode, else -1.",
+    type=click.IntRange(-1, 65535),
+    default=None,
+)
+@_opt(
+    "--verify-client-url",
+    "Admission webhook (e.g. Headscale's https://headscale.example/verify): POST {NodePublic, Source}, "
+    'admit only on 200 with {"Allow": true}.',
+    default=None,
+)
+@_opt(
+    "--verify-client-url-fail-open/--no-verify-client-url-fail-open",
+    "Whether clients are admitted while the --verify-client-url server is unreachable (transport errors "
+    "only; a non-200 or Allow=false always refuses).",
+    default=True,
+)
+@_opt("--verify-cache-ttl", "How long admission answers are cached; 0 disables.", type=Duration(), default="30s")
+@_opt(
+    "--allow-keys",
+    "File of allowed nodekey:<hex> lines (# comments); reloaded on SIGHUP. All configured checks must admit.",
+    type=click.Path(dir_okay=False),
+    default=None,
+)
+@_opt(
+    "--accept-connection-limit",
+    "New connections per second on the DERP listener; beyond it sockets are closed at once. Default unlimited.",
+    type=click.FloatRange(min=0, min_open=True),
+    default=math.inf,
+)
+@_opt(
+    "--accept-connection-burst",
+    "Burst for --accept-connection-limit (default: one second's worth).",
+    type=click.IntRange(min=0),
+    default=0,
+)
+@_opt(
+    "--max-conns-per-ip",
+    "Concurrent connections from one IP address; 0 = no cap.",
+    type=click.IntRange(min=0),
+    default=0,
+)
+@_opt(
+    "--rate-config",
+    'JSON {"PerClientRateLimitBytesPerSec": N, "PerClientRateBurstBytes": M}: per-client receive limit '
+    "(reads are delayed, nothing dropped; mesh peers exempt); reloaded on SIGHUP.",
+    type=click.Path(dir_okay=False),
+    default=None,
+)
+@_opt(
+    "--tcp-keepalive-time", "TCP keepalive on client connections; 0 = kernel default.", type=Duration(), default="10m"
+)
+@_opt(
+    "--tcp-user-timeout", "TCP_USER_TIMEOUT on client connections; 0 = kernel default.", type=Duration(), default="15s"
+)
+@_opt(
     "--tcp-write-timeout",
-    envvar="DERPD_TCP_WRITE_TIMEOUT",
-    show_envvar=True,
-    type=click.FloatRange(min=0),
-    default=2.0,
-    help="Seconds a client may take to accept each 64 KiB of queued data before it is "
-    "disconnected; 0 disables. Mesh peers get 30 s.",
+    "How long a client may take to accept each 64 KiB queued for it before it is disconnected; 0 disables. "
+    "Mesh peers get 30 s.",
+    type=Duration(),
+    default="2s",
 )
-@click.option(
+@_opt(
+    "--proxy-protocol",
+    "Expect a HAProxy PROXY v1/v2 header on every connection, from --trusted-proxies only (others are dropped).",
+    is_flag=True,
+)
+@_opt("--trusted-proxies", "Comma-separated CIDRs or IPs allowed to send PROXY headers.", default="")
+@_opt(
     "--log-level",
-    envvar="DERPD_LOG_LEVEL",
-    show_envvar=True,
+    "Minimum level of the key=value log lines written to stderr.",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     default="info",
-    help="Minimum level of the key=value log lines written to stderr.",
 )
-def serve(
-    addr: str | None,
-    stun_port: int,
-    stun_host: str | None,
-    key_file: str | None,
-    dev: bool,
-    mesh_psk_file: str | None,
-    home: str,
-    tcp_write_timeout: float,
-    log_level: str,
-) -> None:
+def serve(**opts: Any) -> None:
     """Run the DERP relay and STUN server."""
-    try:
-        host, port = parse_hostport(addr or (DEV_ADDR if dev else DEFAULT_ADDR))
-    except AddressError as e:
-        raise ConfigError(f"--addr: {e}") from None
-    if dev and addr is None:
-        host = "127.0.0.1"
-    if home and home != "blank" and not home.startswith(("http://", "https://")):
-        raise ConfigError("--home must be empty, 'blank', or an http:// or https:// URL")
-
-    key_path = key_file or (DEV_KEY_FILE if dev else _default_key_file())
-    if key_path is None:
-        raise ConfigError("--key-file is required when not running as root, under systemd, or with --dev")
-    try:
-        key, created = load_or_create_key_file(key_path)
-    except InvalidKeyError as e:
-        raise ConfigError(str(e)) from None
-
-    mesh_key: bytes | None = None
-    try:
-        if mesh_psk_file:
-            mesh_key = load_mesh_key_file(mesh_psk_file)
-        elif dev and os.environ.get("TAILSCALE_DERPER_MESH_KEY"):
-            mesh_key = parse_mesh_key(os.environ["TAILSCALE_DERPER_MESH_KEY"])
-    except InvalidKeyError as e:
-        raise ConfigError(str(e)) from None
-
-    log.setup(log_level)
-    if created:
-        log.info("key_created", path=key_path, public_key=public_key_text(key.public))
-    if stun_host is not None:
-        stun_host = stun_host.strip("[]")
-        stun_host = "" if stun_host in ("*", "::") else stun_host
-    settings = ServerSettings(
-        addr=(host, port),
-        stun_port=stun_port,
-        stun_host=stun_host,
-        home=home,
-        mesh_key=mesh_key,
-        relay=RelayConfig(write_timeout=tcp_write_timeout),
-    )
+    key, settings, notes = _settings(opts)
+    log.setup(opts["log_level"])
+    for event, fields in notes:
+        log.info(event, **fields)
     try:
         trio.run(_serve, key, settings)
     except KeyboardInterrupt:
@@ -205,6 +251,106 @@ def serve(
         sys.exit(1)
 
 
+def _settings(o: dict[str, Any]) -> tuple[_NodePrivate, ServerSettings, list[tuple[str, dict[str, Any]]]]:
+    """Every flag checked and every file read before anything starts; ConfigError otherwise."""
+    dev = o["dev"]
+    notes: list[tuple[str, dict[str, Any]]] = []
+    try:
+        host, port = parse_hostport(o["addr"] or (DEV_ADDR if dev else DEFAULT_ADDR))
+    except AddressError as e:
+        raise ConfigError(f"--addr: {e}") from None
+    if dev and o["addr"] is None:
+        host = "127.0.0.1"
+    home = o["home"]
+    if home and home != "blank" and not home.startswith(("http://", "https://")):
+        raise ConfigError("--home must be empty, 'blank', or an http:// or https:// URL")
+
+    key_path = o["key_file"] or (DEV_KEY_FILE if dev else _default_key_file())
+    if key_path is None:
+        raise ConfigError("--key-file is required when not running as root, under systemd, or with --dev")
+    try:
+        key, created = load_or_create_key_file(key_path)
+    except InvalidKeyError as e:
+        raise ConfigError(str(e)) from None
+    if created:
+        notes.append(("key_created", {"path": key_path, "public_key": public_key_text(key.public)}))
+
+    mesh_key: bytes | None = None
+    try:
+        if o["mesh_psk_file"]:
+            mesh_key = load_mesh_key_file(o["mesh_psk_file"])
+        elif dev and os.environ.get("TAILSCALE_DERPER_MESH_KEY"):
+            mesh_key = parse_mesh_key(os.environ["TAILSCALE_DERPER_MESH_KEY"])
+    except InvalidKeyError as e:
+        raise ConfigError(str(e)) from None
+
+    stun_host = o["stun_host"]
+    if stun_host is not None:
+        stun_host = stun_host.strip("[]")
+        stun_host = "" if stun_host in ("*", "::") else stun_host
+
+    tls: CertStore | None = None
+    hostname = o["hostname"].strip()
+    if o["certmode"] == "manual":
+        if not hostname:
+            raise ConfigError("--certmode manual needs --hostname (the certificate's name or IP address)")
+        certdir = o["certdir"] or str(Path(key_path).resolve().parent / "certs")
+        tls = CertStore(certdir, hostname, key.public)
+        try:
+            tls.load()
+        except CertError as e:
+            raise ConfigError(str(e)) from None
+        if tls.generated or tls.pin:
+            notes.append(("self_signed_certificate", {"certdir": certdir, "cert_name": tls.pin}))
+            notes.append(("derp_node", {"json": json.dumps(tls.derp_node(), separators=(",", ":"))}))
+    elif o["certdir"]:
+        raise ConfigError("--certdir only applies with --certmode manual")
+    http_port = o["http_port"]
+    if http_port is None:
+        http_port = 80 if tls is not None else -1
+
+    admission = Admission(
+        verify_url=o["verify_client_url"] or None,
+        fail_open=o["verify_client_url_fail_open"],
+        cache_ttl=o["verify_cache_ttl"],
+        allow_keys_file=o["allow_keys"],
+    )
+    rate = RateConfig()
+    try:
+        admission.load()
+        if o["rate_config"]:
+            rate = RateConfig.load(o["rate_config"])
+        trusted = parse_trusted(o["trusted_proxies"])
+    except (AdmissionError, LimitError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if o["proxy_protocol"] and not trusted:
+        raise ConfigError("--proxy-protocol needs --trusted-proxies (the proxies' addresses)")
+    if admission.enabled:
+        notes.append(("admission", admission.summary()))
+
+    settings = ServerSettings(
+        addr=(host, port),
+        stun_port=o["stun_port"],
+        stun_host=stun_host,
+        home=home,
+        mesh_key=mesh_key,
+        relay=RelayConfig(write_timeout=o["tcp_write_timeout"], rate=rate),
+        tls=tls,
+        hostname=hostname,
+        http_port=http_port,
+        accept_limit=o["accept_connection_limit"],
+        accept_burst=o["accept_connection_burst"],
+        max_conns_per_ip=o["max_conns_per_ip"],
+        proxy_protocol=o["proxy_protocol"],
+        trusted_proxies=trusted,
+        tcp_keepalive=o["tcp_keepalive_time"],
+        tcp_user_timeout=o["tcp_user_timeout"],
+        admission=admission if admission.enabled else None,
+        rate_config_path=o["rate_config"],
+    )
+    return key, settings, notes
+
+
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     out: list[BaseException] = []
     for e in group.exceptions:
@@ -216,8 +362,11 @@ async def _serve(key: _NodePrivate, settings: ServerSettings) -> None:
     server = DerpServer(key, settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    server.reload()
+                    continue
                 log.info("shutting_down", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break

@@ -54,6 +54,7 @@ class HttpConfig:
     head_timeout: float = HEAD_TIMEOUT
     max_head: int = MAX_HEAD
     derp_enabled: bool = True
+    https_redirect: str | None = None  # port 80 beside TLS: redirect to https://<this host>
 
 
 class _Close(Exception):
@@ -82,11 +83,11 @@ class HttpFront:
         self.bad_requests = 0
         self.websocket_accepts = 0
 
-    async def handle(self, transport: Transport) -> None:
-        """Serve ``transport`` to the end and close it."""
+    async def handle(self, transport: Transport, initial: bytes = b"") -> None:
+        """Serve ``transport`` to the end and close it; ``initial`` = bytes already read from it."""
         handed_off = False
         try:
-            handed_off = await self._serve(transport)
+            handed_off = await self._serve(transport, initial)
         except _Close:
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
@@ -96,8 +97,10 @@ class HttpFront:
                 with trio.CancelScope(shield=True):
                     await transport.aclose()
 
-    async def _serve(self, transport: Transport) -> bool:
+    async def _serve(self, transport: Transport, initial: bytes) -> bool:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_head)
+        if initial:
+            conn.receive_data(initial)
         while True:
             request = await self._read_head(conn, transport)
             if request is None:
@@ -215,6 +218,14 @@ class HttpFront:
         path = req.target.split(b"?", 1)[0]
         method = req.method
         headers = list(req.headers)  # names are lower-cased by h11
+        if self.config.https_redirect and path != b"/generate_204":
+            await self._drain_body(conn, transport)
+            if method in (b"GET", b"HEAD"):
+                location = b"https://" + self.config.https_redirect.encode() + req.target
+                await self._respond(conn, transport, 302, [(b"Location", location)], head=method == b"HEAD")
+            else:
+                await self._respond(conn, transport, 400, body=b"Use HTTPS\n")
+            return False
         if path == b"/derp":
             return await self._derp(conn, transport, req, headers)
         await self._drain_body(conn, transport)

@@ -7,7 +7,9 @@ own module and knows nothing of the others.
 from __future__ import annotations
 
 import errno
+import math
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -15,10 +17,13 @@ import trio
 from stun.server import StunServer
 
 from . import log
-from .http import HttpConfig, HttpFront
+from .http import HEAD_TIMEOUT, HttpConfig, HttpFront
 from .keys import NodePrivate, public_key_text
-from .relay import RelayConfig, RelayServer
-from .transport import SocketTransport, format_addr
+from .limits import AcceptLimiter, LimitError, PerIPLimiter, RateConfig
+from .proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
+from .relay import Admitter, RelayConfig, RelayServer
+from .tls import CertStore
+from .transport import RECV_SIZE, SocketTransport, StreamTransport, Transport, format_addr
 
 ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -105,55 +110,146 @@ class ServerSettings:
     home: str = ""
     mesh_key: bytes | None = None
     relay: RelayConfig = field(default_factory=RelayConfig)
+    tls: CertStore | None = None  # TLS on the main listener (--certmode manual)
+    hostname: str = ""  # where the port-80 listener redirects to
+    http_port: int = -1  # plain-HTTP side listener on the same host; -1 = none
+    accept_limit: float = math.inf  # new connections per second on the main listener
+    accept_burst: int = 0
+    max_conns_per_ip: int = 0
+    proxy_protocol: bool = False
+    trusted_proxies: list[Network] = field(default_factory=list)
+    tcp_keepalive: float = 600.0  # seconds; 0 leaves the kernel default
+    tcp_user_timeout: float = 15.0  # seconds; 0 leaves the kernel default
+    admission: Admitter | None = None
+    rate_config_path: str | None = None
+    head_timeout: float = HEAD_TIMEOUT
+
+
+class _PrefixedStream(trio.abc.Stream):
+    """A SocketTransport as a trio stream (for TLS), first giving back bytes already read."""
+
+    def __init__(self, transport: SocketTransport, prefix: bytes) -> None:
+        self.transport = transport
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.transport.receive_some(max_bytes or RECV_SIZE)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self.transport.send_all(data)
+        except OSError as e:
+            raise trio.BrokenResourceError(str(e)) from e
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.transport.sock)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
 
 
 class DerpServer:
-    """A DERP node: HTTP/DERP listeners plus the STUN responder, under one nursery."""
+    """A DERP node: listeners, the HTTP front, the relay and the STUN responder, under one nursery.
+
+    Each accepted connection goes: accept limit → PROXY header (only from trusted proxies,
+    when enabled) → per-IP cap → TLS (when configured) → HTTP front → DERP relay.
+    """
 
     def __init__(self, key: NodePrivate, settings: ServerSettings) -> None:
         self.key = key
         self.settings = settings
         settings.relay.mesh_key = settings.mesh_key
         self.relay = RelayServer(key, settings.relay)
-        self.http = HttpFront(self.relay.serve_connection, key.public, HttpConfig(home=settings.home))
+        self.relay.admission = settings.admission
+        self.http = HttpFront(
+            self.relay.serve_connection, key.public, HttpConfig(home=settings.home, head_timeout=settings.head_timeout)
+        )
+        redirect = HttpConfig(head_timeout=settings.head_timeout, https_redirect=settings.hostname or None)
+        self.http80 = HttpFront(None, key.public, redirect)
+        self.tls = settings.tls
+        self.accept_limiter = AcceptLimiter(settings.accept_limit, settings.accept_burst, now=trio.current_time())
+        self.per_ip = PerIPLimiter(settings.max_conns_per_ip)
+        self.tls_versions: dict[str, int] = {}
         self.stun: StunServer | None = None
         self.derp_addrs: list[tuple[str, int]] = []
+        self.http_addrs: list[tuple[str, int]] = []
         self.stun_addrs: list[tuple[str, int]] = []
+        self._refused = log.Sampled("connection_refused", 10.0)
+        self._tls_failed = log.Sampled("tls_handshake_failed", 10.0)
 
     @property
     def port(self) -> int:
         return self.derp_addrs[0][1]
 
     async def run(self, *, task_status: trio.TaskStatus[DerpServer] = trio.TASK_STATUS_IGNORED) -> None:
-        host, port = self.settings.addr
+        settings = self.settings
+        host, port = settings.addr
         listeners = await bind_sockets(host, port, socket.SOCK_STREAM)
-        for s in listeners:
-            s.listen(4096)
-            self.derp_addrs.append(tuple(s.getsockname()[:2]))  # type: ignore[arg-type]
+        side: list[trio.socket.SocketType] = []
         try:
+            if settings.http_port >= 0:
+                side = await bind_sockets(host, settings.http_port, socket.SOCK_STREAM)
+            for s in listeners:
+                s.listen(4096)
+                self.derp_addrs.append(tuple(s.getsockname()[:2]))  # type: ignore[arg-type]
+            for s in side:
+                s.listen(1024)
+                self.http_addrs.append(tuple(s.getsockname()[:2]))  # type: ignore[arg-type]
             async with trio.open_nursery() as nursery:
                 for s in listeners:
-                    nursery.start_soon(self._accept_loop, s, nursery)
-                if self.settings.stun_port >= 0:
-                    stun_host = host if self.settings.stun_host is None else self.settings.stun_host
-                    stun = StunServer(stun_host, self.settings.stun_port)
+                    nursery.start_soon(self._accept_loop, s, nursery, self._serve_main, True)
+                for s in side:
+                    nursery.start_soon(self._accept_loop, s, nursery, self._serve_port80, False)
+                if settings.stun_port >= 0:
+                    stun_host = host if settings.stun_host is None else settings.stun_host
+                    stun = StunServer(stun_host, settings.stun_port)
                     self.stun = stun
                     await nursery.start(stun.serve)
                     self.stun_addrs = list(stun.addresses)
                 log.info(
                     "serving",
                     derp=",".join(format_addr(a) for a in self.derp_addrs),
+                    tls="on" if self.tls else "off",
+                    http=",".join(format_addr(a) for a in self.http_addrs) or None,
                     stun=",".join(format_addr(a) for a in self.stun_addrs) or "off",
                     public_key=public_key_text(self.key.public),
-                    mesh_key="configured" if self.settings.mesh_key else "none",
+                    mesh_key="configured" if settings.mesh_key else "none",
                 )
                 task_status.started(self)
         finally:
-            for s in listeners:
+            for s in listeners + side:
                 s.close()
 
-    async def _accept_loop(self, lsock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        handle = self.http.handle
+    def reload(self) -> None:
+        """SIGHUP: certificates, the allowlist and the rate config; each keeps its old value on error."""
+        log.info("reloading")
+        if self.tls is not None:
+            self.tls.reload()
+        admission = self.settings.admission
+        reload_admission = getattr(admission, "reload", None)
+        if reload_admission is not None:
+            reload_admission()
+        path = self.settings.rate_config_path
+        if path:
+            try:
+                rate = RateConfig.load(path)
+            except LimitError as e:
+                log.warning("reload_failed", what="rate config", reason=str(e), action="keeping the old one")
+            else:
+                self.relay.set_rate(rate)
+                log.info("rate_config_loaded", bytes_per_second=rate.bytes_per_second, burst=rate.burst_bytes)
+
+    async def _accept_loop(
+        self,
+        lsock: trio.socket.SocketType,
+        nursery: trio.Nursery,
+        serve: Callable[[SocketTransport], Awaitable[None]],
+        limited: bool,
+    ) -> None:
         while True:
             try:
                 sock, _addr = await lsock.accept()
@@ -165,9 +261,102 @@ class DerpServer:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue
                 raise
+            if limited and not self.accept_limiter.allow(trio.current_time()):
+                sock.close()  # over --accept-connection-limit: closed at once, as derper does
+                self._refused.note(reason="accept limit")
+                continue
             try:
                 transport = SocketTransport.from_trio(sock)
+                self._tune(transport.sock)
             except OSError:
                 sock.close()
                 continue
-            nursery.start_soon(handle, transport)
+            nursery.start_soon(serve, transport)
+
+    def _tune(self, sock: socket.socket) -> None:
+        """TCP keepalive and TCP_USER_TIMEOUT, as derper sets them on accepted sockets."""
+        keepalive = self.settings.tcp_keepalive
+        if keepalive > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                secs = max(1, int(keepalive))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs)
+        user_timeout = self.settings.tcp_user_timeout
+        if user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
+
+    async def _serve_main(self, transport: SocketTransport) -> None:
+        ip_held: str | None = None
+        try:
+            initial = b""
+            if self.settings.proxy_protocol:
+                got = await self._read_proxy_header(transport)
+                if got is None:
+                    return
+                initial = got
+            ip = transport.remote[0] if transport.remote else ""
+            if not self.per_ip.acquire(ip):
+                self._refused.note(reason="per-IP connection cap", remote=format_addr(transport.remote))
+                return
+            ip_held = ip
+            conn: Transport = transport
+            if self.tls is not None:
+                tls = await self._tls_handshake(transport, initial)
+                if tls is None:
+                    return
+                conn, initial = tls, b""
+            await self.http.handle(conn, initial=initial)
+        finally:
+            if ip_held is not None:
+                self.per_ip.release(ip_held)
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+
+    async def _serve_port80(self, transport: SocketTransport) -> None:
+        await self.http80.handle(transport)
+
+    async def _read_proxy_header(self, transport: SocketTransport) -> bytes | None:
+        """The bytes after a PROXY header from a trusted proxy, with the real client as the
+        transport's remote; None (and the connection dropped) for anything else."""
+        peer = transport.remote
+        if peer is None or not is_trusted(peer[0], self.settings.trusted_proxies):
+            self._refused.note(reason="PROXY header from an untrusted address", remote=format_addr(peer))
+            return None
+        reader = ProxyHeaderReader()
+        with trio.move_on_after(self.settings.head_timeout):
+            while True:
+                data = await transport.receive_some()
+                if not data:
+                    return None
+                try:
+                    got = reader.feed(data)
+                except ProxyProtocolError as e:
+                    log.info("proxy_header_refused", remote=format_addr(peer), reason=str(e))
+                    return None
+                if got is not None:
+                    header, rest = got
+                    if header.source is not None:
+                        transport.remote = header.source
+                    return rest
+        log.info("proxy_header_refused", remote=format_addr(peer), reason="no PROXY header in time")
+        return None
+
+    async def _tls_handshake(self, transport: SocketTransport, initial: bytes) -> StreamTransport | None:
+        assert self.tls is not None
+        stream = trio.SSLStream(
+            _PrefixedStream(transport, initial), self.tls.context, server_side=True, https_compatible=True
+        )
+        with trio.move_on_after(self.settings.head_timeout) as scope:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as e:
+                cause = e.__cause__
+                self._tls_failed.note(remote=format_addr(transport.remote), reason=str(cause or e) or "closed")
+                return None
+        if scope.cancelled_caught:
+            self._tls_failed.note(remote=format_addr(transport.remote), reason="handshake not done in time")
+            return None
+        version = stream.version() or "unknown"
+        self.tls_versions[version] = self.tls_versions.get(version, 0) + 1
+        return StreamTransport(stream, transport.remote)
