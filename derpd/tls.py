@@ -147,21 +147,27 @@ def parse_meta_certificate(der: bytes) -> bytes | None:
     """
     try:
         cert = x509.load_der_x509_certificate(der)
-        with warnings.catch_warnings():  # the 71-character CN is over RFC 5280's bound; expected
-            warnings.simplefilter("ignore")
-            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        serial = cert.serial_number
     except ValueError:
         return None
-    if not cns:
-        return None
-    cn = cns[0].value
-    if not isinstance(cn, str) or not cn.startswith(META_CN_PREFIX):
+    cn = _common_name(cert)
+    if not cn.startswith(META_CN_PREFIX):
         return None
     body = cn[len(META_CN_PREFIX) :]
-    if not _HEX64.fullmatch(body) or serial.bit_length() > 8:
+    if not _HEX64.fullmatch(body) or cert.serial_number.bit_length() > 8:
         return None
     return bytes.fromhex(body)
+
+
+def _common_name(cert: x509.Certificate) -> str:
+    """The subject CN, or "" (also for a subject cryptography cannot decode)."""
+    try:
+        with warnings.catch_warnings():  # the meta cert's 71-character CN is over RFC 5280's bound; expected
+            warnings.simplefilter("ignore")
+            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        return ""
+    value = cns[0].value if cns else ""
+    return value if isinstance(value, str) else ""
 
 
 def peer_chain_der(ssl_object: Any) -> list[bytes]:
@@ -383,8 +389,9 @@ def pinned_context(pin: str) -> ssl.SSLContext:
 def check_pin(ssl_object: Any, pin: str, *, now: datetime | None = None) -> None:
     """Raise CertPinError unless the peer's chain holds exactly one non-meta certificate matching ``pin``.
 
-    As tlsdial: meta certs are skipped; a second real certificate is refused; the pinned leaf must
-    cover the dialled server_hostname (when one was given) and be within its validity period.
+    As tlsdial: certificates whose CN starts with ``derpkey`` are skipped; a second real one is refused;
+    the pinned leaf must cover the dialled server_hostname (when one was given) and be within its
+    validity period.
     """
     _check_pin_format(pin)
     obj = getattr(ssl_object, "_ssl_object", ssl_object)
@@ -393,14 +400,17 @@ def check_pin(ssl_object: Any, pin: str, *, now: datetime | None = None) -> None
         raise CertPinError("server presented no certificate")
     good = False
     for der in chain:
-        if parse_meta_certificate(der) is not None:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise CertPinError("server presented a certificate that cannot be parsed") from None
+        if _common_name(cert).startswith(META_CN_PREFIX):  # tlsdial skips these by CN prefix alone
             continue
         if good:
             raise CertPinError("server presented more than one certificate for a pinned (self-signed) node")
         got = cert_name_pin(der)
         if got != pin:
             raise CertPinError(f"server certificate {got} does not match the pin {pin}")
-        cert = x509.load_der_x509_certificate(der)
         host = getattr(obj, "server_hostname", None)
         if host:
             try:

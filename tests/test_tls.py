@@ -497,6 +497,7 @@ async def test_reload_swaps_the_certificate_for_new_handshakes_only(
     assert cert_name_pin(peer_chain_der(live)[0]) == pin_a
     for p in (port, port_cached):
         fresh = await dial(p, trusting(ca_b), HOST)
+        assert (fresh.version(), fresh.selected_alpn_protocol()) == ("TLSv1.3", "http/1.1")
         assert cert_name_pin(peer_chain_der(fresh)[0]) == store.pin
         assert parse_meta_certificate(peer_chain_der(fresh)[-1]) == server_key
         await echo(fresh, b"new cert")
