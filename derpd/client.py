@@ -44,6 +44,7 @@ from .protocol import (
     pong_frame,
     send_packet_frame,
 )
+from .tls import fast_start_key, pinned_context
 from .transport import StreamTransport
 from .websocket import WebSocketTransport
 
@@ -151,6 +152,28 @@ def decode_message(ftype: int, payload: bytes) -> Message:
     return UnknownFrame(ftype, payload)
 
 
+async def _tls_connect(
+    stream: trio.abc.Stream, host: str, cert_name: str | None, ssl_context: ssl.SSLContext | None
+) -> trio.SSLStream[trio.abc.Stream]:
+    """TLS with ALPN http/1.1, verifying the CertName pin or name when the DERP map gives one."""
+    if ssl_context is not None:
+        ctx = ssl_context
+    elif cert_name and cert_name.startswith("sha256-raw:"):
+        ctx = pinned_context(cert_name)
+    else:
+        ctx = ssl.create_default_context()
+    ctx.set_alpn_protocols(["http/1.1"])
+    server_name = cert_name if cert_name and not cert_name.startswith("sha256-raw:") else host
+    tls = trio.SSLStream(stream, ctx, server_hostname=server_name, https_compatible=True)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as e:
+        if isinstance(e.__cause__, ssl.SSLError):  # say why: bad certificate, wrong pin, ...
+            raise e.__cause__ from None
+        raise
+    return tls
+
+
 def _split_url(url: str) -> tuple[str, str, int, str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -170,6 +193,7 @@ class DerpClient:
         self.server_key: bytes = b""
         self.server_info = ServerInfo()
         self.http_response: h11.InformationalResponse | None = None
+        self.fast_start = False  # whether the login skipped the 101 (derper's meta certificate)
         self._reader = FrameReader(max_frame_len=NONCE_LEN + MAX_FRAME_LEN)
         self._frames: deque[tuple[int, bytes]] = deque()
         self._pending: deque[Message] = deque()  # read by ping() while waiting for its pong
@@ -191,35 +215,39 @@ class DerpClient:
         is_prober: bool = False,
         app_name: str = "",
         server_key: bytes | None = None,
-        fast_start: bool = False,
+        fast_start: bool | None = None,
+        cert_name: str | None = None,
         headers: Iterable[tuple[str, str]] = (),
         ssl_context: ssl.SSLContext | None = None,
         websocket: bool = False,
         timeout: float = 10.0,
     ) -> DerpClient:
-        """Dial, upgrade and handshake. ``fast_start`` needs ``server_key``; ``websocket``
-        speaks DERP inside WebSocket binary messages (subprotocol ``derp``), as browsers do."""
+        """Dial, upgrade and handshake, as Tailscale's derphttp client does.
+
+        ``fast_start``: None (the default) takes the fast path when a TLS 1.3 server sends
+        derper's meta certificate; True forces it (needs ``server_key`` or the meta cert);
+        False never. ``cert_name`` is a DERP node's CertName: a ``sha256-raw:<hex>`` pin of a
+        self-signed certificate, or the name to verify instead of the URL's host.
+        ``websocket`` speaks DERP inside WebSocket binary messages (subprotocol ``derp``)."""
         scheme, host, port, path = _split_url(url)
-        if fast_start and server_key is None:
-            raise ValueError("fast start needs the server's public key in advance")
         key = key or NodePrivate.generate()
         with trio.fail_after(timeout):
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
             try:
                 if scheme == "https":
-                    ctx = ssl_context or ssl.create_default_context()
-                    ctx.set_alpn_protocols(["http/1.1"])
-                    tls = trio.SSLStream(stream, ctx, server_hostname=host, https_compatible=True)
-                    try:
-                        await tls.do_handshake()
-                    except trio.BrokenResourceError as e:
-                        if isinstance(e.__cause__, ssl.SSLError):  # say why: bad certificate, ...
-                            raise e.__cause__ from None
-                        raise
+                    tls = await _tls_connect(stream, host, cert_name, ssl_context)
                     stream = tls
+                    if fast_start is not False and not websocket:
+                        meta_key = fast_start_key(tls)
+                        if meta_key is not None:
+                            server_key = server_key or meta_key
+                            fast_start = True
+                if fast_start and server_key is None:
+                    raise ValueError("fast start needs the server's public key (or its meta certificate)")
                 if websocket:
                     stream = await WebSocketTransport.connect(StreamTransport(stream, None), host, path)  # type: ignore[assignment]
                 client = cls(stream, key, can_ack_pings)
+                client.fast_start = bool(fast_start) and not websocket
                 info = ClientInfo(
                     version=2,
                     mesh_key=mesh_key,
@@ -230,7 +258,7 @@ class DerpClient:
                 if websocket:
                     await client._login(False, server_key, info)
                 else:
-                    await client._upgrade(host, port, path, headers, fast_start, server_key, info)
+                    await client._upgrade(host, port, path, headers, client.fast_start, server_key, info)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise

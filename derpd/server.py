@@ -22,7 +22,7 @@ from .keys import NodePrivate, public_key_text
 from .limits import AcceptLimiter, LimitError, PerIPLimiter, RateConfig
 from .proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
 from .relay import Admitter, RelayConfig, RelayServer
-from .tls import CertStore
+from .tls import CertStore, accept_tls
 from .transport import RECV_SIZE, SocketTransport, StreamTransport, Transport, format_addr
 
 ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -344,17 +344,15 @@ class DerpServer:
 
     async def _tls_handshake(self, transport: SocketTransport, initial: bytes) -> StreamTransport | None:
         assert self.tls is not None
-        stream = trio.SSLStream(
-            _PrefixedStream(transport, initial), self.tls.context, server_side=True, https_compatible=True
-        )
+        stream: trio.SSLStream[_PrefixedStream] | None = None
         with trio.move_on_after(self.settings.head_timeout) as scope:
             try:
-                await stream.do_handshake()
+                stream = await accept_tls(_PrefixedStream(transport, initial), self.tls.context)
             except trio.BrokenResourceError as e:
                 cause = e.__cause__
                 self._tls_failed.note(remote=format_addr(transport.remote), reason=str(cause or e) or "closed")
                 return None
-        if scope.cancelled_caught:
+        if scope.cancelled_caught or stream is None:
             self._tls_failed.note(remote=format_addr(transport.remote), reason="handshake not done in time")
             return None
         version = stream.version() or "unknown"
