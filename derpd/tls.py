@@ -495,7 +495,16 @@ class CertStore:
 
     @property
     def pin(self) -> str | None:
-        """``sha256-raw:`` of the current leaf: the DERP map CertName for a self-signed cert."""
+        """The DERP map ``CertName`` to publish: the leaf's ``sha256-raw:`` pin for an IP hostname, else None.
+
+        derper prints a CertName only for an IP hostname (where clients cannot verify by name); a DNS
+        hostname's certificate is verified by name and CA, so nothing should pin it.
+        """
+        return self.leaf_pin if self.ip is not None else None
+
+    @property
+    def leaf_pin(self) -> str | None:
+        """``sha256-raw:`` of the current leaf whatever the hostname (None before load)."""
         return None if self._leaf_der is None else cert_name_pin(self._leaf_der)
 
     @property
@@ -514,7 +523,7 @@ class CertStore:
     def derp_node(self) -> dict[str, Any]:
         """The DERPNode JSON derper logs for an IP hostname (region 900 'custom', as derper prints)."""
         node: dict[str, Any] = {"Name": "custom", "RegionID": 900, "HostName": self.hostname}
-        if self.ip is not None and self.pin is not None:
+        if self.pin is not None:
             node["CertName"] = self.pin
         return node
 
@@ -532,7 +541,7 @@ class CertStore:
             cert=str(self.cert_path),
             subject=leaf.subject.rfc4514_string(),
             not_after=leaf.not_valid_after_utc.isoformat(),
-            pin=self.pin,
+            pin=self.leaf_pin,
             generated=self._generated or None,
         )
         self._warn_validity(leaf)
@@ -554,17 +563,17 @@ class CertStore:
             if now < leaf.not_valid_before_utc:
                 raise CertError(f"new certificate is not valid before {leaf.not_valid_before_utc.isoformat()}")
         except CertError as e:
-            log.warning("tls_reload_failed", cert=str(self.cert_path), error=str(e), kept=self.pin)
+            log.warning("tls_reload_failed", cert=str(self.cert_path), error=str(e), kept=self.leaf_pin)
             return False
-        old_pin = self.pin
+        old_pin = self.leaf_pin
         self._install(context, leaf)
         log.info(
             "tls_reloaded",
             cert=str(self.cert_path),
             subject=leaf.subject.rfc4514_string(),
             not_after=leaf.not_valid_after_utc.isoformat(),
-            pin=self.pin,
-            changed=self.pin != old_pin,
+            pin=self.leaf_pin,
+            changed=self.leaf_pin != old_pin,
         )
         return True
 

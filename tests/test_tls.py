@@ -368,7 +368,8 @@ async def test_tls13_client_gets_leaf_chain_and_meta_cert_last(
     assert tls.selected_alpn_protocol() == "http/1.1"
     chain = peer_chain_der(tls)
     assert len(chain) == 3
-    assert cert_name_pin(chain[0]) == store.pin
+    assert store.pin is None  # nothing to publish as CertName for a DNS hostname
+    assert cert_name_pin(chain[0]) == store.leaf_pin
     assert (
         x509.load_der_x509_certificate(chain[1]).subject
         == x509.load_pem_x509_certificate(intermediate.cert_pem.bytes()).subject
@@ -481,7 +482,7 @@ async def test_reload_swaps_the_certificate_for_new_handshakes_only(
     store = CertStore(tmp_path, HOST, server_key)
     store.load()
     first_context = store.context
-    pin_a = store.pin
+    pin_a = store.leaf_pin
     port = await serve_echo(nursery, lambda: store.context)
     port_cached = await serve_echo(nursery, lambda: first_context)  # a listener that never re-reads .context
 
@@ -490,7 +491,7 @@ async def test_reload_swaps_the_certificate_for_new_handshakes_only(
 
     write_leaf(tmp_path, ca_b.issue_cert(HOST))
     assert store.reload() is True
-    assert store.pin != pin_a
+    assert store.leaf_pin != pin_a
     assert any(r.getMessage() == "tls_reloaded" for r in derpd_log.records)
 
     await echo(live, b"after reload, same connection" * 100)  # established connection unaffected
@@ -498,7 +499,7 @@ async def test_reload_swaps_the_certificate_for_new_handshakes_only(
     for p in (port, port_cached):
         fresh = await dial(p, trusting(ca_b), HOST)
         assert (fresh.version(), fresh.selected_alpn_protocol()) == ("TLSv1.3", "http/1.1")
-        assert cert_name_pin(peer_chain_der(fresh)[0]) == store.pin
+        assert cert_name_pin(peer_chain_der(fresh)[0]) == store.leaf_pin
         assert parse_meta_certificate(peer_chain_der(fresh)[-1]) == server_key
         await echo(fresh, b"new cert")
         await fresh.aclose()
@@ -506,11 +507,11 @@ async def test_reload_swaps_the_certificate_for_new_handshakes_only(
         assert isinstance(cause, ssl.SSLCertVerificationError)
 
     # A bad replacement keeps the current certificate and says why.
-    pin_b = store.pin
+    pin_b = store.leaf_pin
     (tmp_path / f"{HOST}.crt").write_bytes(b"garbage")
     derpd_log.clear()
     assert store.reload() is False
-    assert store.pin == pin_b
+    assert store.leaf_pin == pin_b
     failed = [r for r in derpd_log.records if r.getMessage() == "tls_reload_failed"]
     assert failed and failed[0].levelno == logging.WARNING
     assert "no readable PEM certificate" in failed[0].fields["error"]  # type: ignore[attr-defined]
@@ -527,13 +528,13 @@ async def test_reload_refuses_a_certificate_for_another_name_or_expired(tmp_path
     write_leaf(tmp_path, ca.issue_cert(HOST))
     store = CertStore(tmp_path, HOST, server_key)
     store.load()
-    pin = store.pin
+    pin = store.leaf_pin
     write_leaf(tmp_path, ca.issue_cert("other.test"))
     assert store.reload() is False
     expired = ca.issue_cert(HOST, not_before=NOW - timedelta(days=400), not_after=NOW - timedelta(days=10))
     write_leaf(tmp_path, expired)
     assert store.reload() is False
-    assert store.pin == pin
+    assert store.leaf_pin == pin
 
 
 # --- pinned client ---------------------------------------------------------------------------------------
@@ -567,9 +568,9 @@ async def test_pinned_client_refuses_a_chain_of_several_real_certificates(
     nursery: trio.Nursery, dns_store: tuple[CertStore, trustme.CA, trustme.CA]
 ) -> None:
     store, _, _ = dns_store  # leaf + intermediate + meta: tlsdial wants exactly one non-meta cert
-    assert store.pin is not None
+    assert store.leaf_pin is not None
     port = await serve_echo(nursery, lambda: store.context)
-    cause = await dial_refused(port, pinned_context(store.pin), HOST)
+    cause = await dial_refused(port, pinned_context(store.leaf_pin), HOST)
     assert isinstance(cause, CertPinError) and "more than one certificate" in str(cause)
 
 
