@@ -309,14 +309,14 @@ def _settings(o: dict[str, Any]) -> tuple[_NodePrivate, ServerSettings, list[tup
     if http_port is None:
         http_port = 80 if tls is not None else -1
 
-    admission = Admission(
-        verify_url=o["verify_client_url"] or None,
-        fail_open=o["verify_client_url_fail_open"],
-        cache_ttl=o["verify_cache_ttl"],
-        allow_keys_file=o["allow_keys"],
-    )
     rate = RateConfig()
     try:
+        admission = Admission(
+            verify_url=o["verify_client_url"] or None,
+            fail_open=o["verify_client_url_fail_open"],
+            cache_ttl=o["verify_cache_ttl"],
+            allow_keys_file=o["allow_keys"],
+        )
         admission.load()
         if o["rate_config"]:
             rate = RateConfig.load(o["rate_config"])

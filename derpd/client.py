@@ -311,7 +311,10 @@ class DerpClient:
         body = b""
         status = 0
         while True:
-            event = http.next_event()
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as e:
+                raise ConnectionLost(f"bad or missing HTTP response to the upgrade: {e}") from None
             if event is h11.NEED_DATA:
                 data = await self.stream.receive_some(RECV_SIZE)
                 http.receive_data(bytes(data))

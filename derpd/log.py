@@ -79,6 +79,11 @@ class Sampled:
             self.next_at = now + self.every
 
 
+def exception(name: str, **fields: Any) -> None:
+    """An unexpected error, with its traceback folded into the same line."""
+    log.error(name, exc_info=True, extra={"fields": fields})
+
+
 def setup(level: str = "info", stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(KeyValueFormatter())

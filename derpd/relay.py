@@ -452,6 +452,8 @@ class ClientConn:
             self.close(f"protocol error: {e}")
         except OSError as e:
             self.close(f"socket error: {e.strerror or e}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.close(f"connection broken: {e.__cause__ or e or 'closed'}")
 
     async def _read_loop(self, reader: FrameReader) -> None:
         receive = self.transport.receive_some
@@ -537,7 +539,14 @@ class RelayServer:
         try:
             try:
                 key, info, reader = await self._handshake(transport, initial, preamble)
-            except (HandshakeError, ProtocolError, ConnectionClosed, OSError) as e:
+            except (
+                HandshakeError,
+                ProtocolError,
+                ConnectionClosed,
+                OSError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+            ) as e:
                 self.stats.handshake_failures += 1
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 log.info("handshake_failed", conn=conn_id, remote=remote, reason=reason)

@@ -287,19 +287,27 @@ class DerpServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
 
     async def _serve_main(self, transport: SocketTransport) -> None:
-        ip_held: str | None = None
         try:
-            initial = b""
-            if self.settings.proxy_protocol:
-                got = await self._read_proxy_header(transport)
-                if got is None:
-                    return
-                initial = got
-            ip = transport.remote[0] if transport.remote else ""
-            if not self.per_ip.acquire(ip):
-                self._refused.note(reason="per-IP connection cap", remote=format_addr(transport.remote))
+            await self._serve_connection(transport)
+        except Exception:
+            # A bug in handling one connection must not take down everyone else's.
+            log.exception("internal_error", remote=format_addr(transport.remote))
+        finally:
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+
+    async def _serve_connection(self, transport: SocketTransport) -> None:
+        initial = b""
+        if self.settings.proxy_protocol:
+            got = await self._read_proxy_header(transport)
+            if got is None:
                 return
-            ip_held = ip
+            initial = got
+        ip = transport.remote[0] if transport.remote else ""
+        if not self.per_ip.acquire(ip):
+            self._refused.note(reason="per-IP connection cap", remote=format_addr(transport.remote))
+            return
+        try:
             conn: Transport = transport
             if self.tls is not None:
                 tls = await self._tls_handshake(transport, initial)
@@ -308,13 +316,13 @@ class DerpServer:
                 conn, initial = tls, b""
             await self.http.handle(conn, initial=initial)
         finally:
-            if ip_held is not None:
-                self.per_ip.release(ip_held)
-            with trio.CancelScope(shield=True):
-                await transport.aclose()
+            self.per_ip.release(ip)
 
     async def _serve_port80(self, transport: SocketTransport) -> None:
-        await self.http80.handle(transport)
+        try:
+            await self.http80.handle(transport)
+        except Exception:
+            log.exception("internal_error", remote=format_addr(transport.remote))
 
     async def _read_proxy_header(self, transport: SocketTransport) -> bytes | None:
         """The bytes after a PROXY header from a trusted proxy, with the real client as the

@@ -36,9 +36,11 @@ async def start_server(
     mesh_key: bytes | None = None,
     relay: RelayConfig | None = None,
     addr: tuple[str, int] = ("127.0.0.1", 0),
+    **extra: Any,
 ) -> DerpServer:
+    """An in-process derpd on loopback; ``extra`` sets any other ServerSettings field."""
     settings = ServerSettings(
-        addr=addr, stun_port=stun_port, home=home, mesh_key=mesh_key, relay=relay or RelayConfig()
+        addr=addr, stun_port=stun_port, home=home, mesh_key=mesh_key, relay=relay or RelayConfig(), **extra
     )
     server = DerpServer(key or NodePrivate.generate(), settings)
     await nursery.start(server.run)
