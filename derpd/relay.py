@@ -117,6 +117,10 @@ class Admitter(Protocol):
 
     async def check(self, key: bytes, source_ip: str) -> Verdict: ...
 
+    def reload(self) -> bool:
+        """SIGHUP: re-read what can change (an allowlist); keep the old state on error."""
+        ...
+
 
 class RelayStats:
     """Plain integer counters; the metrics module reads them, the hot path adds per batch."""

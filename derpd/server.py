@@ -229,10 +229,8 @@ class DerpServer:
         log.info("reloading")
         if self.tls is not None:
             self.tls.reload()
-        admission = self.settings.admission
-        reload_admission = getattr(admission, "reload", None)
-        if reload_admission is not None:
-            reload_admission()
+        if self.settings.admission is not None:
+            self.settings.admission.reload()
         path = self.settings.rate_config_path
         if path:
             try:
