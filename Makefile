@@ -29,6 +29,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 
 test: $(VENV)/.installed-test
+	@scripts/ensure-test-tools
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
