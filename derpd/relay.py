@@ -45,6 +45,7 @@ from .protocol import (
     ProtocolError,
     ServerInfo,
     Span,
+    health_frame,
     is_disco,
     open_client_info,
     pack_header,
@@ -496,6 +497,13 @@ def _cache_prefix(prefixes: dict[int, bytes], size: int, src: bytes) -> bytes:
     return prefix
 
 
+DUP_KEY_HEALTH = (
+    "this node key has {n} connections to this DERP server; only the one that spoke last gets packets "
+    "(is the same node key in use on more than one device?)"
+)
+CLEAR_HEALTH_FRAME = health_frame("")
+
+
 def _touch(conn: ClientConn, touched: list[ClientConn]) -> None:
     """Mark ``conn`` to be written once the current batch is routed."""
     if not conn.dirty:
@@ -663,6 +671,13 @@ class RelayServer:
             entry.conns.append(conn)
             entry.last = conn
             log.info("duplicate_client", key=short_key(key), conns=len(entry.conns), conn=conn.conn_id)
+            # The reference's TODO (tailscale#2746): tell every connection of the key, so the user
+            # sees a DERP health warning instead of silently losing packets on one device.
+            problem = health_frame(DUP_KEY_HEALTH.format(n=len(entry.conns)))
+            for c in entry.conns:
+                c.ctrl.append(problem)
+                if c is not conn:
+                    c.kick()
         self.clients[key] = conn
         st.current_connections += 1
         if conn.not_ideal:
@@ -728,6 +743,8 @@ class RelayServer:
             remain.is_dup = False
             entry.last = remain
             entry.history = []
+            remain.ctrl.append(CLEAR_HEALTH_FRAME)  # the warning no longer applies
+            remain.kick()
         if entry.last is not None:
             self.clients[key] = entry.last
         else:

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from derpd.client import (
     ConnectionLost,
     DerpClient,
+    HealthMessage,
     KeepAliveMessage,
     PeerGoneMessage,
     PeerPresentMessage,
@@ -253,6 +254,9 @@ async def test_duplicate_key_last_writer_is_active(clients: Clients, server: Der
     sender = await clients.connect()
     st = server.relay.stats
     assert (st.current_dup_client_keys, st.current_dup_client_conns, st.total_dup_client_conns) == (1, 2, 1)
+    for c in (old, new):  # both are told, as a DERP region health warning
+        health = await recv_type(c, HealthMessage)
+        assert "2 connections" in health.problem  # type: ignore[attr-defined]
     await sender.send(key.public, b"first")
     assert (await recv_data(new)).data == b"first"  # the newest connection is active
     await old.ping()  # the old one speaks, so it becomes active again
@@ -260,6 +264,7 @@ async def test_duplicate_key_last_writer_is_active(clients: Clients, server: Der
     assert (await recv_data(old)).data == b"second"
     await old.aclose()
     await wait_for(lambda: st.current_dup_client_keys == 0, what="dup set to shrink")
+    assert await recv_type(new, HealthMessage) == HealthMessage("")  # cleared when alone again
     await sender.send(key.public, b"third")
     assert (await recv_data(new)).data == b"third"
     assert st.current_dup_client_conns == 0
