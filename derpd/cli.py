@@ -227,6 +227,25 @@ class Duration(click.ParamType):
 )
 @_opt("--trusted-proxies", "Comma-separated CIDRs or IPs allowed to send PROXY headers.", default="")
 @_opt(
+    "--shutdown-timeout",
+    "On SIGTERM/SIGINT: stop accepting, send clients a Restarting frame, and close within this long.",
+    type=Duration(),
+    default="5s",
+)
+@_opt(
+    "--restart-reconnect-in",
+    "The Restarting frame's advice: reconnect after this long.",
+    type=Duration(),
+    default="1s",
+)
+@_opt("--restart-try-for", "The Restarting frame's advice: keep trying this long.", type=Duration(), default="30s")
+@_opt(
+    "--log-format",
+    "'text' (key=value lines, for journald) or 'json' (one object per line, for log shippers).",
+    type=click.Choice(["text", "json"]),
+    default="text",
+)
+@_opt(
     "--log-level",
     "Minimum level of the key=value log lines written to stderr.",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
@@ -235,7 +254,7 @@ class Duration(click.ParamType):
 def serve(**opts: Any) -> None:
     """Run the DERP relay and STUN server."""
     key, settings, notes = _settings(opts)
-    log.setup(opts["log_level"])
+    log.setup(opts["log_level"], json_lines=opts["log_format"] == "json")
     for event, fields in notes:
         log.info(event, **fields)
     try:
@@ -347,6 +366,9 @@ def _settings(o: dict[str, Any]) -> tuple[_NodePrivate, ServerSettings, list[tup
         tcp_user_timeout=o["tcp_user_timeout"],
         admission=admission if admission.enabled else None,
         rate_config_path=o["rate_config"],
+        shutdown_timeout=o["shutdown_timeout"],
+        restart_reconnect_in=o["restart_reconnect_in"],
+        restart_try_for=o["restart_try_for"],
     )
     return key, settings, notes
 
@@ -368,6 +390,8 @@ async def _serve(key: _NodePrivate, settings: ServerSettings) -> None:
                     server.reload()
                     continue
                 log.info("shutting_down", signal=signal.Signals(signum).name)
+                with trio.move_on_after(settings.shutdown_timeout + 1.0):
+                    await server.shutdown()
                 nursery.cancel_scope.cancel()
                 break
 

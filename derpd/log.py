@@ -6,6 +6,7 @@ is ever a field. Values with spaces, quotes or ``=`` are quoted.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -84,9 +85,26 @@ def exception(name: str, **fields: Any) -> None:
     log.error(name, exc_info=True, extra={"fields": fields})
 
 
-def setup(level: str = "info", stream: Any = None) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, event, then the event's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+        }
+        for k, v in (getattr(record, "fields", None) or {}).items():
+            if v is not None and k not in doc:
+                doc[k] = v if isinstance(v, str | int | float | bool) else str(v)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, separators=(",", ":"))
+
+
+def setup(level: str = "info", stream: Any = None, *, json_lines: bool = False) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
+    handler.setFormatter(JsonFormatter() if json_lines else KeyValueFormatter())
     log.handlers[:] = [handler]
     log.setLevel(level.upper())
     log.propagate = False

@@ -57,6 +57,7 @@ from .protocol import (
     peer_gone_frame,
     peer_present_frame,
     pong_frame,
+    restarting_frame,
     server_info_frame,
     server_key_frame,
 )
@@ -324,6 +325,10 @@ class ClientConn:
         self.express_pkts = self.express_bytes = 0
         return data
 
+    def has_output(self) -> bool:
+        """Anything still to be written (queued, or a batch in flight)."""
+        return bool(self.writing or self.ctrl or self.pong or self.q_disco or self.q_other or self.express)
+
     def _batch_done(self, nbytes: int) -> None:
         nd, bd, no, bo = self.flight
         if nd or no:
@@ -532,6 +537,7 @@ class RelayServer:
         self.seen_by: dict[bytes, set[ClientConn]] = {}  # src key -> receivers it sent to
         self.server_key_frame = server_key_frame(self.public_key)
         self.admission: Admitter | None = None
+        self.closing = False  # shutting down: no new logins
         self._conn_ids = count(1)
 
     # --- connection lifecycle -------------------------------------------------------
@@ -565,6 +571,9 @@ class RelayServer:
                 return
             can_mesh = mesh_keys_equal(self.config.mesh_key, info.mesh_key)
             if not can_mesh and not await self._admit(key, transport, conn_id):
+                return
+            if self.closing:
+                log.info("handshake_failed", conn=conn_id, remote=remote, reason="server shutting down")
                 return
             conn = ClientConn(self, transport, key, info, conn_id, can_mesh=can_mesh, not_ideal=not_ideal)
             rate = self.config.rate
@@ -615,6 +624,24 @@ class RelayServer:
         self.stats.admission_rejected += 1
         log.info("client_rejected", conn=conn_id, key=public_key_text(key), source=source, reason=verdict.reason)
         return False
+
+    async def close_all(self, restarting: tuple[float, float] | None = None, timeout: float = 5.0) -> None:
+        """Graceful shutdown: refuse new logins, tell every client (Restarting frame: reconnect in,
+        try for, in seconds), give writers up to ``timeout`` to flush what is queued, then close."""
+        self.closing = True
+        conns = [c for entry in self.keys.values() for c in entry.conns]
+        if restarting is not None:
+            reconnect_in, try_for = restarting
+            frame = restarting_frame(int(reconnect_in * 1000), int(try_for * 1000))
+            for c in conns:
+                c.ctrl.append(frame)
+                c.kick()
+        with trio.move_on_after(timeout):
+            while any(c.has_output() for c in conns if not c.closed):
+                await trio.sleep(0.01)
+        for c in conns:
+            c.close("server shutting down")
+        log.info("clients_closed", count=len(conns), restarting=restarting is not None)
 
     def set_rate(self, rate: RateConfig) -> None:
         """A new per-client receive limit for everyone connected and everyone to come."""

@@ -123,6 +123,9 @@ class ServerSettings:
     admission: Admitter | None = None
     rate_config_path: str | None = None
     head_timeout: float = HEAD_TIMEOUT
+    shutdown_timeout: float = 5.0  # graceful shutdown: at most this long to flush and close
+    restart_reconnect_in: float = 1.0  # the Restarting frame: when clients should reconnect
+    restart_try_for: float = 30.0  # ... and for how long they should keep trying
 
 
 class _PrefixedStream(trio.abc.Stream):
@@ -178,6 +181,8 @@ class DerpServer:
         self.derp_addrs: list[tuple[str, int]] = []
         self.http_addrs: list[tuple[str, int]] = []
         self.stun_addrs: list[tuple[str, int]] = []
+        self._accept_scopes: list[trio.CancelScope] = []
+        self._listeners: list[trio.socket.SocketType] = []
         self._refused = log.Sampled("connection_refused", 10.0)
         self._tls_failed = log.Sampled("tls_handshake_failed", 10.0)
 
@@ -199,6 +204,7 @@ class DerpServer:
             for s in side:
                 s.listen(1024)
                 self.http_addrs.append(tuple(s.getsockname()[:2]))  # type: ignore[arg-type]
+            self._listeners = listeners + side
             async with trio.open_nursery() as nursery:
                 for s in listeners:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_main, True)
@@ -224,6 +230,16 @@ class DerpServer:
             for s in listeners + side:
                 s.close()
 
+    async def shutdown(self) -> None:
+        """Stop accepting, send every client a Restarting frame, flush and close them within the
+        shutdown timeout. The caller then cancels ``run``; STUN answers until then."""
+        for scope in self._accept_scopes:
+            scope.cancel()
+        for s in self._listeners:
+            s.close()
+        st = self.settings
+        await self.relay.close_all((st.restart_reconnect_in, st.restart_try_for), st.shutdown_timeout)
+
     def reload(self) -> None:
         """SIGHUP: certificates, the allowlist and the rate config; each keeps its old value on error."""
         log.info("reloading")
@@ -242,6 +258,18 @@ class DerpServer:
                 log.info("rate_config_loaded", bytes_per_second=rate.bytes_per_second, burst=rate.burst_bytes)
 
     async def _accept_loop(
+        self,
+        lsock: trio.socket.SocketType,
+        nursery: trio.Nursery,
+        serve: Callable[[SocketTransport], Awaitable[None]],
+        limited: bool,
+    ) -> None:
+        scope = trio.CancelScope()
+        self._accept_scopes.append(scope)
+        with scope:
+            await self._accept_forever(lsock, nursery, serve, limited)
+
+    async def _accept_forever(
         self,
         lsock: trio.socket.SocketType,
         nursery: trio.Nursery,

@@ -17,7 +17,7 @@ import trio
 
 from derpd import __version__
 from derpd.cli import serve
-from derpd.client import DerpClient
+from derpd.client import DerpClient, RestartingMessage
 from derpd.keys import load_key_file, public_key_text
 from stun import codec as stun_codec
 
@@ -162,9 +162,13 @@ async def test_serve_dev_relays_and_stops_on_sigterm(tmp_path: Path) -> None:
             assert a.server_key == server_pub
             await a.send(b.public_key, b"through a real derpd process")
             assert (await b.recv_packet()).data == b"through a real derpd process"
+            rest = await _stop(proc)  # SIGTERM while both are connected: a graceful goodbye
+            with trio.fail_after(5):
+                assert isinstance(await a.recv(), RestartingMessage)
     finally:
-        rest = await _stop(proc)
-    assert "event=shutting_down signal=SIGTERM" in rest
+        if proc.returncode is None:
+            await _stop(proc)
+    assert "event=shutting_down signal=SIGTERM" in rest and "event=clients_closed count=2" in rest
     for line in lines + rest.splitlines():
         assert re.match(r"ts=\S+ level=\w+ event=\w+", line), line
         assert "privkey" not in line
