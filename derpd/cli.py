@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -105,7 +106,66 @@ class Duration(click.ParamType):
         return seconds
 
 
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE (TOML): its keys become defaults, below flags and DERPD_* variables."""
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {value}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {value}: {e}") from None
+    options = {p.opts[0][2:]: p for p in ctx.command.params if isinstance(p, click.Option) and p.name != "config"}
+    defaults: dict[str, Any] = {}
+    for raw_key, item in doc.items():
+        key = raw_key.replace("_", "-")
+        opt = options.get(key)
+        if opt is None or opt.name == "help":
+            raise ConfigError(f"config file {value}: unknown key {raw_key!r}")
+        if opt.name in defaults:
+            raise ConfigError(f"config file {value}: key {raw_key!r} given twice")
+        defaults[opt.name] = _config_value(ctx, value, raw_key, opt, item)  # type: ignore[index]
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, item: Any) -> Any:
+    """TOML's own types must fit the option: no "3478" for a port, no 1 for a switch."""
+    if opt.is_flag:
+        ok = isinstance(item, bool)
+        want = "true or false"
+    elif isinstance(opt.type, click.types.IntParamType):
+        ok = isinstance(item, int) and not isinstance(item, bool)
+        want = "an integer"
+    elif isinstance(opt.type, click.types.FloatParamType):
+        ok = isinstance(item, int | float) and not isinstance(item, bool)
+        want = "a number"
+    elif isinstance(opt.type, Duration):
+        ok = isinstance(item, str | int | float) and not isinstance(item, bool)
+        want = 'a duration such as "2s" or a number of seconds'
+    else:
+        ok = isinstance(item, str)
+        want = "a string"
+    if not ok:
+        raise ConfigError(f"config file {path}: key {key!r} must be {want}, not {type(item).__name__}")
+    try:
+        return item if opt.is_flag else opt.type.convert(item, opt, ctx)
+    except click.BadParameter as e:
+        raise ConfigError(f"config file {path}: key {key!r}: {e.format_message()}") from None
+
+
 @cli.command()
+@_opt(
+    "--config",
+    "TOML file whose keys are these options' names (e.g. stun-port = 3478); flags and DERPD_* variables override it.",
+    type=click.Path(dir_okay=False),
+    default=None,
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+)
 @_opt(
     "--addr",
     f"DERP listen address HOST:PORT, [IPv6]:PORT or :PORT (all interfaces, dual-stack). "
@@ -270,8 +330,11 @@ def serve(**opts: Any) -> None:
         sys.exit(1)
 
 
-def _settings(o: dict[str, Any]) -> tuple[_NodePrivate, ServerSettings, list[tuple[str, dict[str, Any]]]]:
-    """Every flag checked and every file read before anything starts; ConfigError otherwise."""
+def _settings(
+    o: dict[str, Any], *, dry_run: bool = False
+) -> tuple[_NodePrivate, ServerSettings, list[tuple[str, dict[str, Any]]]]:
+    """Every flag checked and every file read before anything starts; ConfigError otherwise.
+    ``dry_run`` (check-config) creates nothing: a missing key or IP certificate is only noted."""
     dev = o["dev"]
     notes: list[tuple[str, dict[str, Any]]] = []
     try:
@@ -288,7 +351,11 @@ def _settings(o: dict[str, Any]) -> tuple[_NodePrivate, ServerSettings, list[tup
     if key_path is None:
         raise ConfigError("--key-file is required when not running as root, under systemd, or with --dev")
     try:
-        key, created = load_or_create_key_file(key_path)
+        if dry_run and not Path(key_path).exists():
+            key, created = _NodePrivate.generate(), False
+            notes.append(("key_will_be_created", {"path": key_path}))
+        else:
+            key, created = load_or_create_key_file(key_path)
     except InvalidKeyError as e:
         raise ConfigError(str(e)) from None
     if created:
@@ -316,7 +383,10 @@ def _settings(o: dict[str, Any]) -> tuple[_NodePrivate, ServerSettings, list[tup
         certdir = o["certdir"] or str(Path(key_path).resolve().parent / "certs")
         tls = CertStore(certdir, hostname, key.public)
         try:
-            tls.load()
+            if dry_run and tls.ip is not None and not Path(tls.cert_path).exists():
+                notes.append(("self_signed_certificate_will_be_created", {"certdir": certdir}))
+            else:
+                tls.load()
         except CertError as e:
             raise ConfigError(str(e)) from None
         if tls.generated or tls.pin:
@@ -371,6 +441,25 @@ def _settings(o: dict[str, Any]) -> tuple[_NodePrivate, ServerSettings, list[tup
         restart_try_for=o["restart_try_for"],
     )
     return key, settings, notes
+
+
+def _check_config(**opts: Any) -> None:
+    """Validate flags, environment and --config without starting anything; exit 2 on the first problem."""
+    _, settings, notes = _settings(opts, dry_run=True)
+    for event, fields in notes:
+        click.echo(f"note: {event} " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
+    host, port = settings.addr
+    click.echo(f"config OK: derp on {host or '*'}:{port}, tls={'on' if settings.tls else 'off'}")
+
+
+cli.add_command(
+    click.Command(
+        "check-config",
+        callback=_check_config,
+        params=serve.params,
+        help="Check serve's flags, DERPD_* variables and --config file without starting anything.",
+    )
+)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
