@@ -1,0 +1,497 @@
+"""Prometheus metrics: a collector over derpd's live counters, and a small ``/metrics`` listener.
+
+The relay, STUN, HTTP, limit and admission code keep plain integer counters (added per
+batch on the hot path). Nothing here runs until Prometheus scrapes: ``DerpCollector``
+reads those integers at scrape time and turns them into metric families, so metrics cost
+the relay nothing beyond the increments it already does. Names follow derper's expvar
+names (``derp_*``, ``stun_*``, ``tls_listener_*``) where one exists; the library adds
+``_total`` to counters as Prometheus conventions want. No key or secret is ever a label.
+
+Integration::
+
+    registry = registry_for(server)          # once, at start (before or after server.run)
+    port = await nursery.start(serve_metrics, "127.0.0.1", 9464, registry)
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
+
+from . import __version__, log
+from .relay import DROP_REASONS, KINDS
+
+if TYPE_CHECKING:
+    from .server import DerpServer
+
+DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
+MAX_HEAD = 8 * 1024  # request line + headers
+MAX_BODY = 8 * 1024  # GET/HEAD bodies are never used; small ones are drained for keep-alive
+HEAD_TIMEOUT = 10.0  # the whole request must arrive within this, and an idle keep-alive ends
+WRITE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64  # concurrent scrapers; more are closed at once
+ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+INDEX_BODY = b"derpd metrics exporter: Prometheus metrics are at /metrics\n"
+
+
+# --- the collector ------------------------------------------------------------------------------
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _labelled(
+    family: CounterMetricFamily | GaugeMetricFamily, samples: Iterable[tuple[tuple[str, ...], float]]
+) -> CounterMetricFamily | GaugeMetricFamily:
+    for labels, value in samples:
+        family.add_metric(list(labels), value)
+    return family
+
+
+def tls_version_label(version: str) -> str:
+    """derper labels versions ``1.2``/``1.3``; Python says ``TLSv1.3``."""
+    return version.removeprefix("TLSv")
+
+
+class DerpCollector(Collector):
+    """Reads one ``DerpServer``'s counters at scrape time (no per-packet work, no copies kept)."""
+
+    def __init__(self, server: DerpServer, *, start_time: float | None = None) -> None:
+        self.server = server
+        self.start_time = time.time() if start_time is None else start_time
+
+    def describe(self) -> Iterable[Metric]:
+        # Nothing to check at registration (the registry is ours alone), and a server that is
+        # not running yet must not be read then.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._relay()
+        yield from self._rate_limit()
+        yield from self._admission()
+        yield from self._stun()
+        yield from self._front()
+        build = GaugeMetricFamily("derpd_build_info", "derpd build; always 1", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
+        yield _gauge("derpd_start_time_seconds", "When this derpd started, in Unix seconds", self.start_time)
+
+    def _relay(self) -> Iterator[Metric]:
+        relay = self.server.relay
+        st = relay.stats
+        yield _gauge("derp_current_connections", "DERP client connections now open", st.current_connections)
+        yield _gauge(
+            "derp_current_home_connections",
+            "Connections now open whose client calls this node its home (NotePreferred)",
+            st.current_home_connections,
+        )
+        yield _gauge(
+            "derp_current_notideal_connections",
+            "Connections now open that the client says are to a non-ideal node",
+            st.current_notideal_connections,
+        )
+        yield _gauge(
+            "derp_clients_total", "Distinct client keys known to this node (local; no mesh yet)", len(relay.keys)
+        )
+        yield _gauge("derp_clients_local", "Distinct client keys connected to this node", len(relay.keys))
+        yield _gauge(
+            "derp_watchers", "Connections subscribed to peer presence (WatchConns, mesh peers)", len(relay.watchers)
+        )
+        yield _gauge(
+            "derp_current_dup_client_keys", "Client keys now connected more than once", st.current_dup_client_keys
+        )
+        yield _gauge(
+            "derp_current_dup_client_conns",
+            "Connections now open that belong to a key connected more than once",
+            st.current_dup_client_conns,
+        )
+        yield _counter(
+            "derp_total_dup_client_conns", "Connections that joined an already-connected key", st.total_dup_client_conns
+        )
+        yield _counter("derp_accepts", "Connections upgraded to DERP (before the DERP handshake)", st.accepts)
+        yield _counter("derp_handshake_failures", "DERP handshakes that failed or timed out", st.handshake_failures)
+        yield _counter(
+            "derp_protocol_errors", "Connections closed for breaking the DERP protocol after login", st.protocol_errors
+        )
+        yield _counter("derp_packets_received", "Data packets received from clients (SendPacket)", st.packets_received)
+        yield _counter("derp_bytes_received", "Payload bytes of data packets received from clients", st.bytes_received)
+        yield _counter("derp_packets_sent", "Data packets written to clients (RecvPacket)", st.packets_sent)
+        yield _counter("derp_bytes_sent", "Payload bytes of data packets written to clients", st.bytes_sent)
+        disco = st.packets_received_disco
+        yield _labelled(
+            CounterMetricFamily(
+                "derp_packets_received_kind", "Data packets received from clients, by kind", labels=["kind"]
+            ),
+            [(("disco",), disco), (("other",), st.packets_received - disco)],
+        )
+        dropped_packets, dropped_bytes = st.dropped_packets, st.dropped_bytes
+        every = [(reason, kind) for reason in DROP_REASONS for kind in KINDS]
+        every += sorted(set(dropped_packets) - set(every))  # a reason added in relay.py still shows up
+        yield _labelled(
+            CounterMetricFamily(
+                "derp_packets_dropped", "Data packets dropped, by reason and kind", labels=["reason", "kind"]
+            ),
+            [(k, dropped_packets.get(k, 0)) for k in every],
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "derp_bytes_dropped",
+                "Payload bytes of data packets dropped, by reason and kind",
+                labels=["reason", "kind"],
+            ),
+            [(k, dropped_bytes.get(k, 0)) for k in every],
+        )
+        yield _counter(
+            "derp_peer_gone_disconnected_frames",
+            "PeerGone(disconnected) frames queued to clients",
+            st.peer_gone_disconnected_frames,
+        )
+        yield _counter(
+            "derp_peer_gone_not_here_frames",
+            "PeerGone(not here) frames sent for disco packets to unknown keys",
+            st.peer_gone_not_here_frames,
+        )
+        yield _counter("derp_got_ping", "Ping frames received from clients", st.got_ping)
+        yield _counter("derp_sent_pong", "Pong frames written to clients", st.sent_pong)
+        yield _counter(
+            "derp_home_moves_in", "Clients that made this node their home after connecting", st.home_moves_in
+        )
+        yield _counter("derp_home_moves_out", "Clients that stopped calling this node their home", st.home_moves_out)
+        yield _counter(
+            "derp_sclient_write_timeouts",
+            "Connections closed because a write missed its deadline",
+            st.sclient_write_timeouts,
+        )
+        yield _counter("derp_unknown_frames", "Frames of unknown type received and skipped", st.unknown_frames)
+        yield _counter(
+            "derp_packets_forwarded_in", "ForwardPacket frames received from mesh peers", st.packets_forwarded_in
+        )
+
+    def _rate_limit(self) -> Iterator[Metric]:
+        rate = self.server.relay.config.rate
+        if not rate.enabled:  # as derper: only with a rate config
+            return
+        yield _gauge(
+            "derp_rate_limit_per_client_bytes_per_second",
+            "Per-client receive rate limit in bytes per second (mesh peers exempt)",
+            rate.bytes_per_second,
+        )
+        yield _gauge(
+            "derp_rate_limit_per_client_burst_bytes", "Per-client receive rate limit burst in bytes", rate.burst_bytes
+        )
+        yield _counter(
+            "derp_rate_limit_per_client_waited",
+            "Times a client's reads were paused to hold it to the rate limit",
+            self.server.relay.stats.rate_limit_waited,
+        )
+
+    def _admission(self) -> Iterator[Metric]:
+        admission = self.server.settings.admission
+        stats = getattr(admission, "stats", None)
+        if stats is None:
+            return
+        yield _labelled(
+            CounterMetricFamily(
+                "derp_admission",
+                "Admission checks of non-mesh clients, by result (error = verify URL unreachable)",
+                labels=["result"],
+            ),
+            [((result,), n) for result, n in stats.results.items()],
+        )
+        yield _counter("derp_admission_mesh_bypass", "Mesh peers admitted without a check", stats.mesh_bypass)
+        yield _counter("derp_admission_cache_hits", "Admission checks answered from the verify cache", stats.cache_hits)
+        yield _counter("derp_admission_cache_misses", "Admission checks not in the verify cache", stats.cache_misses)
+        yield _counter("derp_admission_verify_requests", "HTTP requests sent to the verify URL", stats.requests)
+
+    def _stun(self) -> Iterator[Metric]:
+        stun = self.server.stun
+        if stun is None:
+            return
+        st = stun.stats
+        yield _labelled(
+            CounterMetricFamily("stun_requests", "STUN datagrams received, by disposition", labels=["disposition"]),
+            [((d,), n) for d, n in st.requests().items()],
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "stun_addrfamily", "STUN requests answered, by the address family replied", labels=["family"]
+            ),
+            [((f,), n) for f, n in st.addrfamily().items()],
+        )
+        yield _labelled(
+            CounterMetricFamily("stun_request_kind", "STUN requests answered, by request dialect", labels=["kind"]),
+            [((k,), n) for k, n in st.by_kind.items()],
+        )
+
+    def _front(self) -> Iterator[Metric]:
+        server = self.server
+        yield _counter(
+            "tls_listener_accepted_connections",
+            "Connections the accept limiter let through on the main listener",
+            server.accept_limiter.accepted,
+        )
+        yield _counter(
+            "tls_listener_rejected_connections",
+            "Connections closed at once by the accept limiter",
+            server.accept_limiter.rejected,
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "derper_tls_request_version", "TLS handshakes completed, by negotiated version", labels=["version"]
+            ),
+            [((tls_version_label(v),), n) for v, n in sorted(server.tls_versions.items())],
+        )
+        yield _counter("derp_websocket_accepts", "WebSocket DERP connections accepted", server.http.websocket_accepts)
+        listeners = [("main", server.http)]
+        if server.settings.http_port >= 0:
+            listeners.append(("port80", server.http80))
+        yield _labelled(
+            CounterMetricFamily("derpd_http_requests", "HTTP requests read, by listener", labels=["listener"]),
+            [((name,), front.requests) for name, front in listeners],
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "derpd_http_bad_requests",
+                "HTTP requests refused as malformed, too big or too slow",
+                labels=["listener"],
+            ),
+            [((name,), front.bad_requests) for name, front in listeners],
+        )
+        yield _gauge(
+            "derpd_connected_addresses", "Distinct client IP addresses with open connections", len(server.per_ip.active)
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "derpd_connections_refused", "Connections refused before relaying, by reason", labels=["reason"]
+            ),
+            [
+                (("accept_limit",), server.accept_limiter.rejected),
+                (("per_ip_limit",), server.per_ip.rejected),
+                (("admission",), server.relay.stats.admission_rejected),
+            ],
+        )
+
+
+def registry_for(server: DerpServer, *, start_time: float | None = None, process: bool = True) -> CollectorRegistry:
+    """A dedicated registry (not the global one, so several servers in one process don't clash)
+    with derpd's collector and, unless ``process`` is False, the ``process_*``/``python_*`` ones."""
+    registry = CollectorRegistry()
+    registry.register(DerpCollector(server, start_time=start_time))
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
+
+
+def parse_metrics_addr(text: str) -> tuple[str, int] | None:
+    """``--metrics-addr``: ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT``; ``-1`` (or empty) disables."""
+    from .server import parse_hostport  # noqa: PLC0415 (lazy: server.py may import this module)
+
+    text = text.strip()
+    if text in ("-1", ""):
+        return None
+    return parse_hostport(text)
+
+
+# --- the listener -------------------------------------------------------------------------------
+
+
+class _Close(Exception):
+    """End this HTTP connection."""
+
+
+async def serve_metrics(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    *,
+    head_timeout: float = HEAD_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` on its own listener until cancelled; ``task_status`` gets the port.
+
+    Binding errors raise (the operator should hear at start); after that, nothing a scraper
+    does (or a bug in one request) ends this task, so it can share the relay's nursery.
+    """
+    from .server import bind_sockets  # noqa: PLC0415 (lazy: server.py may import this module)
+
+    socks = await bind_sockets(host, port, socket.SOCK_STREAM)
+    try:
+        for s in socks:
+            s.listen(128)
+        bound = socks[0].getsockname()[1]
+        server = _MetricsHTTP(registry, head_timeout, max_connections)
+        async with trio.open_nursery() as nursery:
+            for s in socks:
+                nursery.start_soon(server.accept_loop, trio.SocketListener(s), nursery)
+            log.info("metrics_serving", addr=",".join(_fmt(s.getsockname()) for s in socks), path="/metrics")
+            task_status.started(bound)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _fmt(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _MetricsHTTP:
+    """HTTP/1.1 with h11: bounded heads and bodies, a deadline per request, keep-alive."""
+
+    def __init__(self, registry: CollectorRegistry, head_timeout: float, max_connections: int) -> None:
+        self.registry = registry
+        self.head_timeout = head_timeout
+        self.max_connections = max_connections
+        self.active = 0
+        self.refused = log.Sampled("metrics_connection_refused", 60.0)
+
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                # Never let the exporter end the relay: back off and keep listening.
+                if e.errno in ACCEPT_BACKOFF_ERRNOS:
+                    log.warning("metrics_accept_failed", reason=e.strerror, action="backing off 100ms")
+                    await trio.sleep(0.1)
+                else:
+                    log.error("metrics_accept_failed", reason=str(e), action="backing off 1s")
+                    await trio.sleep(1.0)
+                continue
+            if self.active >= self.max_connections:
+                self.refused.note(reason="too many metrics connections")
+                await trio.aclose_forcefully(stream)
+                continue
+            self.active += 1
+            nursery.start_soon(self.serve_connection, stream)
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._serve(stream)
+        except _Close:
+            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError) as e:
+            log.debug("metrics_connection_error", reason=str(e))
+        except Exception:
+            log.exception("metrics_internal_error")  # one connection's bug stays in that connection
+        finally:
+            self.active -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        while True:
+            request = await self._read_request(conn, stream)
+            if request is None:
+                return
+            await self._dispatch(conn, stream, request)
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+            else:
+                return
+
+    async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+        """The next request with its (drained) body, all within ``head_timeout``."""
+        request: h11.Request | None = None
+        body = 0
+        with trio.move_on_after(self.head_timeout):
+            try:
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(MAX_HEAD))
+                    elif isinstance(event, h11.Request):
+                        head = sum(len(k) + len(v) + 4 for k, v in event.headers) + len(event.target) + 16
+                        if head > MAX_HEAD:
+                            raise h11.RemoteProtocolError("request head too long", error_status_hint=431)
+                        request = event
+                    elif isinstance(event, h11.Data):
+                        body += len(event.data)
+                        if body > MAX_BODY:
+                            await self._respond(conn, stream, 413, b"request body too large\n", close=True)
+                            raise _Close
+                    elif isinstance(event, h11.EndOfMessage):
+                        return request
+                    else:  # ConnectionClosed
+                        return None
+            except h11.RemoteProtocolError as e:
+                status = e.error_status_hint
+                if "buffer" in str(e).lower():  # h11's "Receive buffer too long": the head is too big
+                    status = 431
+                log.debug("metrics_bad_request", status=status, reason=str(e))
+                await self._respond(conn, stream, status, f"{status} {e}\n".encode(), close=True)
+                raise _Close from None
+        if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+            return None  # an idle keep-alive connection: close quietly
+        await self._respond(conn, stream, 408, b"request timeout\n", close=True)
+        return None
+
+    async def _dispatch(self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request) -> None:
+        method = request.method
+        head = method == b"HEAD"
+        if method not in (b"GET", b"HEAD"):
+            await self._respond(conn, stream, 405, b"method not allowed\n", extra=[(b"Allow", b"GET, HEAD")])
+            return
+        path = request.target.split(b"?", 1)[0]
+        if path == b"/metrics":
+            try:
+                body = generate_latest(self.registry)
+            except Exception:
+                log.exception("metrics_collect_failed")
+                await self._respond(conn, stream, 500, b"collecting metrics failed; see the log\n", head=head)
+                return
+            await self._respond(conn, stream, 200, body, content_type=CONTENT_TYPE_PLAIN_0_0_4.encode(), head=head)
+        elif path == b"/":
+            await self._respond(conn, stream, 200, INDEX_BODY, head=head)
+        else:
+            await self._respond(conn, stream, 404, b"not found; metrics are at /metrics\n", head=head)
+
+    async def _respond(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        status: int,
+        body: bytes,
+        *,
+        content_type: bytes = b"text/plain; charset=utf-8",
+        extra: list[tuple[bytes, bytes]] | None = None,
+        head: bool = False,
+        close: bool = False,
+    ) -> None:
+        """One whole response; for HEAD the headers say how long the body would be, but none is sent."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        headers = [
+            (b"Content-Type", content_type),
+            (b"Content-Length", str(len(body)).encode()),
+            (b"Cache-Control", b"no-store"),
+            *(extra or []),
+        ]
+        if close:
+            headers.append((b"Connection", b"close"))
+        data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+        if body and not head:
+            data += conn.send(h11.Data(data=body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        with trio.move_on_after(WRITE_TIMEOUT) as scope:
+            await stream.send_all(data)
+        if scope.cancelled_caught:
+            raise _Close
