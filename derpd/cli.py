@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 import click
 import trio
 
-from . import __version__, log
+from . import __version__, log, sdnotify
 from .admission import Admission, AdmissionError
 from .keys import (
     InvalidKeyError,
@@ -314,7 +314,16 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
 def serve(**opts: Any) -> None:
     """Run the DERP relay and STUN server."""
     key, settings, notes = _settings(opts)
+    try:
+        inherited = sdnotify.listen_fds()
+        if inherited:
+            http_port = settings.http_port if settings.http_port >= 0 else None
+            settings.activated = sdnotify.assign_sockets(inherited, derp_port=settings.addr[1], http_port=http_port)
+    except sdnotify.ListenFdsError as e:
+        raise ConfigError(f"sockets from systemd: {e}") from None
     log.setup(opts["log_level"], json_lines=opts["log_format"] == "json")
+    if settings.activated:
+        notes.append(("socket_activation", {"sockets": len(inherited)}))
     for event, fields in notes:
         log.info(event, **fields)
     try:
@@ -471,13 +480,22 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 async def _serve(key: _NodePrivate, settings: ServerSettings) -> None:
     server = DerpServer(key, settings)
+
+    def status() -> str:
+        return f"{server.relay.stats.current_connections} clients"
+
     async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            await nursery.start(server.run)
+            sdnotify.ready(status=status())  # every listener is up
+            nursery.start_soon(sdnotify.watchdog_loop, status)
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    sdnotify.reloading()
                     server.reload()
+                    sdnotify.ready(status=status())
                     continue
+                sdnotify.stopping()
                 log.info("shutting_down", signal=signal.Signals(signum).name)
                 with trio.move_on_after(settings.shutdown_timeout + 1.0):
                     await server.shutdown()

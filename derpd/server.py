@@ -22,6 +22,7 @@ from .keys import NodePrivate, public_key_text
 from .limits import AcceptLimiter, LimitError, PerIPLimiter, RateConfig
 from .proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
 from .relay import Admitter, RelayConfig, RelayServer
+from .sdnotify import ActivatedSockets
 from .tls import CertStore, accept_tls
 from .transport import RECV_SIZE, SocketTransport, StreamTransport, Transport, format_addr
 
@@ -123,6 +124,7 @@ class ServerSettings:
     admission: Admitter | None = None
     rate_config_path: str | None = None
     head_timeout: float = HEAD_TIMEOUT
+    activated: ActivatedSockets | None = None  # sockets inherited from systemd (socket activation)
     shutdown_timeout: float = 5.0  # graceful shutdown: at most this long to flush and close
     restart_reconnect_in: float = 1.0  # the Restarting frame: when clients should reconnect
     restart_try_for: float = 30.0  # ... and for how long they should keep trying
@@ -193,10 +195,16 @@ class DerpServer:
     async def run(self, *, task_status: trio.TaskStatus[DerpServer] = trio.TASK_STATUS_IGNORED) -> None:
         settings = self.settings
         host, port = settings.addr
-        listeners = await bind_sockets(host, port, socket.SOCK_STREAM)
+        activated = settings.activated or ActivatedSockets()
+        if activated.derp:  # socket activation: systemd holds the sockets across restarts
+            listeners = [trio.socket.from_stdlib_socket(s) for s in activated.derp]
+        else:
+            listeners = await bind_sockets(host, port, socket.SOCK_STREAM)
         side: list[trio.socket.SocketType] = []
         try:
-            if settings.http_port >= 0:
+            if activated.http:
+                side = [trio.socket.from_stdlib_socket(s) for s in activated.http]
+            elif settings.http_port >= 0:
                 side = await bind_sockets(host, settings.http_port, socket.SOCK_STREAM)
             for s in listeners:
                 s.listen(4096)
@@ -210,9 +218,12 @@ class DerpServer:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_main, True)
                 for s in side:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_port80, False)
-                if settings.stun_port >= 0:
+                if activated.stun or settings.stun_port >= 0:
                     stun_host = host if settings.stun_host is None else settings.stun_host
-                    stun = StunServer(stun_host, settings.stun_port)
+                    if activated.stun:
+                        stun = StunServer(sock=activated.stun)
+                    else:
+                        stun = StunServer(stun_host, settings.stun_port)
                     self.stun = stun
                     await nursery.start(stun.serve)
                     self.stun_addrs = list(stun.addresses)
