@@ -258,7 +258,7 @@ class DerpCollector(Collector):
         )
         yield _counter("derp_websocket_accepts", "WebSocket DERP connections accepted", server.http.websocket_accepts)
         listeners = [("main", server.http)]
-        if server.settings.http_port >= 0:
+        if server.http_addrs or server.settings.http_port >= 0:  # bound, inherited (systemd) or configured
             listeners.append(("port80", server.http80))
         yield _labelled(
             CounterMetricFamily("derpd_http_requests", "HTTP requests read, by listener", labels=["listener"]),
