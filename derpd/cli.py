@@ -33,6 +33,7 @@ from .keys import (
 )
 from .keys import NodePrivate as _NodePrivate
 from .limits import LimitError, RateConfig
+from .metrics import parse_metrics_addr, registry_for, serve_metrics
 from .proxyproto import parse_trusted
 from .relay import RelayConfig
 from .server import AddressError, DerpServer, ServerSettings, parse_hostport
@@ -287,6 +288,11 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
 )
 @_opt("--trusted-proxies", "Comma-separated CIDRs or IPs allowed to send PROXY headers.", default="")
 @_opt(
+    "--metrics-addr",
+    "Prometheus /metrics on its own listener HOST:PORT (keep it off the public DERP port); -1 disables.",
+    default="127.0.0.1:9464",
+)
+@_opt(
     "--shutdown-timeout",
     "On SIGTERM/SIGINT: stop accepting, send clients a Restarting frame, and close within this long.",
     type=Duration(),
@@ -315,6 +321,10 @@ def serve(**opts: Any) -> None:
     """Run the DERP relay and STUN server."""
     key, settings, notes = _settings(opts)
     try:
+        metrics_addr = parse_metrics_addr(opts["metrics_addr"])
+    except AddressError as e:
+        raise ConfigError(f"--metrics-addr: {e}") from None
+    try:
         inherited = sdnotify.listen_fds()
         if inherited:
             http_port = settings.http_port if settings.http_port >= 0 else None
@@ -327,7 +337,7 @@ def serve(**opts: Any) -> None:
     for event, fields in notes:
         log.info(event, **fields)
     try:
-        trio.run(_serve, key, settings)
+        trio.run(_serve, key, settings, metrics_addr)
     except KeyboardInterrupt:
         pass
     except BaseExceptionGroup as group:
@@ -478,7 +488,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
-async def _serve(key: _NodePrivate, settings: ServerSettings) -> None:
+async def _serve(key: _NodePrivate, settings: ServerSettings, metrics_addr: tuple[str, int] | None) -> None:
     server = DerpServer(key, settings)
 
     def status() -> str:
@@ -487,6 +497,8 @@ async def _serve(key: _NodePrivate, settings: ServerSettings) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             await nursery.start(server.run)
+            if metrics_addr is not None:
+                await nursery.start(serve_metrics, *metrics_addr, registry_for(server))
             sdnotify.ready(status=status())  # every listener is up
             nursery.start_soon(sdnotify.watchdog_loop, status)
             async for signum in signals:

@@ -283,6 +283,8 @@ class DerpCollector(Collector):
                 (("accept_limit",), server.accept_limiter.rejected),
                 (("per_ip_limit",), server.per_ip.rejected),
                 (("admission",), server.relay.stats.admission_rejected),
+                (("proxy_header",), server.proxy_refused),
+                (("tls_handshake",), server.tls_handshake_failures),
             ],
         )
 

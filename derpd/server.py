@@ -179,6 +179,8 @@ class DerpServer:
         self.accept_limiter = AcceptLimiter(settings.accept_limit, settings.accept_burst, now=trio.current_time())
         self.per_ip = PerIPLimiter(settings.max_conns_per_ip)
         self.tls_versions: dict[str, int] = {}
+        self.tls_handshake_failures = 0
+        self.proxy_refused = 0  # PROXY header from an untrusted address, missing, malformed or late
         self.stun: StunServer | None = None
         self.derp_addrs: list[tuple[str, int]] = []
         self.http_addrs: list[tuple[str, int]] = []
@@ -366,6 +368,7 @@ class DerpServer:
         transport's remote; None (and the connection dropped) for anything else."""
         peer = transport.remote
         if peer is None or not is_trusted(peer[0], self.settings.trusted_proxies):
+            self.proxy_refused += 1
             self._refused.note(reason="PROXY header from an untrusted address", remote=format_addr(peer))
             return None
         reader = ProxyHeaderReader()
@@ -377,6 +380,7 @@ class DerpServer:
                 try:
                     got = reader.feed(data)
                 except ProxyProtocolError as e:
+                    self.proxy_refused += 1
                     log.info("proxy_header_refused", remote=format_addr(peer), reason=str(e))
                     return None
                 if got is not None:
@@ -384,6 +388,7 @@ class DerpServer:
                     if header.source is not None:
                         transport.remote = header.source
                     return rest
+        self.proxy_refused += 1
         log.info("proxy_header_refused", remote=format_addr(peer), reason="no PROXY header in time")
         return None
 
@@ -395,9 +400,11 @@ class DerpServer:
                 stream = await accept_tls(_PrefixedStream(transport, initial), self.tls.context)
             except trio.BrokenResourceError as e:
                 cause = e.__cause__
+                self.tls_handshake_failures += 1
                 self._tls_failed.note(remote=format_addr(transport.remote), reason=str(cause or e) or "closed")
                 return None
         if scope.cancelled_caught or stream is None:
+            self.tls_handshake_failures += 1
             self._tls_failed.note(remote=format_addr(transport.remote), reason="handshake not done in time")
             return None
         version = stream.version() or "unknown"

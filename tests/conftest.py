@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The golden vectors live in the repo (copied from Tailscale-generated ../shared/vectors) so a
 # fresh clone anywhere can run the suite; DERPD_VECTORS points elsewhere if wanted.
 VECTORS = Path(os.environ.setdefault("DERPD_VECTORS", str(REPO / "tests" / "vectors")))
+# derpd processes started by tests must not fight over the default metrics port 9464.
+os.environ.setdefault("DERPD_METRICS_ADDR", "127.0.0.1:0")
 
 
 def load_vector(name: str) -> dict[str, Any]:

@@ -105,6 +105,7 @@ async def test_wrong_sni_is_refused(nursery: trio.Nursery, tmp_path: Path) -> No
     ctx.check_hostname = False  # the client would accept; the server must still refuse the name
     with pytest.raises(ssl.SSLError):
         await DerpClient.connect(https_url(server), cert_name="other.test", ssl_context=ctx)
+    await wait_for(lambda: server.tls_handshake_failures == 1, what="the refused handshake to be counted")
 
 
 async def test_certificate_reload_keeps_live_connections(
@@ -353,6 +354,7 @@ async def test_proxy_protocol_refuses_untrusted_and_garbage(
     await s.aclose()
     assert [r for r in caplog.records if r.getMessage() == "proxy_header_refused"]
     assert trusted.relay.stats.accepts == 0
+    assert (server.proxy_refused, trusted.proxy_refused) == (1, 1)
 
 
 async def test_proxied_address_reaches_peer_present(nursery: trio.Nursery) -> None:
