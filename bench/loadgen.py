@@ -11,6 +11,11 @@ pre-built template (``send_packet_frame``), ``recv_into`` a fixed 256 KiB buffer
 frames walked by offset (only the 16-byte stamp of each payload is ever looked at,
 so payloads are never copied). The handshake uses derpd's sans-IO protocol module.
 
+``https://`` targets: the TLS handshake and the DERP login happen on a blocking
+``ssl.SSLSocket``, which then goes non-blocking into the same epoll loop. A plain-TCP
+worker never touches the TLS code: the worker binds TLS variants of its receive, send
+and discard methods only when the target is TLS (see :class:`Worker`).
+
 Packet payload (the ``size`` bytes after the 32-byte key): u64 sequence number, u64
 ``perf_counter_ns`` send time, then zero padding. Probe packets (readiness checks
 before the timed phase) have the top bit of the sequence number set.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import struct
 import time
 import traceback
@@ -39,6 +45,7 @@ from derpd.protocol import (
     parse_server_key,
     send_packet_frame,
 )
+from derpd.tls import PIN_PREFIX, CertError, fast_start_key, pinned_context
 
 from . import baseline
 
@@ -50,6 +57,11 @@ RECV_BUF = 256 * 1024
 _HEADER = struct.Struct(">BI")  # derpd.protocol's frame header, unpacked by offset here
 _DATA_TYPES = (FrameType.SEND_PACKET, FrameType.RECV_PACKET)  # baseline echoes SendPacket bytes
 _SOFT = (BlockingIOError, InterruptedError)
+# A non-blocking SSLSocket's "try again": not BlockingIOError subclasses. Either one from a
+# send means OpenSSL may already have taken part of the buffer (SSL_write is all-or-nothing
+# per call, but it commits records as it goes): the retry must pass the same bytes again.
+_TLS_SOFT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+ALPN = ["http/1.1"]
 
 # Latency histogram: log-linear (HDR-style) buckets over nanoseconds, 32 per power of two
 # (about 3 % wide), exactly mergeable across workers and bounded in memory.
@@ -97,7 +109,14 @@ def hist_percentiles(hist: dict[int, int], qs: tuple[float, ...]) -> list[float 
 
 @dataclass(frozen=True)
 class Target:
-    """Where the load goes: a DERP server URL, or the baseline forwarder."""
+    """Where the load goes: a DERP server URL, or the baseline forwarder.
+
+    TLS options (``https://`` only): ``cert_name`` is a DERP node's CertName, either a
+    ``sha256-raw:<hex>`` pin of the leaf (self-signed IP certificates) or the name to verify
+    instead of the URL's host; ``ca_file`` a PEM bundle to trust instead of the system's;
+    ``insecure`` skips verification; ``fast_start`` logs in without the 101 round trip when
+    the server sends derper's meta certificate (TLS 1.3), as Tailscale clients do.
+    """
 
     kind: str  # "derp" | "baseline"
     host: str
@@ -105,6 +124,10 @@ class Target:
     path: str = "/derp"
     tls: bool = False
     label: str = ""
+    cert_name: str | None = None
+    ca_file: str | None = None
+    insecure: bool = False
+    fast_start: bool = True
 
     @property
     def host_header(self) -> str:
@@ -112,32 +135,110 @@ class Target:
         default = 443 if self.tls else 80
         return host if self.port == default else f"{host}:{self.port}"
 
+    @property
+    def pinned(self) -> bool:
+        return bool(self.cert_name and self.cert_name.startswith(PIN_PREFIX))
 
-def parse_url(url: str) -> Target:
+    @property
+    def server_hostname(self) -> str:
+        """SNI and the name to verify: ``cert_name`` when it is a name, else the URL's host."""
+        return self.cert_name if self.cert_name and not self.pinned else self.host
+
+    @property
+    def verify(self) -> str | None:
+        """How the server's certificate is checked: pin, ca-file, system, insecure (None: no TLS)."""
+        if not self.tls:
+            return None
+        if self.insecure:
+            return "insecure"
+        if self.pinned:
+            return "pin"
+        return "ca-file" if self.ca_file else "system"
+
+
+def parse_url(
+    url: str,
+    *,
+    cert_name: str | None = None,
+    ca_file: str | None = None,
+    insecure: bool = False,
+    fast_start: bool = True,
+) -> Target:
+    """A DERP target from a URL and the TLS options; a bad pin or CA file fails here, not in a worker."""
     u = urlsplit(url)
     if u.scheme not in ("http", "https"):
-        raise ValueError(f"unsupported URL scheme {u.scheme!r}: want http:// (or https:// later)")
+        raise ValueError(f"unsupported URL scheme {u.scheme!r}: want http:// or https://")
     if not u.hostname:
         raise ValueError(f"no host in URL {url!r}")
     tls = u.scheme == "https"
-    if tls:  # see dial()
-        raise ValueError("https:// targets are not supported yet; use http://")
-    return Target("derp", u.hostname, u.port or (443 if tls else 80), u.path or "/derp", tls, url)
+    if not tls and (cert_name or ca_file or insecure):
+        raise ValueError("--cert-name, --ca-file and --insecure apply to https:// URLs only")
+    target = Target(
+        "derp",
+        u.hostname,
+        u.port or (443 if tls else 80),
+        u.path or "/derp",
+        tls,
+        url,
+        cert_name=cert_name or None,
+        ca_file=ca_file or None,
+        insecure=insecure,
+        fast_start=fast_start,
+    )
+    if tls:
+        client_context(target)
+    return target
+
+
+def client_context(target: Target) -> ssl.SSLContext:
+    """The client SSLContext for ``target``: pinned, CA file, system CAs, or no verification.
+
+    ALPN ``http/1.1`` as derphttp. A pinned context checks the pin itself when the handshake
+    completes (``derpd.tls.pinned_context``: its socket class runs ``check_pin``).
+    """
+    if target.insecure and (target.pinned or target.ca_file):
+        raise ValueError("--insecure contradicts a sha256-raw: --cert-name or --ca-file")
+    if target.pinned and target.ca_file:
+        raise ValueError("give either a sha256-raw: --cert-name (a pin) or --ca-file, not both")
+    if target.insecure:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif target.pinned:
+        assert target.cert_name is not None
+        try:
+            ctx = pinned_context(target.cert_name)
+        except CertError as e:
+            raise ValueError(f"--cert-name: {e}") from None
+    else:
+        try:
+            ctx = ssl.create_default_context(cafile=target.ca_file)
+        except (OSError, ssl.SSLError) as e:  # only a --ca-file can fail here
+            raise ValueError(f"--ca-file {target.ca_file}: {e.strerror or e}") from None
+    ctx.set_alpn_protocols(ALPN)
+    return ctx
 
 
 class HandshakeFailed(Exception):
     """The server refused the upgrade or the DERP handshake did not complete."""
 
 
-def dial(target: Target, timeout: float) -> socket.socket:
-    """A connected blocking TCP socket with a timeout; the single place TLS would wrap."""
-    if target.tls:
-        # To add: ssl.create_default_context() (+ an --insecure flag), wrap here and make the
-        # event loop treat ssl.SSLWantReadError/SSLWantWriteError like BlockingIOError.
-        raise NotImplementedError("https:// targets are not supported yet; use http://")
+def dial(target: Target, timeout: float, context: ssl.SSLContext | None = None) -> socket.socket:
+    """A connected blocking socket with a timeout: TCP, or for TLS an SSLSocket after its handshake.
+
+    ``context`` (TLS only) is reused across a worker's connections; built from the target if None.
+    A certificate or pin mismatch raises ``ssl.SSLCertVerificationError``.
+    """
     sock = socket.create_connection((target.host, target.port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    if not target.tls:
+        return sock
+    try:
+        ctx = context or client_context(target)
+        return ctx.wrap_socket(sock, server_hostname=target.server_hostname)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _read_frame(sock: socket.socket, reader: FrameReader, want: int) -> bytes:
@@ -154,13 +255,27 @@ def _read_frame(sock: socket.socket, reader: FrameReader, want: int) -> bytes:
         reader.feed(data)
 
 
-def derp_handshake(sock: socket.socket, target: Target, key: NodePrivate) -> bytes:
-    """HTTP upgrade plus ServerKey/ClientInfo/ServerInfo on a blocking socket; the server's key."""
+def derp_handshake(sock: socket.socket, target: Target, key: NodePrivate, meta_key: bytes | None = None) -> bytes:
+    """HTTP upgrade plus ServerKey/ClientInfo/ServerInfo on a blocking socket; the server's key.
+
+    With ``meta_key`` (the server key from derper's meta certificate, TLS 1.3 only) the
+    request carries ``Derp-Fast-Start: 1`` and the ClientInfo in the same write, and there is
+    no 101: the server answers with ServerKey (checked against the meta key) and ServerInfo.
+    """
+    fast = "Derp-Fast-Start: 1\r\n" if meta_key else ""
     req = (
         f"GET {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
-        "Connection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
-    )
-    sock.sendall(req.encode())
+        f"Connection: Upgrade\r\nUpgrade: DERP\r\n{fast}\r\n"
+    ).encode()
+    info = ClientInfo(version=2, can_ack_pings=True)
+    if meta_key:
+        sock.sendall(req + client_info_frame(key, meta_key, info))
+        reader = FrameReader()
+        server_pub = parse_server_key(_read_frame(sock, reader, FrameType.SERVER_KEY))
+        if server_pub != meta_key:
+            raise HandshakeFailed("fast start: ServerKey differs from the meta certificate's key")
+        return _finish_login(sock, reader, key, server_pub)
+    sock.sendall(req)
     buf = b""
     while b"\r\n\r\n" not in buf:
         data = sock.recv(65536)
@@ -177,7 +292,11 @@ def derp_handshake(sock: socket.socket, target: Target, key: NodePrivate) -> byt
     reader = FrameReader()
     reader.feed(rest)
     server_pub = parse_server_key(_read_frame(sock, reader, FrameType.SERVER_KEY))
-    sock.sendall(client_info_frame(key, server_pub, ClientInfo(version=2, can_ack_pings=True)))
+    sock.sendall(client_info_frame(key, server_pub, info))
+    return _finish_login(sock, reader, key, server_pub)
+
+
+def _finish_login(sock: socket.socket, reader: FrameReader, key: NodePrivate, server_pub: bytes) -> bytes:
     open_server_info(key, server_pub, _read_frame(sock, reader, FrameType.SERVER_INFO))
     reader.read_frames()  # anything whole after ServerInfo is control traffic, not ours
     if reader.buffered:
@@ -222,7 +341,7 @@ class Pair:
     written_off: int = 0  # window mode: presumed lost after a stall
     stalls: int = 0
     last_progress: float = 0.0
-    pending: bytes | None = None  # tail of a partially written frame
+    pending: bytes | bytearray | None = None  # tail of a partially written frame (TLS: a whole refused write)
     blocked: bool = False  # waiting for the sender socket to become writable
     probe_seen: bool = False
     rbuf: bytearray = field(default_factory=lambda: bytearray(RECV_BUF))
@@ -230,6 +349,13 @@ class Pair:
 
 
 class Worker:
+    """Both ends of some pairs in one epoll loop.
+
+    For a TLS target, ``__init__`` shadows ``_on_readable``, ``_send`` and ``_discard`` with
+    their ``_tls`` variants (instance attributes), so the plain-TCP data path runs exactly the
+    code it always did and pays nothing for TLS.
+    """
+
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
         self.pairs: list[Pair] = []
@@ -239,18 +365,62 @@ class Worker:
         self.hist = [0] * HIST_SIZE
         self.timed = False
         self.sending = False
+        self.tls = cfg.target.tls
+        self.context: ssl.SSLContext | None = None
+        self.soft: tuple[type[OSError], ...] = _SOFT  # "try again" on the cold paths
+        self.tls_versions: dict[str, int] = {}
+        self.tls_ciphers: dict[str, int] = {}
+        self.tls_alpn: dict[str, int] = {}
+        self.fast_starts = 0
+        if self.tls:
+            self.context = client_context(cfg.target)
+            self.soft = _SOFT + _TLS_SOFT
+            self._on_readable = self._on_readable_tls  # type: ignore[method-assign]
+            self._send = self._send_tls  # type: ignore[method-assign]
+            self._discard = self._discard_tls  # type: ignore[method-assign]
 
     # --- setup
 
     def _open(self, pair_id: int, role: int, key: NodePrivate) -> socket.socket:
         cfg = self.cfg
-        sock = dial(cfg.target, cfg.connect_timeout)
-        if cfg.target.kind == "baseline":
-            sock.sendall(baseline.hello(role, key.public))
-        else:
-            derp_handshake(sock, cfg.target, key)
-        sock.setblocking(False)
+        sock = dial(cfg.target, cfg.connect_timeout, self.context)
+        try:
+            if cfg.target.kind == "baseline":
+                sock.sendall(baseline.hello(role, key.public))
+            else:
+                meta_key = None
+                if isinstance(sock, ssl.SSLSocket):
+                    self._note_tls(sock)
+                    if cfg.target.fast_start:
+                        meta_key = fast_start_key(sock)
+                derp_handshake(sock, cfg.target, key, meta_key)
+                self.fast_starts += meta_key is not None
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
         return sock
+
+    def _note_tls(self, sock: ssl.SSLSocket) -> None:
+        for counts, value in (
+            (self.tls_versions, sock.version()),
+            (self.tls_ciphers, (sock.cipher() or ("?",))[0]),
+            (self.tls_alpn, sock.selected_alpn_protocol()),
+        ):
+            name = value or "none"
+            counts[name] = counts.get(name, 0) + 1
+
+    def tls_summary(self) -> dict[str, Any] | None:
+        """What the worker's TLS connections negotiated (counts per value), or None for plain TCP."""
+        if not self.tls:
+            return None
+        return {
+            "versions": self.tls_versions,
+            "ciphers": self.tls_ciphers,
+            "alpn": self.tls_alpn,
+            "fast_start": self.fast_starts,
+            "connections": sum(self.tls_versions.values()),
+        }
 
     def connect(self) -> None:
         """Connect and hand-shake every receiver, then every sender (blocking, with timeouts)."""
@@ -288,7 +458,10 @@ class Worker:
                 STAMP.pack_into(frame, STAMP_OFFSET, PROBE_FLAG | n, time.perf_counter_ns())
                 try:
                     sent = p.ssock.send(frame)
-                except _SOFT:
+                except self.soft:
+                    if self.tls:  # OpenSSL may hold part of it: resend the same bytes
+                        p.pending = bytes(frame)
+                        self._want_write(p)
                     sent = 0
                 if 0 < sent < len(frame):  # keep the stream framed
                     p.pending = bytes(frame[sent:])
@@ -348,11 +521,60 @@ class Worker:
                 self._want_write(p)
         p.sent = seq
 
+    def _send_tls(self, p: Pair, k: int) -> None:
+        """``_send`` over an SSLSocket: one TLS record (one ``SSL_write``) per packet, or per burst.
+
+        ``SSL_write`` either takes the whole buffer or raises SSLWant*Error after possibly
+        committing part of it (records already encrypted, some maybe in the kernel); the retry
+        must offer the same bytes (Python's SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER allows another
+        buffer object). So a refused buffer becomes ``pending`` whole and its packets count as
+        sent: they will be, once the socket drains.
+        """
+        if k <= 0 or p.blocked:
+            return
+        tmpl = p.tmpl
+        flen = len(tmpl)
+        seq = p.sent
+        pack_into = STAMP.pack_into
+        send = p.ssock.send
+        clock = time.perf_counter_ns
+        if self.cfg.mode == "per-packet":
+            for _ in range(k):
+                pack_into(tmpl, STAMP_OFFSET, seq, clock())
+                try:
+                    n = send(tmpl)
+                except _TLS_SOFT:
+                    p.pending = bytes(tmpl)
+                    seq += 1
+                    self._want_write(p)
+                    break
+                seq += 1
+                if n != flen:  # not with OpenSSL's default modes; kept framed all the same
+                    p.pending = bytes(tmpl[n:])
+                    self._want_write(p)
+                    break
+        else:
+            buf = tmpl * k
+            ts = clock()
+            for i in range(k):
+                pack_into(buf, STAMP_OFFSET + i * flen, seq + i, ts)
+            seq += k
+            try:
+                n = send(buf)
+            except _TLS_SOFT:
+                p.pending = buf  # a fresh bytearray that nothing writes to again
+                self._want_write(p)
+            else:
+                if n != len(buf):
+                    p.pending = bytes(buf[n:])
+                    self._want_write(p)
+        p.sent = seq
+
     def _on_writable(self, p: Pair) -> None:
         if p.pending is not None:
             try:
                 n = p.ssock.send(p.pending)
-            except _SOFT:
+            except self.soft:  # TLS: pending stays whole, as the retry rule wants
                 return
             if n != len(p.pending):
                 p.pending = p.pending[n:]
@@ -408,16 +630,45 @@ class Worker:
     # --- receiving
 
     def _on_readable(self, p: Pair) -> None:
-        buf = p.rbuf
         fill = p.rfill
         try:
-            n = p.rsock.recv_into(memoryview(buf)[fill:])
+            n = p.rsock.recv_into(memoryview(p.rbuf)[fill:])
         except _SOFT:
             return
         if n == 0:
             raise ConnectionError(f"pair {p.pid}: the server closed the receiver's connection")
+        self._walk(p, fill + n)
+
+    def _on_readable_tls(self, p: Pair) -> None:
+        """``_on_readable`` over an SSLSocket: read until OpenSSL wants more from the kernel.
+
+        Each ``recv_into`` returns at most one TLS record (16 KiB), and decrypted bytes can stay
+        buffered inside OpenSSL (``pending()``) where epoll cannot see them, so one EPOLLIN means
+        reading until SSLWantReadError, walking the frames whenever the buffer fills up.
+        """
+        view = memoryview(p.rbuf)
+        recv_into = p.rsock.recv_into
+        while True:
+            fill = start = p.rfill
+            more = True
+            while fill < RECV_BUF:
+                try:
+                    n = recv_into(view[fill:])
+                except _TLS_SOFT:
+                    more = False
+                    break
+                if n == 0:
+                    raise ConnectionError(f"pair {p.pid}: the server closed the receiver's connection")
+                fill += n
+            if fill != start:
+                self._walk(p, fill)
+            if not more:
+                return
+
+    def _walk(self, p: Pair, end: int) -> None:
+        """Count the whole frames in ``p.rbuf[:end]``, keep a partial one at the start of the buffer."""
+        buf = p.rbuf
         now = time.perf_counter_ns()
-        end = fill + n
         pos = 0
         cnt = 0
         nxt = p.next_seq
@@ -478,6 +729,15 @@ class Worker:
             return
         if not data:
             raise ConnectionError(f"pair {p.pid}: the server closed the sender's connection")
+
+    def _discard_tls(self, p: Pair) -> None:
+        while True:  # until OpenSSL has nothing buffered either
+            try:
+                data = p.ssock.recv(65536)
+            except _TLS_SOFT:
+                return
+            if not data:
+                raise ConnectionError(f"pair {p.pid}: the server closed the sender's connection")
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         recv_fds = self.recv_fds
@@ -547,6 +807,7 @@ class Worker:
             "drain_s": drained,
             "cpu_s": cpu1 - cpu0,
             "hist": {i: n for i, n in enumerate(self.hist) if n},
+            "tls": self.tls_summary(),
         }
 
     def close(self) -> None:

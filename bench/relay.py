@@ -4,6 +4,7 @@
     python -m bench.relay --baseline --pairs 10 --size 1200 --mode batched
     python -m bench.relay --compare --url http://127.0.0.1:3340/derp --server-pid PID
     python -m bench.relay --sweep --url http://127.0.0.1:3340/derp --server-pid PID
+    python -m bench.relay --url https://127.0.0.1:3340/derp --cert-name sha256-raw:<hex> --server-pid PID
 
 Each run prints one JSON line on stdout (a sweep prints one per run) and a human table
 on stderr. Load comes from ``--workers`` separate processes (``bench.loadgen``), each
@@ -251,6 +252,7 @@ def _summarize(
         for idx, n in r["hist"].items():
             hist[int(idx)] = hist.get(int(idx), 0) + n
     p50, p90, p99 = hist_percentiles(hist, (50, 90, 99))
+    tls = _tls_summary(target, [r["tls"] for r in results if r.get("tls")])
     per_pair = [n / duration for r in results for n in r["pair_received"]]
 
     def ms(ns: float | None) -> float | None:
@@ -283,6 +285,7 @@ def _summarize(
         "drain_s": round(max(r["drain_s"] for r in results), 3),
         "server": None,
         "loadgen": {"cpu_pct": round(100 * total("cpu_s") / duration, 1), "workers": nworkers},
+        "tls": tls,
     }
     if spec.rate:
         out["offered_pps"] = spec.rate * spec.pairs
@@ -296,6 +299,25 @@ def _summarize(
             "rss_peak_mb": round(after.hwm_mb, 1),
         }
     return out
+
+
+def _tls_summary(target: Target, parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The workers' TLS counts merged: one value per field when all connections agree, else "a,b"."""
+    if not target.tls:
+        return None
+
+    def merged(field: str) -> str | None:
+        names = sorted({name for part in parts for name in part[field]})
+        return ",".join(names) if names else None
+
+    return {
+        "version": merged("versions"),
+        "cipher": merged("ciphers"),
+        "alpn": merged("alpn"),
+        "verify": target.verify,
+        "fast_start": sum(part["fast_start"] for part in parts),
+        "connections": sum(part["connections"] for part in parts),
+    }
 
 
 # --- the baseline forwarder -------------------------------------------------------
@@ -348,6 +370,7 @@ _COLUMNS = (
     ("srvMB", 6),
     ("genCPU%", 7),
     ("sirq%", 5),
+    ("tls", 7),
     ("pps×b", 6),
     ("cpu×b", 6),
 )
@@ -355,6 +378,16 @@ _COLUMNS = (
 
 def _fmt(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _tls_cell(tls: dict[str, Any] | None) -> str:
+    """``1.3+fs`` (TLS 1.3, every connection used fast start), ``1.2``, ``1.3!`` (not verified), ``-``."""
+    if not tls:
+        return "-"
+    cell = ",".join(v.removeprefix("TLSv") for v in (tls["version"] or "?").split(","))
+    if tls["fast_start"]:
+        cell += "+fs" if tls["fast_start"] == tls["connections"] else f"+fs{tls['fast_start']}"
+    return cell + ("!" if tls["verify"] == "insecure" else "")
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -381,6 +414,7 @@ def table(results: list[dict[str, Any]]) -> str:
             _fmt(srv.get("rss_mb"), 0),
             _fmt(r["loadgen"]["cpu_pct"], 0),
             _fmt((r.get("host") or {}).get("softirq_pct"), 0),
+            _tls_cell(r.get("tls")),
             _fmt(r.get("vs_baseline"), 2),
             _fmt(r.get("cpu_per_pkt_vs_baseline"), 2),
         )
@@ -410,6 +444,19 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--compare", action="store_true", help="run the baseline, then --url; report the ratio")
     tgt.add_argument("--sweep", action="store_true", help="pairs × size × mode matrix, baseline and --url")
     tgt.add_argument("--server-pid", type=int, help="sample this process's CPU and RSS from /proc")
+    tls = ap.add_argument_group("TLS (https:// URLs)")
+    tls.add_argument(
+        "--cert-name",
+        help="the DERP node's CertName: sha256-raw:<hex> pins the leaf (self-signed IP certificate), "
+        "a name is verified (and sent as SNI) instead of the URL's host",
+    )
+    tls.add_argument("--ca-file", help="PEM file of CA certificates to trust instead of the system's")
+    tls.add_argument("--insecure", action="store_true", help="do not verify the server's certificate at all")
+    tls.add_argument(
+        "--no-fast-start",
+        action="store_true",
+        help="always log in through the 101 upgrade, even when the server sends derper's meta certificate",
+    )
     load = ap.add_argument_group("load")
     load.add_argument("--pairs", type=int, default=10)
     load.add_argument("--size", type=int, default=1200, help="packet bytes after the 32-byte key (>= 16)")
@@ -460,7 +507,19 @@ def main(argv: list[str] | None = None) -> int:
         batch_max=args.batch_max,
     )
     try:
-        url_target = parse_url(args.url) if args.url else None
+        url_target = None
+        if args.url:
+            url_target = parse_url(
+                args.url,
+                cert_name=args.cert_name,
+                ca_file=args.ca_file,
+                insecure=args.insecure,
+                fast_start=not args.no_fast_start,
+            )
+        elif args.cert_name or args.ca_file or args.insecure:
+            raise ValueError("--cert-name, --ca-file and --insecure need an https:// --url")
+        if url_target is not None and url_target.insecure:
+            print("warning: --insecure: the server's certificate is NOT verified", file=sys.stderr, flush=True)
         specs = [spec]
         if args.sweep:
             specs = [
@@ -481,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             assert url_target is not None
             results = [run_load(url_target, spec, args.server_pid)]
             emit(results[0])
-    except (BenchError, NotImplementedError, ValueError, OSError) as e:
+    except (BenchError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -517,8 +576,7 @@ def _sweep(
 def _progress(target: Target, spec: RunSpec) -> None:
     pace = f"window {spec.window}" if spec.window else f"rate {spec.rate:g}/s"
     print(
-        f"# {target.label or target.kind}: {spec.pairs} pairs × {spec.size} B, {spec.mode}, {pace}, "
-        f"{spec.duration:g}s",
+        f"# {target.label or target.kind}: {spec.pairs} pairs × {spec.size} B, {spec.mode}, {pace}, {spec.duration:g}s",
         file=sys.stderr,
         flush=True,
     )

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +27,23 @@ KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def derpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    """A derpd subprocess on a kernel-chosen loopback port (read from its log): (URL, pid)."""
-    tmp = tmp_path_factory.mktemp("derpd")
-    cmd = [sys.executable, "-m", "derpd", "serve", "--dev", "--addr", "127.0.0.1:0", "--stun-port", "-1"]
+@contextmanager
+def _serve(tmp: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path, re.Match[str]]]:
+    """derpd serve on a kernel-chosen loopback port; yields once its log says it is serving."""
+    cmd = [sys.executable, "-m", "derpd", "serve", "--addr", "127.0.0.1:0", "--stun-port", "-1", *args]
     cmd += ["--key-file", str(tmp / "derper.key")]
     log_path = tmp / "derpd.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 15
-        while not (m := re.search(r"event=serving derp=127\.0\.0\.1:(\d+)", log_path.read_text())):
+        while not (m := re.search(r"event=serving derp=127\.0\.0\.1:(\d+) tls=(\w+)", log_path.read_text())):
             if proc.poll() is not None:
                 pytest.fail(f"derpd exited with {proc.returncode}: {log_path.read_text()}")
             if time.monotonic() > deadline:
                 pytest.fail("derpd did not start listening within 15 s")
             time.sleep(0.05)
-        yield f"http://127.0.0.1:{m.group(1)}/derp", proc.pid
+        yield proc, log_path, m
     finally:
         proc.terminate()
         try:
@@ -53,8 +53,27 @@ def derpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]
             proc.wait(5)
 
 
-def _bench(*args: str) -> list[dict[str, Any]]:
-    out = subprocess.run(
+@pytest.fixture(scope="module")
+def derpd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """A plain-HTTP derpd subprocess (port read from its log, no free-port race): (URL, pid)."""
+    with _serve(tmp_path_factory.mktemp("derpd"), "--dev") as (proc, _, m):
+        yield f"http://127.0.0.1:{m.group(1)}/derp", proc.pid
+
+
+@pytest.fixture(scope="module")
+def derpd_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, int]]:
+    """derpd with TLS and a self-signed certificate for 127.0.0.1 it creates: (URL, pin, pid)."""
+    tmp = tmp_path_factory.mktemp("derpd-tls")
+    args = ("--certmode", "manual", "--hostname", "127.0.0.1", "--certdir", str(tmp / "certs"), "--http-port", "-1")
+    with _serve(tmp, *args) as (proc, log_path, m):
+        assert m.group(2) == "on"
+        pin = re.search(r"event=self_signed_certificate .*cert_name=(sha256-raw:[0-9a-f]{64})", log_path.read_text())
+        assert pin, log_path.read_text()
+        yield f"https://127.0.0.1:{m.group(1)}/derp", pin.group(1), proc.pid
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "bench.relay", "--duration", "1", "--drain", "1", *args],
         cwd=REPO,
         check=False,
@@ -62,6 +81,10 @@ def _bench(*args: str) -> list[dict[str, Any]]:
         text=True,
         timeout=90,
     )
+
+
+def _bench(*args: str) -> list[dict[str, Any]]:
+    out = _run(*args)
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines()]
 
@@ -69,6 +92,8 @@ def _bench(*args: str) -> list[dict[str, Any]]:
 def _check(r: dict[str, Any], target: str) -> None:
     assert r.keys() >= KEYS
     assert r["target"] == target
+    if target.startswith("http:") or target == "baseline":
+        assert r["tls"] is None
     assert r["sent"] > 0
     assert r["received"] == r["sent"]
     assert r["loss_pct"] == 0
@@ -98,6 +123,42 @@ def test_batched_window(derpd: tuple[str, int]) -> None:
     _check(r, url)
     assert r["window"] == 4
     assert r["loadgen"]["workers"] == 2
+
+
+def test_tls_pinned_fast_start(derpd_tls: tuple[str, str, int]) -> None:
+    """https:// with the self-signed certificate's pin: TLS 1.3, every client logs in by fast start."""
+    url, pin, pid = derpd_tls
+    (r,) = _bench("--url", url, "--cert-name", pin, "--server-pid", str(pid), "--pairs", "2", "--rate", "200")
+    _check(r, url)
+    tls = r["tls"]
+    assert tls["version"] == "TLSv1.3"
+    assert tls["alpn"] == "http/1.1"
+    assert tls["verify"] == "pin"
+    assert tls["connections"] == 4  # a sender and a receiver per pair
+    assert tls["fast_start"] == 4  # derpd sends derper's meta certificate
+
+
+def test_tls_batched_insecure_upgrade(derpd_tls: tuple[str, str, int]) -> None:
+    """The batched path over TLS, logging in through the 101 upgrade, without verification (and saying so)."""
+    url, _, pid = derpd_tls
+    args = ("--mode", "batched", "--window", "4", "--pairs", "2", "--size", "64", "--insecure", "--no-fast-start")
+    out = _run("--url", url, "--server-pid", str(pid), *args)
+    assert out.returncode == 0, out.stderr
+    assert "NOT verified" in out.stderr
+    (r,) = (json.loads(line) for line in out.stdout.splitlines())
+    _check(r, url)
+    assert r["tls"]["version"] == "TLSv1.3"
+    assert r["tls"]["verify"] == "insecure"
+    assert r["tls"]["fast_start"] == 0
+
+
+def test_tls_wrong_pin_refused(derpd_tls: tuple[str, str, int]) -> None:
+    url, pin, _ = derpd_tls
+    other = "sha256-raw:" + ("0" if pin[-1] != "0" else "1") * 64
+    out = _run("--url", url, "--cert-name", other, "--pairs", "1", "--rate", "10")
+    assert out.returncode == 1
+    assert "does not match the pin" in out.stderr
+    assert out.stdout == ""
 
 
 def test_histogram_percentiles() -> None:
