@@ -360,9 +360,10 @@ class ClientConn:
             self._batch_failed()
             self.close(f"write error: {e.strerror or e}")
             return
-        if n == len(data):
+        if n == len(data) and not self.transport.has_backlog:
             self._batch_done(n)
             return
+        # The kernel is full: the writer task finishes this batch (and any TLS backlog).
         self.bytes_out += n
         self.pending = memoryview(data)[n:]
         self.writing = True
@@ -372,7 +373,7 @@ class ClientConn:
         timeout = self.write_timeout
         view = memoryview(data)
         send_all = self.transport.send_all
-        for start in range(0, len(view), WRITE_SLICE):
+        for start in range(0, max(len(view), 1), WRITE_SLICE):  # an empty write flushes a backlog
             piece = view[start : start + WRITE_SLICE]
             if timeout > 0:
                 with trio.move_on_after(timeout) as scope:

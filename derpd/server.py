@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import math
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -23,8 +24,8 @@ from .limits import AcceptLimiter, LimitError, PerIPLimiter, RateConfig
 from .proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
 from .relay import Admitter, RelayConfig, RelayServer
 from .sdnotify import ActivatedSockets
-from .tls import CertStore, accept_tls
-from .transport import RECV_SIZE, SocketTransport, StreamTransport, Transport, format_addr
+from .tls import CertStore
+from .transport import SocketTransport, TLSTransport, Transport, format_addr
 
 ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -128,33 +129,6 @@ class ServerSettings:
     shutdown_timeout: float = 5.0  # graceful shutdown: at most this long to flush and close
     restart_reconnect_in: float = 1.0  # the Restarting frame: when clients should reconnect
     restart_try_for: float = 30.0  # ... and for how long they should keep trying
-
-
-class _PrefixedStream(trio.abc.Stream):
-    """A SocketTransport as a trio stream (for TLS), first giving back bytes already read."""
-
-    def __init__(self, transport: SocketTransport, prefix: bytes) -> None:
-        self.transport = transport
-        self.prefix = prefix
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.prefix:
-            data, self.prefix = self.prefix, b""
-            await trio.lowlevel.checkpoint()
-            return data
-        return await self.transport.receive_some(max_bytes or RECV_SIZE)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        try:
-            await self.transport.send_all(data)
-        except OSError as e:
-            raise trio.BrokenResourceError(str(e)) from e
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.wait_writable(self.transport.sock)
-
-    async def aclose(self) -> None:
-        await self.transport.aclose()
 
 
 class DerpServer:
@@ -392,21 +366,20 @@ class DerpServer:
         log.info("proxy_header_refused", remote=format_addr(peer), reason="no PROXY header in time")
         return None
 
-    async def _tls_handshake(self, transport: SocketTransport, initial: bytes) -> StreamTransport | None:
+    async def _tls_handshake(self, transport: SocketTransport, initial: bytes) -> TLSTransport | None:
         assert self.tls is not None
-        stream: trio.SSLStream[_PrefixedStream] | None = None
+        tls = TLSTransport(transport, self.tls.context, initial)
         with trio.move_on_after(self.settings.head_timeout) as scope:
             try:
-                stream = await accept_tls(_PrefixedStream(transport, initial), self.tls.context)
-            except trio.BrokenResourceError as e:
-                cause = e.__cause__
+                await tls.handshake()
+            except (ssl.SSLError, OSError) as e:
                 self.tls_handshake_failures += 1
-                self._tls_failed.note(remote=format_addr(transport.remote), reason=str(cause or e) or "closed")
+                self._tls_failed.note(remote=format_addr(transport.remote), reason=str(e) or type(e).__name__)
                 return None
-        if scope.cancelled_caught or stream is None:
+        if scope.cancelled_caught:
             self.tls_handshake_failures += 1
             self._tls_failed.note(remote=format_addr(transport.remote), reason="handshake not done in time")
             return None
-        version = stream.version() or "unknown"
+        version = tls.version() or "unknown"
         self.tls_versions[version] = self.tls_versions.get(version, 0) + 1
-        return StreamTransport(stream, transport.remote)
+        return tls

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from typing import Protocol
 
 import trio
@@ -31,6 +32,11 @@ class Transport(Protocol):
 
     def try_send(self, data: bytes | memoryview) -> int:
         """Write what the kernel takes right now without waiting; 0 if nothing."""
+        ...
+
+    @property
+    def has_backlog(self) -> bool:
+        """Bytes try_send accepted that are not on the wire yet (send_all(b"") flushes them)."""
         ...
 
     async def send_all(self, data: bytes | memoryview) -> None: ...
@@ -112,6 +118,8 @@ class SocketTransport:
             await trio.lowlevel.wait_writable(sock)
         await trio.lowlevel.checkpoint()
 
+    has_backlog = False
+
     def shutdown_write(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -121,6 +129,150 @@ class SocketTransport:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+class TLSTransport:
+    """TLS driven by hand (ssl.SSLObject and memory BIOs) over a non-blocking socket.
+
+    Unlike trio.SSLStream it decrypts every record a read brought in before returning (so
+    one wake-up handles many small packets), and it can encrypt and send without waiting
+    (``try_send``), which keeps TLS connections on the relay's direct-write path. Ciphertext
+    the kernel did not take stays in a backlog that ``send_all`` (the writer task) flushes.
+    """
+
+    __slots__ = ("_backlog", "_closed", "_incoming", "_outgoing", "remote", "sock", "ssl")
+
+    def __init__(self, raw: SocketTransport, context: ssl.SSLContext, initial: bytes = b"") -> None:
+        self.sock = raw.sock
+        self.remote = raw.remote
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        if initial:
+            self._incoming.write(initial)
+        self.ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._backlog = bytearray()  # ciphertext not yet taken by the kernel
+        self._closed = False
+
+    def version(self) -> str | None:
+        return self.ssl.version()
+
+    @property
+    def has_backlog(self) -> bool:
+        return bool(self._backlog or self._outgoing.pending)
+
+    async def handshake(self) -> None:
+        """Server handshake; on failure OpenSSL's alert still goes out before the error is raised.
+        (The caller bounds it with its own deadline.)"""
+        while True:
+            try:
+                self.ssl.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise ConnectionResetError(errno.ECONNRESET, "peer closed during the TLS handshake") from None
+                continue
+            except ssl.SSLError:
+                with trio.move_on_after(1.0):
+                    try:
+                        await self._flush()
+                    except OSError:
+                        pass
+                raise
+            await self._flush()
+            return
+
+    async def _fill(self) -> bool:
+        """Read what the kernel has (waiting if nothing) into the TLS engine; False at EOF."""
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except _SOFT_ERRORS:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as e:
+                if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ENOTCONN):
+                    return False
+                raise
+            if not data:
+                self._incoming.write_eof()
+                return False
+            self._incoming.write(data)
+            return True
+
+    def _decrypt(self) -> bytes:
+        """Every byte of plaintext the buffered records hold (b"" if none complete)."""
+        chunks: list[bytes] = []
+        read = self.ssl.read
+        while True:
+            try:
+                chunk = read(RECV_SIZE)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        if self._outgoing.pending:  # e.g. a KeyUpdate answer: send with the next write
+            self._backlog += self._outgoing.read()
+        return b"".join(chunks)
+
+    async def receive_some(self, max_bytes: int = RECV_SIZE) -> bytes:
+        while True:
+            data = self._decrypt()
+            if data:
+                await trio.lowlevel.checkpoint()
+                return data
+            if self._incoming.eof or not await self._fill():
+                return b""
+
+    def try_send(self, data: bytes | memoryview) -> int:
+        """Encrypt all of ``data`` and send what the kernel takes now; the rest is backlog."""
+        if self._backlog or self._closed:
+            return 0  # keep the byte order: the writer flushes the backlog first
+        self.ssl.write(data)
+        cipher = self._outgoing.read()
+        try:
+            sent = self.sock.send(cipher)
+        except _SOFT_ERRORS:
+            sent = 0
+        if sent < len(cipher):
+            self._backlog += memoryview(cipher)[sent:]
+        return len(data)
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        if data:
+            self.ssl.write(data)
+        await self._flush()
+        await trio.lowlevel.checkpoint()
+
+    async def _flush(self) -> None:
+        if self._outgoing.pending:
+            self._backlog += self._outgoing.read()
+        sock = self.sock
+        backlog = self._backlog
+        while backlog:
+            try:
+                sent = sock.send(backlog)
+            except _SOFT_ERRORS:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            del backlog[:sent]
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:  # a close_notify, best effort, never waiting
+                self.ssl.unwrap()
+            except (ssl.SSLError, ValueError):
+                pass
+            if self._outgoing.pending:
+                try:
+                    self.sock.send(self._outgoing.read())
+                except OSError:
+                    pass
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
         await trio.lowlevel.checkpoint()
@@ -143,6 +295,8 @@ class StreamTransport:
 
     def try_send(self, data: bytes | memoryview) -> int:
         return 0
+
+    has_backlog = False
 
     async def send_all(self, data: bytes | memoryview) -> None:
         await self.stream.send_all(data)

@@ -130,6 +130,8 @@ class WebSocketTransport:
     def try_send(self, data: bytes | memoryview) -> int:
         return 0  # every write is a WebSocket message built by the writer task
 
+    has_backlog = False
+
     async def send_all(self, data: bytes | memoryview) -> None:
         if self._closed:
             raise trio.ClosedResourceError("WebSocket closed")

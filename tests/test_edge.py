@@ -86,6 +86,43 @@ async def test_tls13_takes_fast_start_and_tls12_the_101_path(nursery: trio.Nurse
     assert server.tls_versions == {"TLSv1.3": 1, "TLSv1.2": 1}
 
 
+async def test_tls_bulk_transfer_and_a_stuck_reader(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Over TLS too: large bursts arrive whole and in order (the ciphertext backlog path), and a
+    client that stops reading is cut off by the write timeout without holding anyone back."""
+    ca = trustme.CA()
+    issue(ca, tmp_path)
+    server = await tls_server(nursery, tmp_path, relay=RelayConfig(write_timeout=0.5))
+    url = https_url(server)
+    a = await DerpClient.connect(url, cert_name=HOST, ssl_context=trusting(ca))
+    b = await DerpClient.connect(url, cert_name=HOST, ssl_context=trusting(ca))
+    stuck = await DerpClient.connect(url, cert_name=HOST, ssl_context=trusting(ca))  # never reads again
+    async with a, b, stuck:
+        sent = [i.to_bytes(4, "big") * 15_000 for i in range(40)]  # 60 kB packets
+        got: list[bytes] = []
+
+        async def receive() -> None:
+            while len(got) < len(sent):
+                got.append((await b.recv_packet()).data)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(receive)
+            with trio.fail_after(30):
+                for i in range(0, len(sent), 8):
+                    await a.send_many([(b.public_key, p) for p in sent[i : i + 8]])
+                    await a.send_many([(stuck.public_key, b"z" * 60_000)] * 8)
+        assert got == sent
+        # Keep offering the stuck client data until its kernel buffers are full and the deadline hits.
+        with trio.fail_after(30):
+            for _ in range(400):
+                if server.relay.stats.sclient_write_timeouts:
+                    break
+                await a.send_many([(stuck.public_key, b"z" * 60_000)] * 4)
+                await relay_both_ways(a, b)  # everyone else is unaffected meanwhile
+                await trio.sleep(0.01)
+        assert server.relay.stats.sclient_write_timeouts == 1
+        await relay_both_ways(a, b)
+
+
 async def test_websocket_over_tls(nursery: trio.Nursery, tmp_path: Path) -> None:
     ca = trustme.CA()
     issue(ca, tmp_path)
