@@ -1,4 +1,4 @@
-"""The ``derpd`` command: serve, genkey, pubkey.
+"""The ``derpd`` command: serve, check-config, genkey, pubkey, derpmap, probe.
 
 Every flag has an environment twin ``DERPD_<NAME>``. Any bad flag or file ends in
 one ``derpd: error: ...`` line and exit status 2 before anything is started.
@@ -38,6 +38,7 @@ from .proxyproto import parse_trusted
 from .relay import RelayConfig
 from .server import AddressError, DerpServer, ServerSettings, parse_hostport
 from .tls import CertError, CertStore
+from .tools import derpmap, probe
 
 DEV_ADDR = "127.0.0.1:3340"
 DEV_KEY_FILE = ".derpd/derper.key"
@@ -538,6 +539,10 @@ def pubkey(key_file: str) -> None:
     except InvalidKeyError as e:
         raise ConfigError(str(e)) from None
     click.echo(public_key_text(key.public))
+
+
+cli.add_command(derpmap)
+cli.add_command(probe)
 
 
 def main(argv: list[str] | None = None) -> None:
