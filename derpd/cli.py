@@ -33,6 +33,7 @@ from .keys import (
 )
 from .keys import NodePrivate as _NodePrivate
 from .limits import LimitError, RateConfig
+from .mesh import MeshError, parse_targets
 from .metrics import parse_metrics_addr, registry_for, serve_metrics
 from .proxyproto import parse_trusted
 from .relay import RelayConfig
@@ -198,6 +199,12 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
     "connections and forward packets. Must not be readable by others.",
     type=click.Path(dir_okay=False),
     default=None,
+)
+@_opt(
+    "--mesh-with",
+    "Other nodes of this region to mesh with: comma-separated host, host/dialhost or http(s):// URLs "
+    "(derpd or Go derper; this node's own name may be listed). Needs --mesh-psk-file.",
+    default="",
 )
 @_opt(
     "--home",
@@ -417,6 +424,12 @@ def _settings(
     http_port = o["http_port"]
     if http_port is None:
         http_port = 80 if tls is not None else -1
+    try:
+        mesh_with = parse_targets(o["mesh_with"], tls=tls is not None, default_port=port)
+    except MeshError as e:
+        raise ConfigError(str(e)) from None
+    if mesh_with and mesh_key is None:
+        raise ConfigError("--mesh-with needs the region's mesh key (--mesh-psk-file)")
 
     rate = RateConfig()
     try:
@@ -456,6 +469,7 @@ def _settings(
         tcp_user_timeout=o["tcp_user_timeout"],
         admission=admission if admission.enabled else None,
         rate_config_path=o["rate_config"],
+        mesh_with=mesh_with,
         shutdown_timeout=o["shutdown_timeout"],
         restart_reconnect_in=o["restart_reconnect_in"],
         restart_try_for=o["restart_try_for"],

@@ -220,6 +220,7 @@ class DerpClient:
         headers: Iterable[tuple[str, str]] = (),
         ssl_context: ssl.SSLContext | None = None,
         websocket: bool = False,
+        dial: tuple[str, int] | str | None = None,
         timeout: float = 10.0,
     ) -> DerpClient:
         """Dial, upgrade and handshake, as Tailscale's derphttp client does.
@@ -228,11 +229,17 @@ class DerpClient:
         derper's meta certificate; True forces it (needs ``server_key`` or the meta cert);
         False never. ``cert_name`` is a DERP node's CertName: a ``sha256-raw:<hex>`` pin of a
         self-signed certificate, or the name to verify instead of the URL's host.
-        ``websocket`` speaks DERP inside WebSocket binary messages (subprotocol ``derp``)."""
+        ``websocket`` speaks DERP inside WebSocket binary messages (subprotocol ``derp``).
+        ``dial`` connects somewhere else than the URL's host (a (host, port), or a unix socket
+        path) while TLS and HTTP still use the URL's name, as derper's ``host/dialhost``."""
         scheme, host, port, path = _split_url(url)
         key = key or NodePrivate.generate()
         with trio.fail_after(timeout):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+            stream: trio.abc.Stream
+            if isinstance(dial, str):
+                stream = await trio.open_unix_socket(dial)
+            else:
+                stream = await trio.open_tcp_stream(*(dial or (host, port)))
             try:
                 if scheme == "https":
                     tls = await _tls_connect(stream, host, cert_name, ssl_context)
@@ -439,6 +446,17 @@ class DerpClient:
             if msg is not None:
                 self._pending.append(msg)
         return data
+
+    def detach(self) -> tuple[trio.abc.Stream, list[tuple[int, bytes]], bytes]:
+        """Give up the connection to another reader: the stream, frames already parsed,
+        and bytes received but not yet parsed (the mesh takes links over this way)."""
+        frames = list(self._frames)
+        self._frames.clear()
+        pending = self._pending
+        if pending:
+            raise RuntimeError("cannot detach a client holding decoded messages")
+        self._closed = True
+        return self.stream, frames, self._reader.take_buffered()
 
     async def aclose(self) -> None:
         if not self._closed:

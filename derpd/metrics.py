@@ -105,10 +105,19 @@ class DerpCollector(Collector):
             "Connections now open that the client says are to a non-ideal node",
             st.current_notideal_connections,
         )
+        remote = sum(1 for k in relay.forwarders if k not in relay.keys)
         yield _gauge(
-            "derp_clients_total", "Distinct client keys known to this node (local; no mesh yet)", len(relay.keys)
+            "derp_clients_total",
+            "Distinct client keys in the region (here or at a mesh peer)",
+            len(relay.keys) + remote,
         )
         yield _gauge("derp_clients_local", "Distinct client keys connected to this node", len(relay.keys))
+        yield _gauge("derp_clients_remote", "Client keys reachable only through a mesh peer", remote)
+        yield _labelled(
+            GaugeMetricFamily("derp_mesh_peer_up", "1 while the link to a --mesh-with peer is up", labels=["peer"]),
+            [((name,), 0 if link is None else 1) for name, link in sorted(relay.mesh_links.items())],
+        )
+        yield _counter("derp_mesh_connects", "Mesh links established (reconnects included)", st.mesh_connects)
         yield _gauge(
             "derp_watchers", "Connections subscribed to peer presence (WatchConns, mesh peers)", len(relay.watchers)
         )
@@ -180,6 +189,9 @@ class DerpCollector(Collector):
         yield _counter("derp_unknown_frames", "Frames of unknown type received and skipped", st.unknown_frames)
         yield _counter(
             "derp_packets_forwarded_in", "ForwardPacket frames received from mesh peers", st.packets_forwarded_in
+        )
+        yield _counter(
+            "derp_packets_forwarded_out", "Packets sent on to a mesh peer as ForwardPacket", st.packets_forwarded_out
         )
 
     def _rate_limit(self) -> Iterator[Metric]:

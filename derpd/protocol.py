@@ -182,6 +182,13 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
+    def take_buffered(self) -> bytes:
+        """Hand over the bytes not yet parsed (when another reader takes over the stream)."""
+        data = bytes(memoryview(self._buf)[self._pos :])
+        self._buf = b""
+        self._pos = self._need = 0
+        return data
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._skip:
             n = min(self._skip, len(data))

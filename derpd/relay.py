@@ -12,6 +12,7 @@ reader ever waits for a slow receiver.
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from .protocol import (
     ProtocolError,
     ServerInfo,
     Span,
+    forward_packet_frame,
     health_frame,
     is_disco,
     open_client_info,
@@ -111,6 +113,12 @@ class Verdict(Protocol):
     reason: str
 
 
+class Forwarder(Protocol):
+    """A link to another node of the region (derpd.mesh.MeshLink) that can carry ForwardPackets."""
+
+    def forward(self, frame: bytes, disco: bool, touched: list[ClientConn]) -> None: ...
+
+
 class Admitter(Protocol):
     """Decides whether a (non-mesh) client key may use the relay; see derpd.admission."""
 
@@ -153,6 +161,8 @@ class RelayStats:
         self.protocol_errors = 0
         self.admission_rejected = 0
         self.rate_limit_waited = 0
+        self.packets_forwarded_out = 0
+        self.mesh_connects = 0
         self.dropped_packets: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
         self.dropped_bytes: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
 
@@ -192,6 +202,8 @@ class _KeyConns:
 
 class ClientConn:
     """One authenticated DERP client connection: its queues, its writer, its state."""
+
+    SENDS_KEEPALIVES = True  # a server keeps its clients' read deadlines alive; a mesh link does not
 
     __slots__ = (
         "_lot",
@@ -385,7 +397,7 @@ class ClientConn:
 
     async def _write_loop(self) -> None:
         jitter = random.uniform(0.0, 5.0)
-        interval = self.server.config.keepalive + jitter
+        interval = self.server.config.keepalive + jitter if self.SENDS_KEEPALIVES else math.inf
         next_keepalive = trio.current_time() + interval
         lot = self._lot
         while True:
@@ -539,6 +551,10 @@ class RelayServer:
         self.server_key_frame = server_key_frame(self.public_key)
         self.admission: Admitter | None = None
         self.closing = False  # shutting down: no new logins
+        # Keys connected to other nodes of the region, and the mesh links (first announcer first)
+        # that reach them. ForwardPacket goes one hop: what arrives from a peer is never re-forwarded.
+        self.forwarders: dict[bytes, list[Forwarder]] = {}
+        self.mesh_links: dict[str, Forwarder | None] = {}  # peer name -> its link while connected
         self._conn_ids = count(1)
 
     # --- connection lifecycle -------------------------------------------------------
@@ -643,6 +659,33 @@ class RelayServer:
         for c in conns:
             c.close("server shutting down")
         log.info("clients_closed", count=len(conns), restarting=restarting is not None)
+
+    # --- the mesh: keys on other nodes of the region -------------------------------------------
+
+    def add_forwarder(self, key: bytes, link: Forwarder) -> None:
+        """A mesh peer announced ``key`` (PeerPresent)."""
+        links = self.forwarders.get(key)
+        if links is None:
+            self.forwarders[key] = [link]
+        elif link not in links:
+            links.append(link)
+
+    def remove_forwarder(self, key: bytes, link: Forwarder) -> None:
+        """A mesh peer says ``key`` left it (PeerGone), or the link to that peer broke."""
+        links = self.forwarders.get(key)
+        if links is None or link not in links:
+            return
+        links.remove(link)
+        if links:
+            return
+        del self.forwarders[key]
+        if key not in self.keys:  # gone from the whole region
+            self._peer_gone_from_region(key)
+
+    def remove_link(self, link: Forwarder) -> None:
+        """Forget every route through ``link`` (its connection broke)."""
+        for key in [k for k, links in self.forwarders.items() if link in links]:
+            self.remove_forwarder(key, link)
 
     def set_rate(self, rate: RateConfig) -> None:
         """A new per-client receive limit for everyone connected and everyone to come."""
@@ -752,7 +795,9 @@ class RelayServer:
         if not entry.conns:
             del self.keys[key]
             self.clients.pop(key, None)
-            self._peer_gone_from_region(key)
+            self._tell_watchers_gone(key)
+            if key not in self.forwarders:  # still reachable through a mesh peer: not gone yet
+                self._peer_gone_from_region(key)
             return
         st.current_dup_client_conns -= 1
         if entry.last is conn:
@@ -779,6 +824,7 @@ class RelayServer:
             self.clients.pop(key, None)
 
     def _peer_gone_from_region(self, key: bytes) -> None:
+        """``key`` is reachable nowhere in the region: everyone it sent to hears PeerGone."""
         st = self.stats
         receivers = self.seen_by.pop(key, None)
         if receivers:
@@ -789,11 +835,14 @@ class RelayServer:
                     r.ctrl.append(frame)
                     st.peer_gone_disconnected_frames += 1
                     r.kick()
+
+    def _tell_watchers_gone(self, key: bytes) -> None:
+        """Mesh watchers track our local clients: the last local connection of ``key`` left."""
         if self.watchers:
             frame = peer_gone_frame(key, PeerGoneReason.DISCONNECTED)
             for w in self.watchers:
                 w.ctrl.append(frame)
-                st.peer_gone_disconnected_frames += 1
+                self.stats.peer_gone_disconnected_frames += 1
                 w.kick()
 
     def _note_activity(self, conn: ClientConn) -> None:
@@ -907,9 +956,15 @@ class RelayServer:
             touched.append(d)
 
     def _send_one(self, conn: ClientConn, payload: bytes, disco: bool, touched: list[ClientConn]) -> None:
-        """One SendPacket payload through the destination's queue (or a counted drop)."""
+        """One SendPacket payload through the destination's queue, a mesh peer, or a counted drop."""
         dst = payload[:KEY_LEN]
         d = self.clients.get(dst)
+        if d is None and dst not in self.keys:
+            links = self.forwarders.get(dst)
+            if links:
+                self.stats.packets_forwarded_out += 1
+                links[0].forward(forward_packet_frame(conn.key, dst, payload[KEY_LEN:]), disco, touched)
+                return
         if d is None or d.closed:
             self._drop_undeliverable(conn, dst, len(payload) - KEY_LEN, disco, d, "unknown_dest", touched)
             return

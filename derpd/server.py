@@ -12,6 +12,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -21,6 +22,7 @@ from . import log
 from .http import HEAD_TIMEOUT, HttpConfig, HttpFront
 from .keys import NodePrivate, public_key_text
 from .limits import AcceptLimiter, LimitError, PerIPLimiter, RateConfig
+from .mesh import MeshTarget, keep_link
 from .proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
 from .relay import Admitter, RelayConfig, RelayServer
 from .sdnotify import ActivatedSockets
@@ -126,6 +128,8 @@ class ServerSettings:
     rate_config_path: str | None = None
     head_timeout: float = HEAD_TIMEOUT
     activated: ActivatedSockets | None = None  # sockets inherited from systemd (socket activation)
+    mesh_with: list[MeshTarget] = field(default_factory=list)  # --mesh-with peers (needs mesh_key)
+    mesh_ssl_context: ssl.SSLContext | None = None  # how to verify https:// mesh peers
     shutdown_timeout: float = 5.0  # graceful shutdown: at most this long to flush and close
     restart_reconnect_in: float = 1.0  # the Restarting frame: when clients should reconnect
     restart_try_for: float = 30.0  # ... and for how long they should keep trying
@@ -194,6 +198,18 @@ class DerpServer:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_main, True)
                 for s in side:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_port80, False)
+                if settings.mesh_with and settings.mesh_key:
+                    for target in settings.mesh_with:
+                        nursery.start_soon(
+                            partial(
+                                keep_link,
+                                self.relay,
+                                target,
+                                client_key=self.key,  # as derper: the node's own key, so peers see "self"
+                                mesh_key=settings.mesh_key,
+                                ssl_context=settings.mesh_ssl_context,
+                            )
+                        )
                 if activated.stun or settings.stun_port >= 0:
                     stun_host = host if settings.stun_host is None else settings.stun_host
                     if activated.stun:

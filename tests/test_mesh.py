@@ -1,0 +1,267 @@
+"""The regional mesh: derpd nodes watching each other and forwarding one hop."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from derpd.client import DerpClient, PeerGoneMessage, ReceivedPacket
+from derpd.keys import NodePrivate, parse_public_key
+from derpd.mesh import MeshError, MeshLink, MeshTarget, keep_link, parse_targets
+from derpd.protocol import FrameReader, PeerGoneReason
+from derpd.server import DerpServer
+from derpd.transport import SocketTransport
+
+from .conftest import load_vector, start_server, wait_for
+
+MESH_KEY = os.urandom(32)
+
+
+class Node:
+    """One derpd and its mesh links in their own cancel scope, so a test can kill the node
+    and start it again (as a process restart would, with the same --mesh-with peers)."""
+
+    def __init__(self, nursery: trio.Nursery, name: str) -> None:
+        self.nursery = nursery
+        self.name = name
+        self.key = NodePrivate.generate()
+        self.server: DerpServer | None = None
+        self.scope: trio.CancelScope | None = None
+        self.inner: trio.Nursery | None = None
+        self.port = 0
+
+    async def start(self) -> DerpServer:
+        async def run(task_status: trio.TaskStatus[DerpServer] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope() as scope:
+                self.scope = scope
+                async with trio.open_nursery() as inner:
+                    self.inner = inner
+                    server = await start_server(inner, self.key, mesh_key=MESH_KEY, addr=("127.0.0.1", self.port))
+                    task_status.started(server)
+                    await trio.sleep_forever()
+
+        self.server = await self.nursery.start(run)
+        self.port = self.server.port
+        return self.server
+
+    def link_to(self, other: Node) -> None:
+        assert self.inner is not None
+        target = MeshTarget(other.name, other.url)
+        self.inner.start_soon(partial(keep_link, self.relay, target, client_key=self.key, mesh_key=MESH_KEY))
+
+    def kill(self) -> None:
+        assert self.scope is not None
+        self.scope.cancel()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/derp"
+
+    @property
+    def relay(self):  # type: ignore[no-untyped-def]
+        assert self.server is not None
+        return self.server.relay
+
+
+async def full_mesh(nodes: list[Node]) -> None:
+    for a in nodes:
+        for b in nodes:
+            if a is not b:
+                a.link_to(b)
+    await wait_for(
+        lambda: (
+            all(all(link is not None for link in n.relay.mesh_links.values()) for n in nodes)
+            and all(len(n.relay.mesh_links) == len(nodes) - 1 for n in nodes)
+        ),
+        timeout=15,
+        what="every link up",
+    )
+
+
+async def recv_data(c: DerpClient) -> ReceivedPacket:
+    with trio.fail_after(10):
+        return await c.recv_packet()
+
+
+async def recv_gone(c: DerpClient) -> PeerGoneMessage:
+    with trio.fail_after(15):
+        while True:
+            m = await c.recv()
+            if isinstance(m, PeerGoneMessage):
+                return m
+
+
+def knows(node: Node, *clients: DerpClient) -> bool:
+    return all(c.public_key in node.relay.forwarders or c.public_key in node.relay.clients for c in clients)
+
+
+async def test_three_nodes_relay_across_the_mesh(nursery: trio.Nursery) -> None:
+    a, b, c = (Node(nursery, n) for n in "abc")
+    for n in (a, b, c):
+        await n.start()
+    await full_mesh([a, b, c])
+    ca = await DerpClient.connect(a.url)
+    cb = await DerpClient.connect(b.url)
+    cc = await DerpClient.connect(c.url)
+    everyone = (ca, cb, cc)
+    await wait_for(lambda: all(knows(n, *everyone) for n in (a, b, c)), timeout=15, what="routes everywhere")
+
+    for src, dst in ((ca, cb), (cb, cc), (cc, ca), (cb, ca), (ca, cc), (cc, cb)):
+        payload = os.urandom(1200)
+        await src.send(dst.public_key, payload)
+        got = await recv_data(dst)
+        assert (got.src, got.data) == (src.public_key, payload)
+    assert sum(n.relay.stats.packets_forwarded_out for n in (a, b, c)) == 6
+    assert sum(n.relay.stats.packets_forwarded_in for n in (a, b, c)) == 6
+
+    # cb leaves node B: only those that received from cb (ca and cc) hear PeerGone.
+    await cb.aclose()
+    for receiver in (ca, cc):
+        assert await recv_gone(receiver) == PeerGoneMessage(cb.public_key, PeerGoneReason.DISCONNECTED)
+    await wait_for(lambda: all(cb.public_key not in n.relay.forwarders for n in (a, c)), what="routes to cb gone")
+    for cl in (ca, cc):
+        await cl.aclose()
+
+
+async def test_killed_node_comes_back_and_routes_are_rebuilt(nursery: trio.Nursery) -> None:
+    a, b, c = (Node(nursery, n) for n in "abc")
+    for n in (a, b, c):
+        await n.start()
+    await full_mesh([a, b, c])
+    ca = await DerpClient.connect(a.url)
+    cc = await DerpClient.connect(c.url)
+    await wait_for(lambda: knows(a, cc) and knows(c, ca), timeout=15, what="routes")
+    await cc.send(ca.public_key, b"before")
+    assert (await recv_data(ca)).data == b"before"
+
+    c.kill()  # node C dies with its client: A's receiver hears the key is gone from the region
+    assert await recv_gone(ca) == PeerGoneMessage(cc.public_key, PeerGoneReason.DISCONNECTED)
+    await wait_for(lambda: a.relay.mesh_links.get("c", 1) is None, what="A to notice C is down")
+
+    await c.start()  # same port, same key: A and B reconnect, the flood rebuilds their routes
+    c.link_to(a)
+    c.link_to(b)
+    cc2 = await DerpClient.connect(c.url)
+    await wait_for(lambda: knows(a, cc2) and knows(c, ca), timeout=30, what="routes rebuilt")
+    await cc2.send(ca.public_key, b"after")
+    got = await recv_data(ca)
+    assert (got.src, got.data) == (cc2.public_key, b"after")
+    for cl in (ca, cc, cc2):
+        await cl.aclose()
+
+
+async def test_client_moving_between_nodes_keeps_receiving(nursery: trio.Nursery) -> None:
+    a, b, c = (Node(nursery, n) for n in "abc")
+    for n in (a, b, c):
+        await n.start()
+    await full_mesh([a, b, c])
+    mover_key = NodePrivate.generate()
+    on_a = await DerpClient.connect(a.url, mover_key)
+    sender = await DerpClient.connect(c.url)
+    await wait_for(lambda: knows(c, on_a), timeout=15, what="C to learn the mover")
+    await sender.send(mover_key.public, b"1")
+    assert (await recv_data(on_a)).data == b"1"
+    on_b = await DerpClient.connect(b.url, mover_key)  # roams to B, then leaves A
+    await wait_for(lambda: len(c.relay.forwarders.get(mover_key.public, [])) == 2, what="C to see it on both")
+    await on_a.aclose()
+    await wait_for(
+        lambda: [link.name for link in c.relay.forwarders.get(mover_key.public, [])] == ["b"],  # type: ignore[attr-defined]
+        what="only B left",
+    )
+    await sender.send(mover_key.public, b"2")
+    assert (await recv_data(on_b)).data == b"2"
+    await on_b.aclose()
+    await sender.aclose()
+
+
+async def test_recorded_watcher_stream_builds_routes(nursery: trio.Nursery) -> None:
+    """derpd as the watcher, fed what Go's derper sent its watcher in the recorded session."""
+    session = load_vector("derp-session-mesh.json")
+    rec = next(c for c in session["connections"] if c["role"] == "watcher")
+    s2c = b"".join(bytes.fromhex(ch["hex"]) for ch in rec["chunks"] if ch["d"] == "s2c" and "hex" in ch)
+    frames = rec["frames"]["s2c"]
+    after_login = frames[2]["offset"]  # past the 101, ServerKey and ServerInfo
+    server = await start_server(nursery)
+    ours, theirs = socket.socketpair()
+    link = MeshLink(server.relay, SocketTransport(ours), os.urandom(32), -1, "recorded")
+    theirs.sendall(s2c[after_login:])
+    theirs.shutdown(socket.SHUT_WR)
+    with trio.fail_after(5):
+        await link.run(FrameReader())  # reads to the end of the recording
+    present = [parse_public_key(f["peer_key"]) for f in frames if f["name"] == "PeerPresent"]
+    gone = [parse_public_key(f["peer_key"]) for f in frames if f["name"] == "PeerGone"]
+    assert len(present) == 5 and len(gone) == 2  # A, B, the watcher itself; then C and D
+    assert set(server.relay.forwarders) == set(present) - set(gone)  # C and D came and went
+    server.relay.remove_link(link)  # the link broke: every route through it goes
+    assert not server.relay.forwarders
+    theirs.close()
+    await link.transport.aclose()
+
+
+def test_mesh_with_parsing() -> None:
+    t = parse_targets("derp1.example.com, derp2.example.com/10.0.0.2 ,https://x.example/derp,unix:/run/w.sock",
+                      tls=True, default_port=443)  # fmt: skip
+    assert [x.url for x in t] == [
+        "https://derp1.example.com/derp",
+        "https://derp2.example.com/derp",
+        "https://x.example/derp",
+        "http://localhost/derp",
+    ]
+    assert t[1].dial == ("10.0.0.2", 443) and t[3].dial == "/run/w.sock"
+    assert parse_targets("10.0.0.1", tls=False, default_port=3340)[0].url == "http://10.0.0.1:3340/derp"
+    for bad in ("a,a", "unix:relative", "http://"):
+        with pytest.raises(MeshError):
+            parse_targets(bad, tls=True, default_port=443)
+
+
+async def _spawn(tmp_path: Path, name: str, *args: str) -> tuple[trio.Process, int]:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "derpd", "serve", "--addr", "127.0.0.1:0", "--stun-port", "-1", *args],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    buf = b""
+    with trio.fail_after(20):
+        while not (m := re.search(rb"event=serving derp=127\.0\.0\.1:(\d+)", buf)):
+            chunk = await proc.stderr.receive_some(4096)
+            assert chunk, buf.decode()
+            buf += chunk
+    return proc, int(m.group(1))
+
+
+async def test_mesh_with_flag_between_two_processes(tmp_path: Path) -> None:
+    """`derpd serve --mesh-with` end to end: B watches A and forwards to it."""
+    psk = tmp_path / "mesh.key"
+    psk.write_text(MESH_KEY.hex() + "\n")
+    psk.chmod(0o600)
+    a, port_a = await _spawn(tmp_path, "a", "--key-file", str(tmp_path / "a.key"), "--mesh-psk-file", str(psk))
+    b, port_b = await _spawn(
+        tmp_path, "b", "--key-file", str(tmp_path / "b.key"), "--mesh-psk-file", str(psk),
+        "--mesh-with", f"http://127.0.0.1:{port_a}/derp",
+    )  # fmt: skip
+    try:
+        on_a = await DerpClient.connect(f"http://127.0.0.1:{port_a}/derp")
+        on_b = await DerpClient.connect(f"http://127.0.0.1:{port_b}/derp")
+        with trio.fail_after(20):
+            while True:  # until B has learned on_a from A's PeerPresent flood
+                await on_b.send(on_a.public_key, b"across processes")
+                with trio.move_on_after(0.3):
+                    got = await on_a.recv_packet()
+                    break
+        assert (got.src, got.data) == (on_b.public_key, b"across processes")
+        await on_a.aclose()
+        await on_b.aclose()
+    finally:
+        for p in (a, b):
+            p.terminate()
+            with trio.fail_after(20):
+                await p.wait()
