@@ -40,6 +40,7 @@ from .relay import RelayConfig
 from .server import AddressError, DerpServer, ServerSettings, parse_hostport
 from .tls import CertError, CertStore
 from .tools import derpmap, probe
+from .workers import READY_LINE, WorkerError, configure_worker, supervise, worker_count, worker_identity
 
 DEV_ADDR = "127.0.0.1:3340"
 DEV_KEY_FILE = ".derpd/derper.key"
@@ -296,6 +297,12 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
 )
 @_opt("--trusted-proxies", "Comma-separated CIDRs or IPs allowed to send PROXY headers.", default="")
 @_opt(
+    "--workers",
+    "Processes relaying in parallel behind the same ports, meshed with each other: a number, or 'auto' "
+    "for one per CPU core. With N > 1, worker i serves metrics on --metrics-addr's port + i.",
+    default="1",
+)
+@_opt(
     "--metrics-addr",
     "Prometheus /metrics on its own listener HOST:PORT (keep it off the public DERP port); -1 disables.",
     default="127.0.0.1:9464",
@@ -339,17 +346,31 @@ def serve(**opts: Any) -> None:
             settings.activated = sdnotify.assign_sockets(inherited, derp_port=settings.addr[1], http_port=http_port)
     except sdnotify.ListenFdsError as e:
         raise ConfigError(f"sockets from systemd: {e}") from None
+    try:
+        count = worker_count(opts["workers"])
+    except WorkerError as e:
+        raise ConfigError(str(e)) from None
+    identity = worker_identity()
     log.setup(opts["log_level"], json_lines=opts["log_format"] == "json")
     if settings.activated:
         notes.append(("socket_activation", {"sockets": len(inherited)}))
+    if identity is not None:
+        index, count = identity
+        configure_worker(settings, index, count)
+        if metrics_addr is not None and metrics_addr[1]:
+            metrics_addr = (metrics_addr[0], metrics_addr[1] + index)
+        notes = []  # the supervisor said it all
     for event, fields in notes:
         log.info(event, **fields)
     try:
+        if identity is None and count > 1:
+            trio.run(supervise, count, settings, sys.argv[1:])
+            return
         trio.run(_serve, key, settings, metrics_addr)
     except KeyboardInterrupt:
         pass
     except BaseExceptionGroup as group:
-        matched, rest = group.split(OSError)
+        matched, rest = group.split((OSError, WorkerError))
         if matched is None or rest is not None:
             raise
         for e in _leaves(matched):
@@ -515,6 +536,9 @@ async def _serve(key: _NodePrivate, settings: ServerSettings, metrics_addr: tupl
             if metrics_addr is not None:
                 await nursery.start(serve_metrics, *metrics_addr, registry_for(server))
             sdnotify.ready(status=status())  # every listener is up
+            if worker_identity() is not None:  # tell the supervisor instead
+                sys.stdout.buffer.write(READY_LINE)
+                sys.stdout.flush()
             nursery.start_soon(sdnotify.watchdog_loop, status)
             async for signum in signals:
                 if signum == signal.SIGHUP:

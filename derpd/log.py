@@ -38,10 +38,17 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
+_context: dict[str, Any] = {}  # fields every line of this process carries (e.g. worker=2)
+
+
+def set_context(**fields: Any) -> None:
+    _context.update(fields)
+
+
 def event(level: int, name: str, **fields: Any) -> None:
     """Log one event; cheap when the level is disabled."""
     if log.isEnabledFor(level):
-        log.log(level, name, extra={"fields": fields})
+        log.log(level, name, extra={"fields": {**_context, **fields} if _context else fields})
 
 
 def info(name: str, **fields: Any) -> None:
@@ -82,7 +89,7 @@ class Sampled:
 
 def exception(name: str, **fields: Any) -> None:
     """An unexpected error, with its traceback folded into the same line."""
-    log.error(name, exc_info=True, extra={"fields": fields})
+    log.error(name, exc_info=True, extra={"fields": {**_context, **fields}})
 
 
 class JsonFormatter(logging.Formatter):

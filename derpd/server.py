@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -99,6 +100,18 @@ async def bind_sockets(host: str, port: int, sock_type: int) -> list[trio.socket
     return socks
 
 
+async def _bind_unix(path: str) -> trio.socket.SocketType:
+    """A listening unix socket at ``path`` (a stale one from a crashed worker is replaced)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await s.bind(path)
+    s.listen(128)
+    return s
+
+
 def _prepare(s: trio.socket.SocketType, sock_type: int, *, dual_stack: bool) -> None:
     if s.family == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
@@ -129,6 +142,11 @@ class ServerSettings:
     head_timeout: float = HEAD_TIMEOUT
     activated: ActivatedSockets | None = None  # sockets inherited from systemd (socket activation)
     mesh_with: list[MeshTarget] = field(default_factory=list)  # --mesh-with peers (needs mesh_key)
+    # --workers: this worker's private unix socket, its sibling workers, and the key its links use
+    # (not the node key, which every worker shares: a watcher with our own key would be ignored).
+    internal_socket: str | None = None
+    internal_peers: list[MeshTarget] = field(default_factory=list)
+    internal_client_key: NodePrivate | None = None
     mesh_ssl_context: ssl.SSLContext | None = None  # how to verify https:// mesh peers
     shutdown_timeout: float = 5.0  # graceful shutdown: at most this long to flush and close
     restart_reconnect_in: float = 1.0  # the Restarting frame: when clients should reconnect
@@ -198,6 +216,22 @@ class DerpServer:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_main, True)
                 for s in side:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_port80, False)
+                if settings.internal_socket:
+                    internal = await _bind_unix(settings.internal_socket)
+                    side.append(internal)
+                    nursery.start_soon(self._accept_loop, internal, nursery, self._serve_internal, False)
+                if settings.internal_peers and settings.mesh_key and settings.internal_client_key:
+                    for target in settings.internal_peers:
+                        nursery.start_soon(
+                            partial(
+                                keep_link,
+                                self.relay,
+                                target,
+                                client_key=settings.internal_client_key,
+                                mesh_key=settings.mesh_key,
+                                allow_self=True,  # sibling workers share the node key
+                            )
+                        )
                 if settings.mesh_with and settings.mesh_key:
                     for target in settings.mesh_with:
                         nursery.start_soon(
@@ -304,6 +338,8 @@ class DerpServer:
 
     def _tune(self, sock: socket.socket) -> None:
         """TCP keepalive and TCP_USER_TIMEOUT, as derper sets them on accepted sockets."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return  # a worker's unix socket
         keepalive = self.settings.tcp_keepalive
         if keepalive > 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -346,6 +382,13 @@ class DerpServer:
             await self.http.handle(conn, initial=initial)
         finally:
             self.per_ip.release(ip)
+
+    async def _serve_internal(self, transport: SocketTransport) -> None:
+        """A sibling worker's mesh link over the private unix socket: no PROXY, limits or TLS."""
+        try:
+            await self.http.handle(transport)
+        except Exception:
+            log.exception("internal_error", remote="unix")
 
     async def _serve_port80(self, transport: SocketTransport) -> None:
         try:

@@ -53,6 +53,8 @@ def format_addr(addr: tuple[str, int] | None) -> str:
 
 
 def remote_of(sock: socket.socket) -> tuple[str, int] | None:
+    if sock.family == socket.AF_UNIX:
+        return None
     try:
         peer = sock.getpeername()
     except OSError:

@@ -1,0 +1,273 @@
+"""``--workers N``: one derpd process per core, behind the same ports, meshed with each other.
+
+One Python process relays on one core. The supervisor binds the DERP, port-80 and STUN
+sockets once (or takes them from systemd) and starts N workers that all accept on them;
+each worker also listens on a private unix socket and links to every sibling with
+DERP's own mesh protocol (WatchConns/PeerPresent/ForwardPacket), so a client reaches any
+other client whichever worker the kernel gave it. A worker that dies is started again;
+the others keep serving.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+from . import log, sdnotify
+from .keys import NodePrivate
+from .mesh import MeshTarget
+from .server import ServerSettings, bind_sockets
+
+WORKER_ENV = "DERPD_WORKER"  # "i/N" inside a worker
+DIR_ENV = "DERPD_WORKER_DIR"
+FDS_ENV = "DERPD_WORKER_FDS"
+NAMES_ENV = "DERPD_WORKER_FDNAMES"
+READY_LINE = b"derpd-worker-ready\n"
+RESTART_DELAY = 1.0
+
+
+class WorkerError(ValueError):
+    pass
+
+
+def worker_count(text: str) -> int:
+    """``auto`` = one per core; else a positive integer."""
+    if text.strip().lower() == "auto":
+        return max(1, os.cpu_count() or 1)
+    try:
+        n = int(text)
+    except ValueError:
+        raise WorkerError(f"--workers must be a number or 'auto', not {text!r}") from None
+    if not 1 <= n <= 256:
+        raise WorkerError("--workers must be between 1 and 256")
+    return n
+
+
+def worker_identity() -> tuple[int, int] | None:
+    """(index, count) when this process is a worker started by the supervisor."""
+    value = os.environ.get(WORKER_ENV)
+    if not value:
+        return None
+    index, _, count = value.partition("/")
+    return int(index), int(count)
+
+
+def socket_path(workdir: str, index: int) -> str:
+    return str(Path(workdir) / f"worker-{index}.sock")
+
+
+def configure_worker(settings: ServerSettings, index: int, count: int) -> None:
+    """A worker's part of the node: its unix socket, its siblings, the internal mesh key
+    (one line on stdin from the supervisor, so it never shows in an environment)."""
+    workdir = os.environ[DIR_ENV]
+    key_hex = sys.stdin.readline().strip()
+    settings.mesh_key = bytes.fromhex(key_hex)
+    settings.relay.mesh_key = settings.mesh_key
+    settings.internal_socket = socket_path(workdir, index)
+    settings.internal_client_key = NodePrivate.generate()
+    settings.internal_peers = [
+        MeshTarget(f"worker-{j}", f"http://worker-{j}/derp", socket_path(workdir, j))
+        for j in range(count)
+        if j != index
+    ]
+    log.set_context(worker=index)
+
+
+def worker_main() -> None:
+    """Entry point of a worker: put the inherited sockets where LISTEN_FDS says, then serve."""
+    fds = [int(x) for x in os.environ.pop(FDS_ENV, "").split(",") if x]
+    for i, fd in enumerate(fds):
+        os.dup2(fd, 3 + i)
+    for fd in fds:
+        if fd >= 3 + len(fds):
+            os.close(fd)
+    if fds:
+        os.environ["LISTEN_FDS"] = str(len(fds))
+        os.environ["LISTEN_FDNAMES"] = os.environ.pop(NAMES_ENV, "")
+        os.environ["LISTEN_PID"] = str(os.getpid())
+    from .cli import main  # noqa: PLC0415 (the CLI imports this module)
+
+    main(sys.argv[1:])
+
+
+class Supervisor:
+    """Binds once, starts N workers, restarts the ones that die, passes signals on."""
+
+    def __init__(self, count: int, settings: ServerSettings, argv: list[str]) -> None:
+        self.count = count
+        self.settings = settings
+        self.argv = argv
+        self.mesh_key = settings.mesh_key or os.urandom(32)
+        self.sockets: list[tuple[str, socket.socket]] = []
+        self.procs: dict[int, trio.Process] = {}
+        self.ready: set[int] = set()
+        self.ready_event = trio.Event()
+        self.stopping = False
+        self.restarts = 0
+        self.workdir = ""
+
+    async def bind(self) -> None:
+        st = self.settings
+        host, port = st.addr
+        activated = st.activated
+        if activated and activated.derp:
+            self.sockets += [("derp", s) for s in activated.derp]
+        else:
+            for s in await bind_sockets(host, port, socket.SOCK_STREAM):
+                s.listen(4096)
+                self.sockets.append(("derp", _stdlib(s)))
+        if activated and activated.http:
+            self.sockets += [("http", s) for s in activated.http]
+        elif st.http_port >= 0:
+            for s in await bind_sockets(host, st.http_port, socket.SOCK_STREAM):
+                s.listen(1024)
+                self.sockets.append(("http", _stdlib(s)))
+        if activated and activated.stun:
+            self.sockets += [("stun", s) for s in activated.stun]
+        elif st.stun_port >= 0:
+            stun_host = host if st.stun_host is None else st.stun_host
+            for s in await bind_sockets(stun_host, st.stun_port, socket.SOCK_DGRAM):
+                self.sockets.append(("stun", _stdlib(s)))
+
+    async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.bind()
+        self.workdir = tempfile.mkdtemp(prefix="derpd-workers-", dir=os.environ.get("RUNTIME_DIRECTORY") or None)
+        os.chmod(self.workdir, 0o700)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(self.count):
+                    nursery.start_soon(self._keep_worker, i)
+                await self.ready_event.wait()
+                log.info(
+                    "workers_ready",
+                    workers=self.count,
+                    derp=",".join(_fmt(s) for name, s in self.sockets if name == "derp"),
+                    stun=",".join(_fmt(s) for name, s in self.sockets if name == "stun") or "off",
+                )
+                task_status.started(self)
+        finally:
+            for _, s in self.sockets:
+                s.close()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def _keep_worker(self, index: int) -> None:
+        while not self.stopping:
+            code = await self._run_worker(index)
+            started = index in self.ready
+            self.ready.discard(index)
+            if self.stopping:
+                return
+            if not started and not self.ready_event.is_set():
+                # It never came up the first time: a restart loop would only hide the reason
+                # (already in the worker's log) and keep systemd waiting for READY.
+                raise WorkerError(f"worker {index} exited with code {code} before it was ready")
+            self.restarts += 1
+            log.warning("worker_exited", worker=index, code=code, action=f"restarting in {RESTART_DELAY:g}s")
+            await trio.sleep(RESTART_DELAY)
+
+    async def _run_worker(self, index: int) -> int | None:
+        high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 10) for _, s in self.sockets]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        env.update(
+            {
+                WORKER_ENV: f"{index}/{self.count}",
+                DIR_ENV: self.workdir,
+                FDS_ENV: ",".join(map(str, high)),
+                NAMES_ENV: ":".join(name for name, _ in self.sockets),
+            }
+        )
+        try:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "derpd.workers", *self.argv],
+                env=env,
+                pass_fds=high,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+        finally:
+            for fd in high:
+                os.close(fd)
+        self.procs[index] = proc
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            await proc.stdin.send_all(self.mesh_key.hex().encode() + b"\n")
+            await proc.stdin.aclose()
+            buf = b""
+            while READY_LINE not in buf:
+                chunk = await proc.stdout.receive_some(1024)
+                if not chunk:
+                    break
+                buf += chunk
+            if READY_LINE in buf:
+                self.ready.add(index)
+                log.info("worker_started", worker=index, pid=proc.pid)
+                if len(self.ready) == self.count:
+                    self.ready_event.set()
+            return await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+            self.procs.pop(index, None)
+
+    def signal_all(self, signum: int) -> None:
+        for proc in list(self.procs.values()):
+            if proc.returncode is None:
+                proc.send_signal(signum)
+
+    async def stop(self, timeout: float) -> None:
+        """Pass SIGTERM on (each worker says goodbye to its clients), then wait, then kill."""
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+        with trio.move_on_after(timeout):
+            while any(p.returncode is None for p in self.procs.values()):
+                await trio.sleep(0.05)
+        self.signal_all(signal.SIGKILL)
+
+
+def _stdlib(s: trio.socket.SocketType) -> socket.socket:
+    return socket.socket(s.family, s.type, s.proto, fileno=s.detach())
+
+
+def _fmt(s: socket.socket) -> str:
+    host, port = s.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+async def supervise(count: int, settings: ServerSettings, argv: list[str]) -> None:
+    """The supervisor's main loop: READY once every worker is up, signals passed on."""
+    supervisor = Supervisor(count, settings, argv)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            await nursery.start(supervisor.run)
+
+            def status() -> str:
+                return f"{len(supervisor.ready)}/{count} workers up"
+
+            sdnotify.ready(status=status())
+            nursery.start_soon(sdnotify.watchdog_loop, status)
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    sdnotify.reloading()
+                    supervisor.signal_all(signal.SIGHUP)
+                    sdnotify.ready(status=status())
+                    continue
+                sdnotify.stopping()
+                log.info("shutting_down", signal=signal.Signals(signum).name, workers=count)
+                await supervisor.stop(settings.shutdown_timeout + 3.0)
+                nursery.cancel_scope.cancel()
+                break
+
+
+if __name__ == "__main__":
+    worker_main()

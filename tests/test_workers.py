@@ -1,0 +1,165 @@
+"""`derpd serve --workers N`: processes sharing the ports, meshed, supervised."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from derpd.client import ConnectionLost, DerpClient
+from derpd.workers import WorkerError, worker_count
+from stun import codec as stun_codec
+
+
+class Derpd:
+    """A real `derpd serve --workers N` process and what its log says."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.log = b""
+
+    async def read_until(self, pattern: bytes, limit: float = 30.0) -> re.Match[bytes]:
+        assert self.proc.stderr is not None
+        with trio.fail_after(limit):
+            while not (m := re.search(pattern, self.log)):
+                chunk = await self.proc.stderr.receive_some(65536)
+                assert chunk, self.log.decode()
+                self.log += chunk
+        return m
+
+    async def drain_log(self) -> None:
+        assert self.proc.stderr is not None
+        with trio.move_on_after(0.2):
+            while chunk := await self.proc.stderr.receive_some(65536):
+                self.log += chunk
+
+    def worker_pids(self) -> dict[int, int]:
+        return {int(w): int(p) for w, p in re.findall(rb"event=worker_started worker=(\d+) pid=(\d+)", self.log)}
+
+
+async def start(tmp_path: Path, workers: int) -> tuple[Derpd, int, int]:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "derpd", "serve", "--dev", "--addr", "127.0.0.1:0", "--stun-port", "0",
+         "--workers", str(workers), "--key-file", str(tmp_path / "k")],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    d = Derpd(proc)
+    m = await d.read_until(rb"event=workers_ready workers=\d+ derp=127\.0\.0\.1:(\d+) stun=127\.0\.0\.1:(\d+)")
+    return d, int(m.group(1)), int(m.group(2))
+
+
+async def stop(d: Derpd) -> None:
+    if d.proc.returncode is None:
+        d.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            await d.proc.wait()
+    await d.drain_log()
+
+
+def test_worker_count() -> None:
+    assert worker_count("auto") == (os.cpu_count() or 1)
+    assert worker_count("3") == 3
+    for bad in ("0", "-1", "many", "1000"):
+        with pytest.raises(WorkerError):
+            worker_count(bad)
+
+
+async def test_fifty_pairs_across_two_workers(tmp_path: Path) -> None:
+    d, port, stun_port = await start(tmp_path, 2)
+    url = f"http://127.0.0.1:{port}/derp"
+    try:
+        clients = [await DerpClient.connect(url) for _ in range(100)]
+        senders, receivers = clients[:50], clients[50:]
+        await d.read_until(rb"(?s)client_connected worker=0.*client_connected worker=1|"
+                           rb"client_connected worker=1.*client_connected worker=0")  # fmt: skip
+        counts: dict[int, int] = {}
+
+        async def receive(i: int, c: DerpClient) -> None:
+            for _ in range(10):
+                got = await c.recv_packet()
+                assert got.src == senders[i].public_key
+                counts[i] = counts.get(i, 0) + 1
+
+        with trio.fail_after(60):
+            # Wait until every worker knows every receiver (the mesh floods PeerPresent).
+            for s, r in zip(senders, receivers, strict=True):
+                while True:
+                    await s.send(r.public_key, b"probe")
+                    with trio.move_on_after(0.5):
+                        await r.recv_packet()
+                        break
+            async with trio.open_nursery() as nursery:
+                for i, r in enumerate(receivers):
+                    nursery.start_soon(receive, i, r)
+                for _ in range(10):
+                    for s, r in zip(senders, receivers, strict=True):
+                        await s.send(r.public_key, os.urandom(200))
+                    await trio.sleep(0.01)  # a moderate rate: 5,000 packets/s
+        assert sum(counts.values()) == 500  # no loss
+        # STUN is answered whichever worker reads the datagram.
+        udp = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        await udp.bind(("127.0.0.1", 0))
+        for _ in range(4):
+            await udp.sendto(stun_codec.binding_request(), ("127.0.0.1", stun_port))
+            with trio.fail_after(5):
+                reply, _ = await udp.recvfrom(2048)
+            assert stun_codec.parse_response(reply).port == udp.getsockname()[1]
+        udp.close()
+        for c in clients:
+            await c.aclose()
+    finally:
+        await stop(d)
+    assert d.proc.returncode == 0
+
+
+async def test_killed_worker_loses_only_its_clients_and_comes_back(tmp_path: Path) -> None:
+    d, port, _ = await start(tmp_path, 2)
+    url = f"http://127.0.0.1:{port}/derp"
+    try:
+        # The kernel hands each accept to whichever worker wakes first: connect until both hold some.
+        clients: list[DerpClient] = []
+        on_victim: set[bytes] = set()
+        while len(clients) < 64 and not (2 <= len(on_victim) <= len(clients) - 2):
+            clients.append(await DerpClient.connect(url))
+            await clients[-1].ping()  # the server has registered it, so the log line is out
+            await d.drain_log()
+            ours = {c.public_key[:4].hex().encode() for c in clients}
+            # Worker 0 also accepts its sibling's mesh link; only our test clients count.
+            on_victim = ours & set(re.findall(rb"client_connected worker=0 conn=\d+ key=([0-9a-f]+)", d.log))
+        assert 2 <= len(on_victim) <= len(clients) - 2, d.log.decode()
+        victim_pid = d.worker_pids()[0]
+        os.kill(victim_pid, signal.SIGKILL)
+
+        lost, alive = [], []
+        for c in clients:
+            try:
+                with trio.fail_after(0.5):
+                    await c.ping()
+                alive.append(c)
+            except (ConnectionLost, trio.TooSlowError, trio.BrokenResourceError, OSError):
+                lost.append(c)
+        assert {c.public_key[:4].hex().encode() for c in lost} == on_victim  # exactly the dead worker's clients
+        await d.read_until(rb"event=worker_exited worker=0")
+        await d.read_until(rb"(?s)event=worker_exited worker=0.*event=worker_started worker=0")
+        # They reconnect (to whichever worker) and relay with everyone again.
+        back = [await DerpClient.connect(url, c.key) for c in lost]
+        peers = alive + back
+        with trio.fail_after(30):
+            for a, b in zip(peers, peers[1:] + peers[:1], strict=True):
+                while True:
+                    await a.send(b.public_key, b"after the crash")
+                    with trio.move_on_after(0.5):
+                        got = await b.recv_packet()
+                        assert got.src == a.public_key
+                        break
+        for c in clients + back:
+            await c.aclose()
+    finally:
+        await stop(d)
