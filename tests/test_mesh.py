@@ -265,3 +265,17 @@ async def test_mesh_with_flag_between_two_processes(tmp_path: Path) -> None:
             p.terminate()
             with trio.fail_after(20):
                 await p.wait()
+
+
+async def test_own_hostname_in_mesh_with_is_skipped(nursery: trio.Nursery) -> None:
+    """One --mesh-with list for every node of a region: each node finds itself by key and skips it."""
+    a, b = Node(nursery, "a"), Node(nursery, "b")
+    await a.start()
+    await b.start()
+    with trio.fail_after(10):
+        # keep_link returns (instead of retrying forever) once it sees its own server key.
+        await keep_link(a.relay, MeshTarget("self", a.url), client_key=a.key, mesh_key=MESH_KEY)
+    assert "self" not in a.relay.mesh_links
+    a.link_to(b)
+    await wait_for(lambda: a.relay.mesh_links.get("b") is not None, what="the real peer to link")
+    assert list(a.relay.mesh_links) == ["b"]
