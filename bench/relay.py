@@ -84,6 +84,31 @@ def sample_proc(pid: int) -> ProcSample:
     return ProcSample(cpu, mem.get("VmRSS", 0.0), mem.get("VmHWM", 0.0))
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (a ``--workers`` supervisor's workers), via /proc's children lists."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue  # gone in between, or no children file (old kernel): count what we have
+    return out
+
+
+def sample_tree(pid: int) -> dict[int, ProcSample]:
+    """One sample per process of the tree; a process that exits mid-sample is left out."""
+    samples = {pid: sample_proc(pid)}
+    for p in process_tree(pid)[1:]:
+        try:
+            samples[p] = sample_proc(p)
+        except BenchError:
+            pass
+    return samples
+
+
 def _schedstat_cpu(pid: int) -> float | None:
     """On-CPU seconds of all threads in ns precision (stat's clock ticks are 10 ms)."""
     total = 0
@@ -207,11 +232,11 @@ def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> di
         for c in conns:
             c.send(("go", start_at))
         time.sleep(max(0.0, start_at - time.monotonic()))
-        before = sample_proc(server_pid) if server_pid else None
+        before = sample_tree(server_pid) if server_pid else None
         host0 = sample_host()
         t0 = time.monotonic()
         time.sleep(max(0.0, start_at + spec.duration - time.monotonic()))
-        after = sample_proc(server_pid) if server_pid else None
+        after = sample_tree(server_pid) if server_pid else None
         host1 = sample_host()
         wall = time.monotonic() - t0
         results = _wait_all(conns, "result", spec.duration + spec.drain + 30)
@@ -236,8 +261,8 @@ def _summarize(
     spec: RunSpec,
     nworkers: int,
     results: list[dict[str, Any]],
-    before: ProcSample | None,
-    after: ProcSample | None,
+    before: dict[int, ProcSample] | None,
+    after: dict[int, ProcSample] | None,
     wall: float,
     server_pid: int | None,
 ) -> dict[str, Any]:
@@ -290,14 +315,21 @@ def _summarize(
     if spec.rate:
         out["offered_pps"] = spec.rate * spec.pairs
     if server_pid and before and after:
-        cpu_s = after.cpu_s - before.cpu_s
+        # Processes alive at both samples (a worker restarted mid-run would skew the sum).
+        both = [p for p in after if p in before]
+        cpu = {p: after[p].cpu_s - before[p].cpu_s for p in both}
+        cpu_s = sum(cpu.values())
         out["server"] = {
             "pid": server_pid,
             "cpu_pct": round(100 * cpu_s / wall, 1),
             "us_per_pkt": round(1e6 * cpu_s / (pps * wall), 2) if pps else None,
-            "rss_mb": round(after.rss_mb, 1),
-            "rss_peak_mb": round(after.hwm_mb, 1),
+            "rss_mb": round(sum(after[p].rss_mb for p in both), 1),
+            "rss_peak_mb": round(sum(after[p].hwm_mb for p in both), 1),
         }
+        if len(both) > 1:  # a supervisor and its workers: CPU of each, so imbalance shows
+            out["server"]["processes"] = [
+                {"pid": p, "cpu_pct": round(100 * cpu[p] / wall, 1), "rss_mb": round(after[p].rss_mb, 1)} for p in both
+            ]
     return out
 
 
@@ -443,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--baseline", action="store_true", help="start bench.baseline and load it")
     tgt.add_argument("--compare", action="store_true", help="run the baseline, then --url; report the ratio")
     tgt.add_argument("--sweep", action="store_true", help="pairs × size × mode matrix, baseline and --url")
-    tgt.add_argument("--server-pid", type=int, help="sample this process's CPU and RSS from /proc")
+    tgt.add_argument("--server-pid", type=int, help="CPU and RSS of this process and its children, from /proc")
     tls = ap.add_argument_group("TLS (https:// URLs)")
     tls.add_argument(
         "--cert-name",

@@ -28,7 +28,9 @@ KEYS = {
 
 
 @contextmanager
-def _serve(tmp: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Path, re.Match[str]]]:
+def _serve(
+    tmp: Path, *args: str, ready: str = r"event=serving derp=127\.0\.0\.1:(\d+) tls=(\w+)"
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, re.Match[str]]]:
     """derpd serve on a kernel-chosen loopback port; yields once its log says it is serving."""
     cmd = [sys.executable, "-m", "derpd", "serve", "--addr", "127.0.0.1:0", "--stun-port", "-1", *args]
     cmd += ["--key-file", str(tmp / "derper.key")]
@@ -37,7 +39,7 @@ def _serve(tmp: Path, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], Pat
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 15
-        while not (m := re.search(r"event=serving derp=127\.0\.0\.1:(\d+) tls=(\w+)", log_path.read_text())):
+        while not (m := re.search(ready, log_path.read_text())):
             if proc.poll() is not None:
                 pytest.fail(f"derpd exited with {proc.returncode}: {log_path.read_text()}")
             if time.monotonic() > deadline:
@@ -172,3 +174,16 @@ def test_histogram_percentiles() -> None:
     assert p50 is not None and p99 is not None
     assert abs(p50 - 50_000) / 50_000 < 0.05
     assert abs(p99 - 99_000) / 99_000 < 0.05
+
+
+def test_workers_cpu_per_process(tmp_path: Path) -> None:
+    """--server-pid of a `--workers 2` supervisor: the sum covers every worker, each listed."""
+    ready = r"event=workers_ready workers=2 derp=127\.0\.0\.1:(\d+)"
+    with _serve(tmp_path, "--dev", "--workers", "2", ready=ready) as (proc, _, m):
+        url = f"http://127.0.0.1:{m.group(1)}/derp"
+        (r,) = _bench("--url", url, "--server-pid", str(proc.pid), "--pairs", "4", "--rate", "200")
+    _check(r, url)
+    procs = r["server"]["processes"]
+    assert len(procs) == 3  # the supervisor and two workers
+    assert procs[0]["pid"] == proc.pid
+    assert r["server"]["cpu_pct"] == pytest.approx(sum(p["cpu_pct"] for p in procs), abs=0.5)
