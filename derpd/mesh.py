@@ -112,8 +112,19 @@ class MeshLink(ClientConn):
     SENDS_KEEPALIVES = False
     __slots__ = ("name", "parsed")
 
-    def __init__(self, server: RelayServer, transport: Transport, peer_key: bytes, conn_id: int, name: str) -> None:
-        super().__init__(server, transport, peer_key, ClientInfo(), conn_id, can_mesh=True, not_ideal=False)
+    def __init__(
+        self,
+        server: RelayServer,
+        transport: Transport,
+        peer_key: bytes,
+        conn_id: int,
+        name: str,
+        *,
+        internal: bool = False,
+    ) -> None:
+        super().__init__(
+            server, transport, peer_key, ClientInfo(), conn_id, can_mesh=True, not_ideal=False, internal=internal
+        )
         self.name = name
         self.parsed: list[tuple[int, bytes]] = []  # frames the handshake already read
 
@@ -144,7 +155,7 @@ class MeshLink(ClientConn):
                 if ftype == FrameType.PEER_PRESENT:
                     key = parse_peer_present(payload).key
                     if key != own:  # our own link, as the peer sees it
-                        relay.add_forwarder(key, self)
+                        relay.add_forwarder(key, self, payload)
                 elif ftype == FrameType.PEER_GONE:
                     key, _reason = parse_peer_gone(payload)
                     relay.remove_forwarder(key, self)
@@ -175,10 +186,11 @@ async def connect_link(
     client_key: NodePrivate,
     mesh_key: bytes,
     ssl_context: ssl.SSLContext | None,
-    allow_self: bool = False,
+    internal: bool = False,
     timeout: float = 10.0,
 ) -> tuple[MeshLink, FrameReader]:
-    """Dial, log in with the mesh key, WatchConns, and turn the connection into a MeshLink."""
+    """Dial, log in with the mesh key, WatchConns, and turn the connection into a MeshLink.
+    ``internal``: the peer is a sibling worker, which shares our server key."""
     client = await DerpClient.connect(
         target.url,
         client_key,
@@ -190,7 +202,7 @@ async def connect_link(
         timeout=timeout,
     )
     try:
-        if client.server_key == relay.public_key and not allow_self:
+        if client.server_key == relay.public_key and not internal:
             raise SelfPeer
         await client.watch_conns()
     except BaseException:
@@ -206,7 +218,7 @@ async def connect_link(
         transport = StreamTransport(stream, None)
     reader = FrameReader(max_frame_len=NONCE_LEN + MAX_FRAME_LEN)
     reader.feed(leftover)
-    link = MeshLink(relay, transport, client.server_key, -1, target.label)
+    link = MeshLink(relay, transport, client.server_key, -1, target.label, internal=internal)
     link.parsed = frames
     return link, reader
 
@@ -226,7 +238,7 @@ async def keep_link(
     client_key: NodePrivate,
     mesh_key: bytes,
     ssl_context: ssl.SSLContext | None = None,
-    allow_self: bool = False,
+    internal: bool = False,
 ) -> None:
     """Keep one peer linked for as long as the server runs: reconnect with backoff, and on
     every reconnect rebuild that peer's routes from its fresh PeerPresent flood."""
@@ -235,7 +247,7 @@ async def keep_link(
     while True:
         try:
             link, reader = await connect_link(
-                relay, target, client_key=client_key, mesh_key=mesh_key, ssl_context=ssl_context, allow_self=allow_self
+                relay, target, client_key=client_key, mesh_key=mesh_key, ssl_context=ssl_context, internal=internal
             )
         except SelfPeer:
             log.info("mesh_peer_is_self", peer=target.label, action="not meshing with it")

@@ -105,6 +105,8 @@ class RelayConfig:
     keepalive: float = KEEPALIVE_SECONDS
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     mesh_key: bytes | None = None
+    # --workers: the key sibling workers of this node present (never the region's; see RelayServer).
+    internal_mesh_key: bytes | None = None
     rate: RateConfig = field(default_factory=RateConfig)  # per-client receive limit; mesh peers exempt
 
 
@@ -115,6 +117,8 @@ class Verdict(Protocol):
 
 class Forwarder(Protocol):
     """A link to another node of the region (derpd.mesh.MeshLink) that can carry ForwardPackets."""
+
+    internal: bool  # a sibling worker of this node, not another node
 
     def forward(self, frame: bytes, disco: bool, touched: list[ClientConn]) -> None: ...
 
@@ -223,6 +227,7 @@ class ClientConn:
         "express_pkts",
         "flight",
         "info",
+        "internal",
         "is_dup",
         "key",
         "not_ideal",
@@ -252,6 +257,7 @@ class ClientConn:
         *,
         can_mesh: bool,
         not_ideal: bool,
+        internal: bool = False,
     ) -> None:
         self.server = server
         self.transport = transport
@@ -260,6 +266,7 @@ class ClientConn:
         self.conn_id = conn_id
         self.remote = transport.remote
         self.can_mesh = can_mesh
+        self.internal = internal  # a sibling worker's mesh connection (--workers)
         self.not_ideal = not_ideal
         self.connected_at = server.clock()
         self.write_timeout = MESH_WRITE_TIMEOUT if can_mesh else server.config.write_timeout
@@ -555,6 +562,11 @@ class RelayServer:
         # that reach them. ForwardPacket goes one hop: what arrives from a peer is never re-forwarded.
         self.forwarders: dict[bytes, list[Forwarder]] = {}
         self.mesh_links: dict[str, Forwarder | None] = {}  # peer name -> its link while connected
+        # With --workers, N processes are one node to the rest of the region: a watcher from
+        # another node also hears of the keys on sibling workers (their PeerPresent frames, kept
+        # here), and a packet it forwards for a sibling's key takes one more, internal, hop.
+        # Siblings themselves only ever hear of local keys, so nothing loops.
+        self.sibling_present: dict[bytes, bytes] = {}
         self._conn_ids = count(1)
 
     # --- connection lifecycle -------------------------------------------------------
@@ -586,13 +598,16 @@ class RelayServer:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 log.info("handshake_failed", conn=conn_id, remote=remote, reason=reason)
                 return
-            can_mesh = mesh_keys_equal(self.config.mesh_key, info.mesh_key)
+            internal = mesh_keys_equal(self.config.internal_mesh_key, info.mesh_key)
+            can_mesh = internal or mesh_keys_equal(self.config.mesh_key, info.mesh_key)
             if not can_mesh and not await self._admit(key, transport, conn_id):
                 return
             if self.closing:
                 log.info("handshake_failed", conn=conn_id, remote=remote, reason="server shutting down")
                 return
-            conn = ClientConn(self, transport, key, info, conn_id, can_mesh=can_mesh, not_ideal=not_ideal)
+            conn = ClientConn(
+                self, transport, key, info, conn_id, can_mesh=can_mesh, not_ideal=not_ideal, internal=internal
+            )
             rate = self.config.rate
             server_info = ServerInfo()
             if rate.enabled and not can_mesh:
@@ -662,13 +677,19 @@ class RelayServer:
 
     # --- the mesh: keys on other nodes of the region -------------------------------------------
 
-    def add_forwarder(self, key: bytes, link: Forwarder) -> None:
-        """A mesh peer announced ``key`` (PeerPresent)."""
+    def add_forwarder(self, key: bytes, link: Forwarder, present: bytes = b"") -> None:
+        """A mesh peer announced ``key`` (PeerPresent; ``present`` is that frame's payload)."""
         links = self.forwarders.get(key)
         if links is None:
             self.forwarders[key] = [link]
         elif link not in links:
             links.append(link)
+        if link.internal and key not in self.sibling_present:
+            present = present or key  # the 32-byte legacy form, when the caller has no more
+            frame = pack_header(FrameType.PEER_PRESENT, len(present)) + present
+            self.sibling_present[key] = frame
+            if key not in self.keys:  # new on this node: tell the other nodes' watchers
+                self._tell_node_watchers(frame)
 
     def remove_forwarder(self, key: bytes, link: Forwarder) -> None:
         """A mesh peer says ``key`` left it (PeerGone), or the link to that peer broke."""
@@ -676,6 +697,10 @@ class RelayServer:
         if links is None or link not in links:
             return
         links.remove(link)
+        if link.internal and not any(other.internal for other in links):
+            del self.sibling_present[key]
+            if key not in self.keys:  # gone from this node (it may still be on another)
+                self._tell_node_watchers(peer_gone_frame(key, PeerGoneReason.DISCONNECTED))
         if links:
             return
         del self.forwarders[key]
@@ -753,12 +778,14 @@ class RelayServer:
         st.current_connections += 1
         if conn.not_ideal:
             st.current_notideal_connections += 1
-        if self.watchers:
+        if self.watchers and not conn.internal:  # a sibling's link is plumbing, not a peer
             ip16, port = ip16_of(conn.remote)
             frame = peer_present_frame(key, ip16, port, conn.present_flags)
+            on_sibling = key in self.sibling_present  # other nodes know it through us already
             for w in self.watchers:
-                w.ctrl.append(frame)
-                w.kick()
+                if w.internal or not on_sibling:
+                    w.ctrl.append(frame)
+                    w.kick()
 
     def _unregister(self, conn: ClientConn) -> None:
         st = self.stats
@@ -795,7 +822,8 @@ class RelayServer:
         if not entry.conns:
             del self.keys[key]
             self.clients.pop(key, None)
-            self._tell_watchers_gone(key)
+            if not conn.internal:
+                self._tell_watchers_gone(key)
             if key not in self.forwarders:  # still reachable through a mesh peer: not gone yet
                 self._peer_gone_from_region(key)
             return
@@ -837,12 +865,24 @@ class RelayServer:
                     r.kick()
 
     def _tell_watchers_gone(self, key: bytes) -> None:
-        """Mesh watchers track our local clients: the last local connection of ``key`` left."""
+        """Mesh watchers track our local clients: the last local connection of ``key`` left
+        (a watcher from another node keeps it while a sibling worker still has it)."""
         if self.watchers:
             frame = peer_gone_frame(key, PeerGoneReason.DISCONNECTED)
+            on_sibling = key in self.sibling_present
             for w in self.watchers:
+                if w.internal or not on_sibling:
+                    w.ctrl.append(frame)
+                    self.stats.peer_gone_disconnected_frames += 1
+                    w.kick()
+
+    def _tell_node_watchers(self, frame: bytes) -> None:
+        """A key appeared on or left a sibling worker: only other nodes' watchers care."""
+        for w in self.watchers:
+            if not w.internal:
                 w.ctrl.append(frame)
-                self.stats.peer_gone_disconnected_frames += 1
+                if frame[0] == FrameType.PEER_GONE:
+                    self.stats.peer_gone_disconnected_frames += 1
                 w.kick()
 
     def _note_activity(self, conn: ClientConn) -> None:
@@ -1031,9 +1071,16 @@ class RelayServer:
         self.stats.packets_forwarded_in += 1
         disco = is_disco(packet)
         d = self.clients.get(dst)
+        if d is None and not conn.internal and dst not in self.keys:
+            # Another node sent it to us for a key on a sibling worker: the node's internal hop.
+            for link in self.forwarders.get(dst, ()):
+                if link.internal:
+                    self.stats.packets_forwarded_out += 1
+                    link.forward(pack_header(FORWARD, len(payload)) + payload, disco, touched)
+                    return
         if d is None or d.closed:
             self._drop_undeliverable(conn, dst, len(packet), disco, d, "unknown_dest_on_fwd", touched)
-        else:  # delivered locally only, never forwarded again
+        else:  # delivered locally only, never forwarded to another node
             self._deliver(d, pack_header(RECV, KEY_LEN + len(packet)) + src + packet, disco, src, touched)
 
     def _set_preferred(self, conn: ClientConn, preferred: bool) -> None:
@@ -1055,8 +1102,11 @@ class RelayServer:
         if conn.key == self.public_key:
             return  # a mesh client that is ourselves
         for key, c in self.clients.items():
-            ip16, port = ip16_of(c.remote)
-            conn.ctrl.append(peer_present_frame(key, ip16, port, c.present_flags))
+            if not c.internal:
+                ip16, port = ip16_of(c.remote)
+                conn.ctrl.append(peer_present_frame(key, ip16, port, c.present_flags))
+        if not conn.internal:
+            conn.ctrl.extend(frame for key, frame in self.sibling_present.items() if key not in self.clients)
         self.watchers.add(conn)
         log.info("watcher_added", key=short_key(conn.key), peers=len(self.clients))
         conn.kick()

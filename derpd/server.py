@@ -147,6 +147,7 @@ class ServerSettings:
     internal_socket: str | None = None
     internal_peers: list[MeshTarget] = field(default_factory=list)
     internal_client_key: NodePrivate | None = None
+    internal_mesh_key: bytes | None = None  # what siblings present; never the region's mesh key
     mesh_ssl_context: ssl.SSLContext | None = None  # how to verify https:// mesh peers
     shutdown_timeout: float = 5.0  # graceful shutdown: at most this long to flush and close
     restart_reconnect_in: float = 1.0  # the Restarting frame: when clients should reconnect
@@ -164,6 +165,7 @@ class DerpServer:
         self.key = key
         self.settings = settings
         settings.relay.mesh_key = settings.mesh_key
+        settings.relay.internal_mesh_key = settings.internal_mesh_key
         self.relay = RelayServer(key, settings.relay)
         self.relay.admission = settings.admission
         self.http = HttpFront(
@@ -220,7 +222,7 @@ class DerpServer:
                     internal = await _bind_unix(settings.internal_socket)
                     side.append(internal)
                     nursery.start_soon(self._accept_loop, internal, nursery, self._serve_internal, False)
-                if settings.internal_peers and settings.mesh_key and settings.internal_client_key:
+                if settings.internal_peers and settings.internal_mesh_key and settings.internal_client_key:
                     for target in settings.internal_peers:
                         nursery.start_soon(
                             partial(
@@ -228,8 +230,8 @@ class DerpServer:
                                 self.relay,
                                 target,
                                 client_key=settings.internal_client_key,
-                                mesh_key=settings.mesh_key,
-                                allow_self=True,  # sibling workers share the node key
+                                mesh_key=settings.internal_mesh_key,
+                                internal=True,
                             )
                         )
                 if settings.mesh_with and settings.mesh_key:

@@ -70,8 +70,9 @@ def configure_worker(settings: ServerSettings, index: int, count: int) -> None:
     (one line on stdin from the supervisor, so it never shows in an environment)."""
     workdir = os.environ[DIR_ENV]
     key_hex = sys.stdin.readline().strip()
-    settings.mesh_key = bytes.fromhex(key_hex)
-    settings.relay.mesh_key = settings.mesh_key
+    # Not the region's key (that stays --mesh-psk-file's): a sibling is told apart from another
+    # node by the key it presents, and another node's watcher must also hear of siblings' keys.
+    settings.internal_mesh_key = bytes.fromhex(key_hex)
     settings.internal_socket = socket_path(workdir, index)
     settings.internal_client_key = NodePrivate.generate()
     settings.internal_peers = [
@@ -106,7 +107,7 @@ class Supervisor:
         self.count = count
         self.settings = settings
         self.argv = argv
-        self.mesh_key = settings.mesh_key or os.urandom(32)
+        self.internal_key = os.urandom(32)  # the workers' own mesh key, new each start
         self.sockets: list[tuple[str, socket.socket]] = []
         self.procs: dict[int, trio.Process] = {}
         self.ready: set[int] = set()
@@ -199,7 +200,7 @@ class Supervisor:
         self.procs[index] = proc
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            await proc.stdin.send_all(self.mesh_key.hex().encode() + b"\n")
+            await proc.stdin.send_all(self.internal_key.hex().encode() + b"\n")
             await proc.stdin.aclose()
             buf = b""
             while READY_LINE not in buf:

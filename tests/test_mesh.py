@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from derpd.client import DerpClient, PeerGoneMessage, ReceivedPacket
+from derpd.client import DerpClient, PeerGoneMessage, PeerPresentMessage, ReceivedPacket
 from derpd.keys import NodePrivate, parse_public_key
 from derpd.mesh import MeshError, MeshLink, MeshTarget, keep_link, parse_targets
 from derpd.protocol import FrameReader, PeerGoneReason
 from derpd.server import DerpServer
 from derpd.transport import SocketTransport
 
-from .conftest import load_vector, start_server, wait_for
+from .conftest import load_vector, start_server, url_of, wait_for
 
 MESH_KEY = os.urandom(32)
 
@@ -279,3 +279,51 @@ async def test_own_hostname_in_mesh_with_is_skipped(nursery: trio.Nursery) -> No
     a.link_to(b)
     await wait_for(lambda: a.relay.mesh_links.get("b") is not None, what="the real peer to link")
     assert list(a.relay.mesh_links) == ["b"]
+
+
+async def test_sibling_workers_look_like_one_node(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Two workers of one node (shared server key, internal mesh key, unix sockets), as
+    `--workers 2` sets them up, watched by another node through worker 0 only."""
+    node_key, internal_key = NodePrivate.generate(), os.urandom(32)
+    socks = [str(tmp_path / f"w{i}.sock") for i in range(2)]
+    workers = []
+    for i in range(2):
+        workers.append(
+            await start_server(
+                nursery, node_key, mesh_key=MESH_KEY, internal_mesh_key=internal_key,
+                internal_socket=socks[i], internal_client_key=NodePrivate.generate(),
+                internal_peers=[MeshTarget(f"worker-{1 - i}", "http://worker/derp", socks[1 - i])],
+            )
+        )  # fmt: skip
+    w0, w1 = workers
+    await wait_for(lambda: all(w.relay.mesh_links.get(f"worker-{1 - i}") for i, w in enumerate(workers)))
+    watcher = await DerpClient.connect(url_of(w0), mesh_key=MESH_KEY)  # another node's view
+    await watcher.watch_conns()
+
+    async def next_presence() -> PeerPresentMessage | PeerGoneMessage:
+        with trio.fail_after(10):
+            while True:
+                m = await watcher.recv()
+                if isinstance(m, PeerPresentMessage) and m.present.key == watcher.public_key:
+                    continue  # the flood includes the watcher itself, as derper's does
+                if isinstance(m, PeerPresentMessage | PeerGoneMessage):
+                    return m
+
+    on_w1 = await DerpClient.connect(url_of(w1))
+    m = await next_presence()  # a client of the sibling is announced to the other node
+    assert isinstance(m, PeerPresentMessage) and m.present.key == on_w1.public_key
+    # ... and the other node's ForwardPacket for it takes the internal hop.
+    src = NodePrivate.generate().public
+    await watcher.forward_packet(src, on_w1.public_key, b"via worker 0")
+    got = await recv_data(on_w1)
+    assert (got.src, got.data) == (src, b"via worker 0")
+
+    # The same key also on worker 0, then gone from worker 0: still on the node, no PeerGone.
+    again_on_w0 = await DerpClient.connect(url_of(w0), on_w1.key)
+    await again_on_w0.aclose()
+    await wait_for(lambda: on_w1.public_key not in w0.relay.keys)
+    await on_w1.aclose()  # now gone from the whole node
+    m = await next_presence()  # nothing in between: the local connect and leave were silent
+    assert isinstance(m, PeerGoneMessage) and m.peer == on_w1.public_key
+    assert w0.relay.sibling_present == {}
+    await watcher.aclose()

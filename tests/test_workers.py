@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from derpd.client import ConnectionLost, DerpClient
+from derpd.client import ConnectionLost, DerpClient, PeerGoneMessage
+from derpd.protocol import PeerGoneReason
 from derpd.workers import WorkerError, worker_count
 from stun import codec as stun_codec
 
@@ -163,3 +165,74 @@ async def test_killed_worker_loses_only_its_clients_and_comes_back(tmp_path: Pat
             await c.aclose()
     finally:
         await stop(d)
+
+
+async def test_workers_node_meshed_with_another_node(tmp_path: Path) -> None:
+    """Node A (--workers 2) and node B mesh: to B, A is one node. B's single watcher connection
+    lands on one of A's workers, yet B reaches clients on both, and hears PeerGone for each."""
+    psk = tmp_path / "mesh.key"
+    psk.write_text(os.urandom(32).hex() + "\n")
+    psk.chmod(0o600)
+    with socket.socket() as s:  # A's port, known before A starts, for B's --mesh-with
+        s.bind(("127.0.0.1", 0))
+        port_a = s.getsockname()[1]
+    b = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "derpd", "serve", "--dev", "--addr", "127.0.0.1:0", "--stun-port", "-1",
+         "--key-file", str(tmp_path / "b.key"), "--mesh-psk-file", str(psk),
+         "--mesh-with", f"http://127.0.0.1:{port_a}/derp"],
+        cwd=tmp_path, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    node_b = Derpd(b)
+    port_b = int((await node_b.read_until(rb"event=serving derp=127\.0\.0\.1:(\d+)")).group(1))
+    a = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "derpd", "serve", "--dev", "--addr", f"127.0.0.1:{port_a}", "--stun-port", "-1",
+         "--workers", "2", "--key-file", str(tmp_path / "a.key"), "--mesh-psk-file", str(psk),
+         "--mesh-with", f"http://127.0.0.1:{port_b}/derp"],
+        cwd=tmp_path, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    node_a = Derpd(a)
+    try:
+        await node_a.read_until(rb"event=workers_ready")
+        url_a = f"http://127.0.0.1:{port_a}/derp"
+        on_a: list[DerpClient] = []
+        workers: dict[bytes, bytes] = {}
+        while len(on_a) < 4 or (len(on_a) < 64 and len(set(workers.values())) < 2):
+            on_a.append(await DerpClient.connect(url_a))
+            await on_a[-1].ping()
+            await node_a.drain_log()
+            mine = {c.public_key[:4].hex().encode() for c in on_a}
+            found = re.findall(rb"client_connected worker=(\d) conn=\d+ key=([0-9a-f]+)", node_a.log)
+            workers = {key: w for w, key in found if key in mine}
+        assert set(workers.values()) == {b"0", b"1"}, node_a.log.decode()
+        on_b = await DerpClient.connect(f"http://127.0.0.1:{port_b}/derp")
+
+        with trio.fail_after(30):
+            for c in on_a:
+                while True:  # until both nodes' routes are in place (PeerPresent floods)
+                    await c.send(on_b.public_key, b"a to b")
+                    with trio.move_on_after(0.3):
+                        got = await on_b.recv_packet()
+                        break
+                assert (got.src, got.data) == (c.public_key, b"a to b")
+                while True:
+                    await on_b.send(c.public_key, b"b to a")
+                    with trio.move_on_after(0.3):
+                        back = await c.recv_packet()
+                        break
+                assert (back.src, back.data) == (on_b.public_key, b"b to a")
+
+        # Each A client leaving, whichever worker it was on, reaches B's client as PeerGone.
+        gone = set()
+        for c in on_a:
+            await c.aclose()
+        with trio.fail_after(30):
+            while len(gone) < len(on_a):
+                m = await on_b.recv()
+                if isinstance(m, PeerGoneMessage):
+                    assert m.reason == PeerGoneReason.DISCONNECTED
+                    gone.add(m.peer)
+        assert gone == {c.public_key for c in on_a}
+        await on_b.aclose()
+    finally:
+        for node in (node_a, node_b):
+            await stop(node)
