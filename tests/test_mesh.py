@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from derpd.client import DerpClient, PeerGoneMessage, PeerPresentMessage, ReceivedPacket
 from derpd.keys import NodePrivate, parse_public_key
 from derpd.mesh import MeshError, MeshLink, MeshTarget, keep_link, parse_targets
+from derpd.metrics import registry_for
 from derpd.protocol import FrameReader, PeerGoneReason
 from derpd.server import DerpServer
 from derpd.transport import SocketTransport
@@ -121,6 +124,21 @@ async def test_three_nodes_relay_across_the_mesh(nursery: trio.Nursery) -> None:
         assert (got.src, got.data) == (src.public_key, payload)
     assert sum(n.relay.stats.packets_forwarded_out for n in (a, b, c)) == 6
     assert sum(n.relay.stats.packets_forwarded_in for n in (a, b, c)) == 6
+    # What an operator sees: each node's /metrics text, as Prometheus would parse it.
+    for n in (a, b, c):
+        assert n.server is not None
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(generate_latest(registry_for(n.server)).decode())
+            for s in family.samples
+        }
+        for peer in {"a", "b", "c"} - {n.name}:
+            assert samples[("derp_mesh_peer_up", (("peer", peer),))] == 1
+        assert samples[("derp_watchers", ())] == 2  # the other two nodes' links
+        assert samples[("derp_clients_local", ())] == 1 + 2  # its client and the two peers' links
+        assert samples[("derp_clients_remote", ())] == 2  # the clients of the other two nodes
+        assert samples[("derp_packets_forwarded_out_total", ())] == 2  # one to each other node's client
+        assert samples[("derp_packets_forwarded_in_total", ())] == 2
 
     # cb leaves node B: only those that received from cb (ca and cc) hear PeerGone.
     await cb.aclose()

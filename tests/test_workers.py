@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from derpd.client import ConnectionLost, DerpClient, PeerGoneMessage
 from derpd.protocol import PeerGoneReason
@@ -65,6 +67,19 @@ async def stop(d: Derpd) -> None:
     await d.drain_log()
 
 
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    text = await trio.to_thread.run_sync(get)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def test_worker_count() -> None:
     assert worker_count("auto") == (os.cpu_count() or 1)
     assert worker_count("3") == 3
@@ -114,6 +129,19 @@ async def test_fifty_pairs_across_two_workers(tmp_path: Path) -> None:
                 reply, _ = await udp.recvfrom(2048)
             assert stun_codec.parse_response(reply).port == udp.getsockname()[1]
         udp.close()
+
+        # Each worker is its own scrape target on the metrics port it logged.
+        await d.drain_log()
+        ports = dict(re.findall(rb"event=metrics_serving worker=(\d) addr=127\.0\.0\.1:(\d+)", d.log))
+        assert set(ports) == {b"0", b"1"}
+        metrics = [await scrape(int(ports[w])) for w in (b"0", b"1")]
+        for i, m in enumerate(metrics):
+            assert m[("derp_mesh_peer_up", (("peer", f"worker-{1 - i}"),))] == 1
+        where = {k: w for w, k in re.findall(rb"client_connected worker=(\d) conn=\d+ key=([0-9a-f]+)", d.log)}
+        crossing = sum(where[s.public_key[:4].hex().encode()] != where[r.public_key[:4].hex().encode()]
+                       for s, r in zip(senders, receivers, strict=True))  # fmt: skip
+        forwarded = sum(m[("derp_packets_forwarded_out_total", ())] for m in metrics)
+        assert forwarded >= 11 * crossing  # every crossing packet took the internal hop (probes included)
         for c in clients:
             await c.aclose()
     finally:
