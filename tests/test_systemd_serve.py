@@ -135,3 +135,52 @@ async def test_without_systemd_nothing_is_sent_and_it_binds_itself(tmp_path: Pat
     with trio.fail_after(20):
         await proc.wait()
     assert proc.returncode == 0 and b"socket_activation" not in buf
+
+
+async def test_workers_under_systemd(tmp_path: Path) -> None:
+    """`--workers 2` as systemd runs it: the main process takes the sockets, says READY=1 once both
+    workers serve, answers the watchdog, and passes SIGHUP and SIGTERM on to its workers."""
+    notify_path = tmp_path / "notify.sock"
+    notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await notify.bind(str(notify_path))
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(16)
+    derp_port = tcp.getsockname()[1]
+    args = ["serve", "--dev", "--addr", f"127.0.0.1:{derp_port}", "--stun-port", "-1", "--workers", "2"]
+    args += ["--key-file", str(tmp_path / "k"), "--shutdown-timeout", "2s"]
+    proc = spawn(tmp_path, notify_path, [tcp], args)
+    try:
+        ready = await notifications(notify, b"READY=1")
+        assert b"STATUS=2/2 workers up" in ready[-1]
+        await notifications(notify, b"WATCHDOG=1")
+        url = f"http://127.0.0.1:{derp_port}/derp"
+        clients = [await DerpClient.connect(url) for _ in range(6)]
+        for a, b in zip(clients, clients[1:] + clients[:1], strict=True):
+            with trio.fail_after(20):
+                while True:  # until the workers' mesh knows b, wherever each landed
+                    await a.send(b.public_key, b"through systemd's socket")
+                    with trio.move_on_after(0.3):
+                        assert (await b.recv_packet()).data == b"through systemd's socket"
+                        break
+        proc.send_signal(signal.SIGHUP)
+        await notifications(notify, b"RELOADING=1")
+        await notifications(notify, b"READY=1")
+        proc.send_signal(signal.SIGTERM)
+        await notifications(notify, b"STOPPING=1")
+        with trio.fail_after(20):
+            while proc.poll() is None:
+                await trio.sleep(0.05)
+        assert proc.returncode == 0
+        for c in clients:
+            await c.aclose()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        notify.close()
+    log = proc.stderr.read().decode() if proc.stderr else ""
+    assert "event=socket_activation sockets=1" in log
+    for worker in (0, 1):  # each worker reloaded and said goodbye to its own clients
+        assert f"event=reloading worker={worker}" in log, log
+        assert f"event=clients_closed worker={worker}" in log, log
