@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from derpd.client import DerpClient
+from derpd.client import DerpClient, ReceivedPacket
 from derpd.keys import NodePrivate
 from derpd.relay import RelayConfig
 from derpd.server import DerpServer, ServerSettings
@@ -93,3 +93,15 @@ async def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition"
             await trio.sleep(0.005)
         return
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def send_until_delivered(src: DerpClient, dst: DerpClient, data: bytes, limit: float = 30.0) -> ReceivedPacket:
+    """Send until ``dst`` gets one: routes across a mesh exist only once the PeerPresent flood
+    has arrived, and packets before that are (rightly) dropped as unknown_dest."""
+    with trio.fail_after(limit):
+        while True:
+            await src.send(dst.public_key, data)
+            with trio.move_on_after(0.3):
+                got = await dst.recv_packet()
+                assert (got.src, got.data) == (src.public_key, data)
+                return got

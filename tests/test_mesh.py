@@ -23,7 +23,7 @@ from derpd.protocol import FrameReader, PeerGoneReason
 from derpd.server import DerpServer
 from derpd.transport import SocketTransport
 
-from .conftest import load_vector, start_server, url_of, wait_for
+from .conftest import load_vector, send_until_delivered, start_server, url_of, wait_for
 
 MESH_KEY = os.urandom(32)
 
@@ -89,6 +89,14 @@ async def full_mesh(nodes: list[Node]) -> None:
     )
 
 
+async def three_nodes(nursery: trio.Nursery) -> tuple[Node, Node, Node]:
+    a, b, c = (Node(nursery, n) for n in "abc")
+    for n in (a, b, c):
+        await n.start()
+    await full_mesh([a, b, c])
+    return a, b, c
+
+
 async def recv_data(c: DerpClient) -> ReceivedPacket:
     with trio.fail_after(10):
         return await c.recv_packet()
@@ -107,10 +115,7 @@ def knows(node: Node, *clients: DerpClient) -> bool:
 
 
 async def test_three_nodes_relay_across_the_mesh(nursery: trio.Nursery) -> None:
-    a, b, c = (Node(nursery, n) for n in "abc")
-    for n in (a, b, c):
-        await n.start()
-    await full_mesh([a, b, c])
+    a, b, c = await three_nodes(nursery)
     ca = await DerpClient.connect(a.url)
     cb = await DerpClient.connect(b.url)
     cc = await DerpClient.connect(c.url)
@@ -150,10 +155,7 @@ async def test_three_nodes_relay_across_the_mesh(nursery: trio.Nursery) -> None:
 
 
 async def test_killed_node_comes_back_and_routes_are_rebuilt(nursery: trio.Nursery) -> None:
-    a, b, c = (Node(nursery, n) for n in "abc")
-    for n in (a, b, c):
-        await n.start()
-    await full_mesh([a, b, c])
+    a, b, c = await three_nodes(nursery)
     ca = await DerpClient.connect(a.url)
     cc = await DerpClient.connect(c.url)
     await wait_for(lambda: knows(a, cc) and knows(c, ca), timeout=15, what="routes")
@@ -177,10 +179,7 @@ async def test_killed_node_comes_back_and_routes_are_rebuilt(nursery: trio.Nurse
 
 
 async def test_client_moving_between_nodes_keeps_receiving(nursery: trio.Nursery) -> None:
-    a, b, c = (Node(nursery, n) for n in "abc")
-    for n in (a, b, c):
-        await n.start()
-    await full_mesh([a, b, c])
+    a, b, c = await three_nodes(nursery)
     mover_key = NodePrivate.generate()
     on_a = await DerpClient.connect(a.url, mover_key)
     sender = await DerpClient.connect(c.url)
@@ -269,13 +268,7 @@ async def test_mesh_with_flag_between_two_processes(tmp_path: Path) -> None:
     try:
         on_a = await DerpClient.connect(f"http://127.0.0.1:{port_a}/derp")
         on_b = await DerpClient.connect(f"http://127.0.0.1:{port_b}/derp")
-        with trio.fail_after(20):
-            while True:  # until B has learned on_a from A's PeerPresent flood
-                await on_b.send(on_a.public_key, b"across processes")
-                with trio.move_on_after(0.3):
-                    got = await on_a.recv_packet()
-                    break
-        assert (got.src, got.data) == (on_b.public_key, b"across processes")
+        await send_until_delivered(on_b, on_a, b"across processes")  # once B has A's PeerPresent flood
         await on_a.aclose()
         await on_b.aclose()
     finally:

@@ -20,6 +20,8 @@ from derpd.protocol import PeerGoneReason
 from derpd.workers import WorkerError, worker_count
 from stun import codec as stun_codec
 
+from .conftest import send_until_delivered
+
 
 class Derpd:
     """A real `derpd serve --workers N` process and what its log says."""
@@ -107,11 +109,7 @@ async def test_fifty_pairs_across_two_workers(tmp_path: Path) -> None:
         with trio.fail_after(60):
             # Wait until every worker knows every receiver (the mesh floods PeerPresent).
             for s, r in zip(senders, receivers, strict=True):
-                while True:
-                    await s.send(r.public_key, b"probe")
-                    with trio.move_on_after(0.5):
-                        await r.recv_packet()
-                        break
+                await send_until_delivered(s, r, b"probe")
             async with trio.open_nursery() as nursery:
                 for i, r in enumerate(receivers):
                     nursery.start_soon(receive, i, r)
@@ -181,14 +179,8 @@ async def test_killed_worker_loses_only_its_clients_and_comes_back(tmp_path: Pat
         # They reconnect (to whichever worker) and relay with everyone again.
         back = [await DerpClient.connect(url, c.key) for c in lost]
         peers = alive + back
-        with trio.fail_after(30):
-            for a, b in zip(peers, peers[1:] + peers[:1], strict=True):
-                while True:
-                    await a.send(b.public_key, b"after the crash")
-                    with trio.move_on_after(0.5):
-                        got = await b.recv_packet()
-                        assert got.src == a.public_key
-                        break
+        for a, b in zip(peers, peers[1:] + peers[:1], strict=True):
+            await send_until_delivered(a, b, b"after the crash")
         for c in clients + back:
             await c.aclose()
     finally:
@@ -234,20 +226,9 @@ async def test_workers_node_meshed_with_another_node(tmp_path: Path) -> None:
         assert set(workers.values()) == {b"0", b"1"}, node_a.log.decode()
         on_b = await DerpClient.connect(f"http://127.0.0.1:{port_b}/derp")
 
-        with trio.fail_after(30):
-            for c in on_a:
-                while True:  # until both nodes' routes are in place (PeerPresent floods)
-                    await c.send(on_b.public_key, b"a to b")
-                    with trio.move_on_after(0.3):
-                        got = await on_b.recv_packet()
-                        break
-                assert (got.src, got.data) == (c.public_key, b"a to b")
-                while True:
-                    await on_b.send(c.public_key, b"b to a")
-                    with trio.move_on_after(0.3):
-                        back = await c.recv_packet()
-                        break
-                assert (back.src, back.data) == (on_b.public_key, b"b to a")
+        for c in on_a:  # both ways, once both nodes' routes are in place (PeerPresent floods)
+            await send_until_delivered(c, on_b, b"a to b")
+            await send_until_delivered(on_b, c, b"b to a")
 
         # Each A client leaving, whichever worker it was on, reaches B's client as PeerGone.
         gone = set()
