@@ -698,7 +698,7 @@ class RelayServer:
             return
         links.remove(link)
         if link.internal and not any(other.internal for other in links):
-            del self.sibling_present[key]
+            self.sibling_present.pop(key, None)
             if key not in self.keys:  # gone from this node (it may still be on another)
                 self._tell_node_watchers(peer_gone_frame(key, PeerGoneReason.DISCONNECTED))
         if links:
