@@ -346,10 +346,7 @@ def serve(**opts: Any) -> None:
             settings.activated = sdnotify.assign_sockets(inherited, derp_port=settings.addr[1], http_port=http_port)
     except sdnotify.ListenFdsError as e:
         raise ConfigError(f"sockets from systemd: {e}") from None
-    try:
-        count = worker_count(opts["workers"])
-    except WorkerError as e:
-        raise ConfigError(str(e)) from None
+    count = worker_count(opts["workers"])  # _settings checked it
     identity = worker_identity()
     log.setup(opts["log_level"], json_lines=opts["log_format"] == "json")
     if settings.activated:
@@ -385,6 +382,10 @@ def _settings(
     ``dry_run`` (check-config) creates nothing: a missing key or IP certificate is only noted."""
     dev = o["dev"]
     notes: list[tuple[str, dict[str, Any]]] = []
+    try:
+        worker_count(o["workers"])
+    except WorkerError as e:
+        raise ConfigError(str(e)) from None
     try:
         host, port = parse_hostport(o["addr"] or (DEV_ADDR if dev else DEFAULT_ADDR))
     except AddressError as e:
@@ -504,7 +505,8 @@ def _check_config(**opts: Any) -> None:
     for event, fields in notes:
         click.echo(f"note: {event} " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
     host, port = settings.addr
-    click.echo(f"config OK: derp on {host or '*'}:{port}, tls={'on' if settings.tls else 'off'}")
+    workers = worker_count(opts["workers"])
+    click.echo(f"config OK: derp on {host or '*'}:{port}, tls={'on' if settings.tls else 'off'}, workers={workers}")
 
 
 cli.add_command(

@@ -58,6 +58,8 @@ def test_precedence_flag_env_file_default(tmp_path: Path, monkeypatch: pytest.Mo
         ("stun-port = 1\nstun_port = 2", "given twice"),
         ("addr = [", "config file"),
         ("help = true", "unknown key 'help'"),
+        ('workers = "many"', "--workers must be a number or 'auto'"),
+        ('workers = "0"', "--workers must be between 1 and 256"),
     ],
 )
 def test_bad_config_files_are_refused_with_the_key(tmp_path: Path, content: str, message: str) -> None:
