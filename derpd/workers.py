@@ -200,7 +200,10 @@ class Supervisor:
         self.procs[index] = proc
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            await proc.stdin.send_all(self.internal_key.hex().encode() + b"\n")
+            try:
+                await proc.stdin.send_all(self.internal_key.hex().encode() + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # it died at once; its exit code says the rest
             await proc.stdin.aclose()
             buf = b""
             while READY_LINE not in buf:
