@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__, log
 from .relay import DROP_REASONS, KINDS
+from .transport import format_addr
 
 if TYPE_CHECKING:
     from .server import DerpServer
@@ -355,16 +356,11 @@ async def serve_metrics(
         async with trio.open_nursery() as nursery:
             for s in socks:
                 nursery.start_soon(server.accept_loop, trio.SocketListener(s), nursery)
-            log.info("metrics_serving", addr=",".join(_fmt(s.getsockname()) for s in socks), path="/metrics")
+            log.info("metrics_serving", addr=",".join(format_addr(s.getsockname()[:2]) for s in socks), path="/metrics")
             task_status.started(bound)
     finally:
         for s in socks:
             s.close()
-
-
-def _fmt(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _MetricsHTTP:

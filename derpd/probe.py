@@ -34,7 +34,7 @@ from stun.codec import StunError, binding_request, new_txid, parse_response
 
 from . import __version__
 from .client import ConnectionLost, DerpClient, DerpHTTPError
-from .derpmap import DEFAULT_STUN_PORT, DerpMap, DerpMapError, DerpNode, DerpRegion, parse
+from .derpmap import DEFAULT_STUN_PORT, DerpMap, DerpMapError, DerpNode, DerpRegion, load, parse
 from .keys import public_key_text
 from .protocol import HandshakeError, ProtocolError
 from .tls import PIN_PREFIX, CertError, cert_name_pin, fast_start_key, parse_meta_certificate, peer_chain_der
@@ -262,18 +262,11 @@ def _fetch(url: str, timeout: float) -> str:
 
 async def load_map(source: str, timeout: float = 10.0) -> tuple[DerpMap, list[str]]:
     """A DERP map (Tailscale JSON or Headscale YAML) from a file or an http(s) URL, with its problems."""
-    if source.startswith(("http://", "https://")):
-        try:
-            text = await trio.to_thread.run_sync(_fetch, source, timeout)
-        except (OSError, ValueError) as e:  # URLError/HTTPError are OSErrors; bad URLs and bad UTF-8 ValueErrors
-            raise DerpMapError(f"{source}: {describe_error(e)}") from None
-        try:
-            return parse(text)
-        except DerpMapError as e:
-            raise DerpMapError(f"{source}: {e}") from None
+    if not source.startswith(("http://", "https://")):
+        return load(source)  # a small local file
     try:
-        text = await trio.Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = await trio.to_thread.run_sync(_fetch, source, timeout)
+    except (OSError, ValueError) as e:  # URLError/HTTPError are OSErrors; bad URLs and bad UTF-8 ValueErrors
         raise DerpMapError(f"{source}: {describe_error(e)}") from None
     try:
         return parse(text)

@@ -19,6 +19,20 @@ import trio
 RECV_SIZE = 256 * 1024
 
 _SOFT_ERRORS = (BlockingIOError, InterruptedError)
+_GONE_ERRNOS = (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ENOTCONN)
+
+
+async def _recv(sock: socket.socket, max_bytes: int) -> bytes:
+    """What the kernel has (waiting until there is something); b"" at EOF or when the peer is gone."""
+    while True:
+        try:
+            return sock.recv(max_bytes)
+        except _SOFT_ERRORS:
+            await trio.lowlevel.wait_readable(sock)
+        except OSError as e:
+            if e.errno in _GONE_ERRNOS:
+                return b""
+            raise
 
 
 class Transport(Protocol):
@@ -85,20 +99,10 @@ class SocketTransport:
         return cls(socket.socket(tsock.family, tsock.type, tsock.proto, fileno=fd))
 
     async def receive_some(self, max_bytes: int = RECV_SIZE) -> bytes:
-        sock = self.sock
-        while True:
-            try:
-                data = sock.recv(max_bytes)
-            except _SOFT_ERRORS:
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError as e:
-                if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ENOTCONN):
-                    return b""
-                raise
-            # A flooding peer must not starve everyone else: yield once per read.
-            await trio.lowlevel.checkpoint()
-            return data
+        data = await _recv(self.sock, max_bytes)
+        # A flooding peer must not starve everyone else: yield once per read.
+        await trio.lowlevel.checkpoint()
+        return data
 
     def try_send(self, data: bytes | memoryview) -> int:
         try:
@@ -188,22 +192,12 @@ class TLSTransport:
 
     async def _fill(self) -> bool:
         """Read what the kernel has (waiting if nothing) into the TLS engine; False at EOF."""
-        sock = self.sock
-        while True:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except _SOFT_ERRORS:
-                await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError as e:
-                if e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ENOTCONN):
-                    return False
-                raise
-            if not data:
-                self._incoming.write_eof()
-                return False
-            self._incoming.write(data)
-            return True
+        data = await _recv(self.sock, RECV_SIZE)
+        if not data:
+            self._incoming.write_eof()
+            return False
+        self._incoming.write(data)
+        return True
 
     def _decrypt(self) -> bytes:
         """Every byte of plaintext the buffered records hold (b"" if none complete)."""

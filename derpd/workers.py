@@ -26,6 +26,7 @@ from . import log, sdnotify
 from .keys import NodePrivate
 from .mesh import MeshTarget
 from .server import ServerSettings, bind_sockets
+from .transport import format_addr
 
 WORKER_ENV = "DERPD_WORKER"  # "i/N" inside a worker
 DIR_ENV = "DERPD_WORKER_DIR"
@@ -151,14 +152,17 @@ class Supervisor:
                 log.info(
                     "workers_ready",
                     workers=self.count,
-                    derp=",".join(_fmt(s) for name, s in self.sockets if name == "derp"),
-                    stun=",".join(_fmt(s) for name, s in self.sockets if name == "stun") or "off",
+                    derp=self.addresses("derp"),
+                    stun=self.addresses("stun") or "off",
                 )
                 task_status.started(self)
         finally:
             for _, s in self.sockets:
                 s.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def addresses(self, role: str) -> str:
+        return ",".join(format_addr(s.getsockname()[:2]) for name, s in self.sockets if name == role)
 
     async def _keep_worker(self, index: int) -> None:
         while not self.stopping:
@@ -241,11 +245,6 @@ class Supervisor:
 
 def _stdlib(s: trio.socket.SocketType) -> socket.socket:
     return socket.socket(s.family, s.type, s.proto, fileno=s.detach())
-
-
-def _fmt(s: socket.socket) -> str:
-    host, port = s.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 async def supervise(count: int, settings: ServerSettings, argv: list[str]) -> None:
