@@ -938,9 +938,12 @@ class RelayServer:
                             self._send_one(conn, buf[start:stop], True, touched)
                             continue
                         frames = [start - FRAME_HEADER_LEN]
-                    d = clients.get(buf[start : start + KEY_LEN])
+                    dst = buf[start : start + KEY_LEN]
+                    d = clients.get(dst)
                     if d is not None and not d.closed and not d.writing and not d.q_other:
                         self._emit_run(d, conn.key, buf, frames, stop, touched)
+                    elif d is None and (links := self.forwarders.get(dst)) and dst not in self.keys:
+                        self._forward_run(links[0], conn.key, buf, frames, touched)
                     else:
                         for at in frames:
                             end = at + FRAME_HEADER_LEN + int.from_bytes(buf[at + 1 : at + FRAME_HEADER_LEN])
@@ -994,6 +997,15 @@ class RelayServer:
         if not d.dirty:
             d.dirty = True
             touched.append(d)
+
+    def _forward_run(self, link: Forwarder, src: bytes, buf: bytes, run: list[int], touched: list[ClientConn]) -> None:
+        """SendPackets (header offsets ``run``) to a key on another node: ForwardPackets on the link
+        that reaches it, found once for the run. (_send_one does the same for one packet.)"""
+        for at in run:
+            body = at + FRAME_HEADER_LEN  # destination key, then the packet
+            end = body + int.from_bytes(buf[at + 1 : body])
+            link.forward(pack_header(FORWARD, KEY_LEN + end - body) + src + buf[body:end], False, touched)
+        self.stats.packets_forwarded_out += len(run)
 
     def _send_one(self, conn: ClientConn, payload: bytes, disco: bool, touched: list[ClientConn]) -> None:
         """One SendPacket payload through the destination's queue, a mesh peer, or a counted drop."""
