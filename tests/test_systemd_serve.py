@@ -63,6 +63,21 @@ def spawn(tmp_path: Path, notify_path: Path, inherit: list[socket.socket], args:
             s.close()
 
 
+async def reload_then_stop(proc: subprocess.Popen[bytes], notify: trio.socket.SocketType) -> list[bytes]:
+    """SIGHUP (RELOADING=1, then READY=1), then SIGTERM (STOPPING=1) and a clean exit; the reload's
+    notifications are returned."""
+    proc.send_signal(signal.SIGHUP)
+    reload = await notifications(notify, b"RELOADING=1")
+    await notifications(notify, b"READY=1")
+    proc.send_signal(signal.SIGTERM)
+    await notifications(notify, b"STOPPING=1")
+    with trio.fail_after(20):
+        while proc.poll() is None:
+            await trio.sleep(0.05)
+    assert proc.returncode == 0
+    return reload
+
+
 async def test_serve_under_systemd_with_socket_activation(tmp_path: Path) -> None:
     notify_path = tmp_path / "notify.sock"
     notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -97,17 +112,8 @@ async def test_serve_under_systemd_with_socket_activation(tmp_path: Path) -> Non
             status = await notifications(notify, b"STATUS=2 clients")
             assert status
 
-            proc.send_signal(signal.SIGHUP)
-            reload = await notifications(notify, b"RELOADING=1")
+            reload = await reload_then_stop(proc, notify)
             assert b"MONOTONIC_USEC=" in reload[-1]
-            await notifications(notify, b"READY=1")
-
-            proc.send_signal(signal.SIGTERM)
-            await notifications(notify, b"STOPPING=1")
-        with trio.fail_after(20):
-            while proc.poll() is None:
-                await trio.sleep(0.05)
-        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -160,15 +166,7 @@ async def test_workers_under_systemd(tmp_path: Path) -> None:
         clients = [await DerpClient.connect(url) for _ in range(6)]
         for a, b in zip(clients, clients[1:] + clients[:1], strict=True):  # wherever each landed
             await send_until_delivered(a, b, b"through systemd's socket")
-        proc.send_signal(signal.SIGHUP)
-        await notifications(notify, b"RELOADING=1")
-        await notifications(notify, b"READY=1")
-        proc.send_signal(signal.SIGTERM)
-        await notifications(notify, b"STOPPING=1")
-        with trio.fail_after(20):
-            while proc.poll() is None:
-                await trio.sleep(0.05)
-        assert proc.returncode == 0
+        await reload_then_stop(proc, notify)
         for c in clients:
             await c.aclose()
     finally:
