@@ -39,7 +39,7 @@ from typing import Any
 import h11
 import trio
 
-from . import __version__, log
+from . import __version__, gojson, log
 from .keys import KEY_LEN, InvalidKeyError, parse_public_key, public_key_text, short_key
 
 VERIFY_TIMEOUT = 5.0  # derper: context.WithTimeout(5s) around the whole exchange
@@ -48,6 +48,10 @@ CACHE_MAX_ENTRIES = 65_536
 MAX_RESPONSE_BODY = 4 * 1024  # derper: io.LimitReader(res.Body, 4<<10)
 MAX_RESPONSE_HEAD = 16 * 1024
 MAX_CONCURRENT = 32  # webhook requests in flight at once (random keys must not flood Headscale)
+# One source (an IPv4 address, an IPv6 /64) may hold at most this share of those slots, so a single
+# address sending random keys cannot keep everyone else's logins from being checked.
+MAX_PER_SOURCE_SHARE = 4  # max_concurrent // 4 = 8 of 32
+OVERFLOW_LOG_INTERVAL = 10.0  # seconds between the sampled info lines about overflowing checks
 WARN_INTERVAL = 10.0  # at most one "unreachable" warning per interval; the rest are counted
 RECV_SIZE = 8 * 1024
 
@@ -92,10 +96,18 @@ class AdmissionStats:
     requests: int = 0  # HTTP requests sent to the verify URL
     reloads: int = 0
     reload_failures: int = 0
+    # Checks decided by the fail-open/fail-closed policy at once because no request slot was free
+    # (they also count under ``error``): every slot busy, or this source already holds its share.
+    overflow_slots_full: int = 0
+    overflow_source_busy: int = 0
 
     @property
     def results(self) -> dict[str, int]:
         return {"allowed": self.allowed, "denied": self.denied, "error": self.error}
+
+    @property
+    def overflow(self) -> dict[str, int]:
+        return {"slots_full": self.overflow_slots_full, "source_busy": self.overflow_source_busy}
 
     def as_dict(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.__dict__.items()}
@@ -161,6 +173,18 @@ def request_body(key: bytes, source_ip: str) -> bytes:
     return json.dumps({"NodePublic": public_key_text(key), "Source": source_ip}, separators=(",", ":")).encode()
 
 
+def source_bucket(ip: str) -> str:
+    """The unit of per-source fairness: an IPv4 address, or an IPv6 /64 (one host commonly holds a
+    whole /64, so per-address fairness would mean nothing there)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if addr.version == 6:
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return ip
+
+
 def normalize_ip(text: str) -> str:
     """The client IP as Go's netip.Addr prints it (IPv4-mapped IPv6 unmapped); non-IPs unchanged."""
     try:
@@ -172,43 +196,23 @@ def normalize_ip(text: str) -> str:
     return str(addr)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-class _Pairs(list):  # type: ignore[type-arg]
-    """A JSON object kept as its (key, value) pairs, in order, duplicates included."""
-
-
-_JSON = json.JSONDecoder(object_pairs_hook=_Pairs, parse_constant=_reject_constant)
-
-
 def decode_admit_response(body: bytes) -> tuple[bool, str]:
     """Decide a 200 answer as Go's ``json.NewDecoder(...).Decode(&DERPAdmitClientResponse)`` would.
 
     The first JSON value counts (trailing bytes are ignored, as a Decoder does); field names match
     case-insensitively and the last match wins; ``null`` leaves Allow false; any other non-bool
-    Allow is a decode error. Returns (allowed, reason) where reason is a short phrase.
+    Allow is a decode error; nesting and size are bounded (``derpd.gojson``). Returns (allowed,
+    reason) where reason is a short phrase.
     """
-    text = body.decode("utf-8", errors="replace").lstrip(" \t\r\n")
     try:
-        value, _ = _JSON.raw_decode(text)
-    except (ValueError, RecursionError):
+        doc = gojson.parse(body, max_size=MAX_RESPONSE_BODY, first_value_only=True)
+    except gojson.GoJSONError:
         return False, "verify-url: malformed JSON"
-    if value is None:
-        return False, "verify-url deny"  # Go: decoding null into a struct is a no-op
-    if not isinstance(value, _Pairs):
+    if doc is not None and not isinstance(doc, gojson.Pairs):
         return False, "verify-url: answer is not a JSON object"
-    allow = False
-    bad_type = False
-    for name, item in value:
-        if not (name.isascii() and name.lower() == "allow") or item is None:
-            continue
-        if isinstance(item, bool):
-            allow = item
-        else:
-            bad_type = True
-    if bad_type:
+    try:
+        allow = gojson.fill(doc, {"Allow": bool}, "verify-url answer").get("Allow", False)
+    except gojson.GoJSONError:
         return False, "verify-url: Allow is not a bool"
     return (True, "verify-url allow") if allow else (False, "verify-url deny")
 
@@ -318,12 +322,15 @@ class Admission:
         ssl_context: ssl.SSLContext | None = None,
         max_cache_entries: int = CACHE_MAX_ENTRIES,
         max_concurrent: int = MAX_CONCURRENT,
+        max_per_source: int | None = None,
     ) -> None:
         if timeout <= 0:
             raise AdmissionError("verify-client-url timeout must be positive")
         if cache_ttl < 0:
             raise AdmissionError("admission cache TTL must be >= 0 (0 disables the cache)")
-        if max_cache_entries < 1 or max_concurrent < 1:
+        if max_per_source is None:
+            max_per_source = max(1, max_concurrent // MAX_PER_SOURCE_SHARE)
+        if max_cache_entries < 1 or max_concurrent < 1 or max_per_source < 1:
             raise AdmissionError("admission cache size and concurrency must be >= 1")
         self.url = VerifyURL.parse(verify_url) if verify_url else None
         self.fail_open = fail_open
@@ -335,7 +342,11 @@ class Admission:
         self._ssl_context = ssl_context
         if self.url is not None and self.url.scheme == "https" and ssl_context is None:
             self._ssl_context = ssl.create_default_context()
-        self._limiter = trio.CapacityLimiter(max_concurrent)
+        self.max_concurrent = max_concurrent
+        self.max_per_source = max_per_source
+        self._in_flight = 0  # webhook requests now running
+        self._in_flight_by_source: dict[str, int] = {}
+        self._overflow_log = log.Sampled("admission_verify_overflow", OVERFLOW_LOG_INTERVAL)
         self._allowed: frozenset[bytes] | None = None
         self._cache: OrderedDict[tuple[bytes, str], tuple[float, Verdict, str]] = OrderedDict()
         self._flights: dict[tuple[bytes, str], _Flight] = {}
@@ -497,23 +508,57 @@ class Admission:
             cache.popitem(last=False)
 
     async def _ask(self, key: bytes, ip: str) -> tuple[Verdict, str, bool]:
-        """One webhook request; returns (verdict, result bucket, cacheable)."""
+        """One webhook request; returns (verdict, result bucket, cacheable).
+
+        Never waits for a slot: the webhook timeout is the whole time a login may spend here. When
+        every slot is busy, or this source already holds its share, the fail-open/fail-closed policy
+        decides at once (counted, and logged sampled): a hung webhook under a flood of random keys
+        then costs each login at most the timeout, never a place in a queue behind the flood.
+        """
+        assert self.url is not None
+        source = source_bucket(ip)
+        held = self._in_flight_by_source.get(source, 0)
+        if self._in_flight >= self.max_concurrent or held >= self.max_per_source:
+            return self._overflow(key, ip, slots_full=self._in_flight >= self.max_concurrent)
+        self._in_flight += 1
+        self._in_flight_by_source[source] = held + 1
+        try:
+            return await self._ask_now(key, ip)
+        finally:
+            self._in_flight -= 1
+            left = self._in_flight_by_source[source] - 1
+            if left:
+                self._in_flight_by_source[source] = left
+            else:
+                del self._in_flight_by_source[source]
+
+    def _overflow(self, key: bytes, ip: str, *, slots_full: bool) -> tuple[Verdict, str, bool]:
+        if slots_full:
+            self.stats.overflow_slots_full += 1
+            why = f"all {self.max_concurrent} verify requests busy"
+        else:
+            self.stats.overflow_source_busy += 1
+            why = f"this source already has {self.max_per_source} verify requests busy"
+        how = "fail-open" if self.fail_open else "fail-closed"
+        self._overflow_log.note(key=short_key(key), source=ip, why=why, action="admit" if self.fail_open else "refuse")
+        return Verdict(self.fail_open, f"verify-url busy ({how})", detail=why), "error", False
+
+    async def _ask_now(self, key: bytes, ip: str) -> tuple[Verdict, str, bool]:
         assert self.url is not None
         body = request_body(key, ip)
         resp = _Response()
         error = ""
-        async with self._limiter:  # queueing here is not part of the 5 s exchange timeout
-            self.stats.requests += 1
-            try:
-                with trio.move_on_after(self.timeout) as scope:
-                    await self._exchange(body, resp)
-            except _TRANSPORT_ERRORS as e:
-                error = describe_error(e)
-            except Exception as e:  # a bug here must deny, not admit and not kill the connection task
-                log.error("admission_verify_internal_error", url=self.url.display, error=repr(e))
-                return Verdict(False, "verify-url: internal error", detail=repr(e)), "denied", False
-            if scope.cancelled_caught:
-                error = f"timeout after {self.timeout:g}s"
+        self.stats.requests += 1
+        try:
+            with trio.move_on_after(self.timeout) as scope:  # the whole exchange: DNS, TCP, TLS, answer
+                await self._exchange(body, resp)
+        except _TRANSPORT_ERRORS as e:
+            error = describe_error(e)
+        except Exception as e:  # a bug here must deny, not admit and not kill the connection task
+            log.error("admission_verify_internal_error", url=self.url.display, error=repr(e))
+            return Verdict(False, "verify-url: internal error", detail=repr(e)), "denied", False
+        if scope.cancelled_caught:
+            error = f"timeout after {self.timeout:g}s"
         if resp.status is None:
             self._warn_unreachable(key, ip, error or "no response")
             how = "fail-open" if self.fail_open else "fail-closed"

@@ -7,6 +7,7 @@ one ``derpd: error: ...`` line and exit status 2 before anything is started.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -22,8 +23,10 @@ import trio
 
 from . import __version__, log, sdnotify
 from .admission import Admission, AdmissionError
+from .files import is_empty_file
 from .keys import (
     InvalidKeyError,
+    KeyFileOrigin,
     load_key_file,
     load_mesh_key_file,
     load_or_create_key_file,
@@ -188,6 +191,12 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
     "TLS proxy, STUN public); '*' or '::' for every interface.",
     default=None,
 )
+@_opt(
+    "--stun-generic/--no-stun-generic",
+    "Answer any STUN client's binding requests (RFC 5389/8489 and classic RFC 3489, e.g. stunclient, pion, "
+    "pystun3), not only Tailscale's. --no-stun-generic answers only Tailscale's own requests, as Go derper does.",
+    default=True,
+)
 @_key_file_option(
     f"Server private key in derper's JSON format; created (mode 0600) if missing. "
     f"Default $STATE_DIRECTORY/derper.key under systemd, {ROOT_KEY_FILE} as root, {DEV_KEY_FILE} with --dev.",
@@ -203,7 +212,8 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
 )
 @_opt(
     "--mesh-with",
-    "Other nodes of this region to mesh with: comma-separated host, host/dialhost or http(s):// URLs "
+    "Other nodes of this region to mesh with, comma-separated, in derper's forms: host, host:port, "
+    "[ipv6]:port, host/dialhost, host:port/dialhost; or http(s):// URLs, unix:/path "
     "(derpd or Go derper; this node's own name may be listed). Needs --mesh-psk-file.",
     default="",
 )
@@ -350,15 +360,15 @@ def serve(**opts: Any) -> None:
     identity = worker_identity()
     log.setup(opts["log_level"], json_lines=opts["log_format"] == "json")
     if settings.activated:
-        notes.append(("socket_activation", {"sockets": len(inherited)}))
+        notes.append((logging.INFO, "socket_activation", {"sockets": len(inherited)}))
     if identity is not None:
         index, count = identity
         configure_worker(settings, index, count)
         if metrics_addr is not None and metrics_addr[1]:
             metrics_addr = (metrics_addr[0], metrics_addr[1] + index)
         notes = []  # the supervisor said it all
-    for event, fields in notes:
-        log.info(event, **fields)
+    for level, event, fields in notes:
+        log.event(level, event, **fields)
     try:
         if identity is None and count > 1:
             trio.run(supervise, count, settings, sys.argv[1:])
@@ -377,11 +387,11 @@ def serve(**opts: Any) -> None:
 
 def _settings(
     o: dict[str, Any], *, dry_run: bool = False
-) -> tuple[_NodePrivate, ServerSettings, list[tuple[str, dict[str, Any]]]]:
+) -> tuple[_NodePrivate, ServerSettings, list[tuple[int, str, dict[str, Any]]]]:
     """Every flag checked and every file read before anything starts; ConfigError otherwise.
     ``dry_run`` (check-config) creates nothing: a missing key or IP certificate is only noted."""
     dev = o["dev"]
-    notes: list[tuple[str, dict[str, Any]]] = []
+    notes: list[tuple[int, str, dict[str, Any]]] = []
     try:
         worker_count(o["workers"])
     except WorkerError as e:
@@ -400,15 +410,19 @@ def _settings(
     if key_path is None:
         raise ConfigError("--key-file is required when not running as root, under systemd, or with --dev")
     try:
-        if dry_run and not Path(key_path).exists():
-            key, created = _NodePrivate.generate(), False
-            notes.append(("key_will_be_created", {"path": key_path}))
+        if dry_run and (not Path(key_path).exists() or is_empty_file(key_path)):
+            key, origin = _NodePrivate.generate(), KeyFileOrigin.LOADED
+            notes.append((logging.INFO, "key_will_be_created", {"path": key_path}))
         else:
-            key, created = load_or_create_key_file(key_path)
+            key, origin = load_or_create_key_file(key_path)
     except InvalidKeyError as e:
         raise ConfigError(str(e)) from None
-    if created:
-        notes.append(("key_created", {"path": key_path, "public_key": public_key_text(key.public)}))
+    if origin is KeyFileOrigin.CREATED:
+        notes.append((logging.INFO, "key_created", {"path": key_path, "public_key": public_key_text(key.public)}))
+    elif origin is KeyFileOrigin.REPLACED_EMPTY:
+        why = "a 0-byte key file (an interrupted write) holds no key; a new one was written"
+        fields = {"path": key_path, "public_key": public_key_text(key.public), "why": why}
+        notes.append((logging.WARNING, "key_file_empty_replaced", fields))
 
     mesh_key: bytes | None = None
     try:
@@ -432,15 +446,15 @@ def _settings(
         certdir = o["certdir"] or str(Path(key_path).resolve().parent / "certs")
         tls = CertStore(certdir, hostname, key.public)
         try:
-            if dry_run and tls.ip is not None and not Path(tls.cert_path).exists():
-                notes.append(("self_signed_certificate_will_be_created", {"certdir": certdir}))
+            if dry_run and tls.ip is not None and (not tls.cert_path.exists() or is_empty_file(tls.cert_path)):
+                notes.append((logging.INFO, "self_signed_certificate_will_be_created", {"certdir": certdir}))
             else:
                 tls.load()
         except CertError as e:
             raise ConfigError(str(e)) from None
         if tls.generated or tls.pin:
-            notes.append(("self_signed_certificate", {"certdir": certdir, "cert_name": tls.pin}))
-            notes.append(("derp_node", {"json": json.dumps(tls.derp_node(), separators=(",", ":"))}))
+            notes.append((logging.INFO, "self_signed_certificate", {"certdir": certdir, "cert_name": tls.pin}))
+            notes.append((logging.INFO, "derp_node", {"json": json.dumps(tls.derp_node(), separators=(",", ":"))}))
     elif o["certdir"]:
         raise ConfigError("--certdir only applies with --certmode manual")
     http_port = o["http_port"]
@@ -470,12 +484,13 @@ def _settings(
     if o["proxy_protocol"] and not trusted:
         raise ConfigError("--proxy-protocol needs --trusted-proxies (the proxies' addresses)")
     if admission.enabled:
-        notes.append(("admission", admission.summary()))
+        notes.append((logging.INFO, "admission", admission.summary()))
 
     settings = ServerSettings(
         addr=(host, port),
         stun_port=o["stun_port"],
         stun_host=stun_host,
+        stun_generic=o["stun_generic"],
         home=home,
         mesh_key=mesh_key,
         relay=RelayConfig(write_timeout=o["tcp_write_timeout"], rate=rate),
@@ -502,7 +517,7 @@ def _settings(
 def _check_config(**opts: Any) -> None:
     """Validate flags, environment and --config without starting anything; exit 2 on the first problem."""
     _, settings, notes = _settings(opts, dry_run=True)
-    for event, fields in notes:
+    for _level, event, fields in notes:
         click.echo(f"note: {event} " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
     host, port = settings.addr
     workers = worker_count(opts["workers"])

@@ -221,6 +221,7 @@ class DerpClient:
         ssl_context: ssl.SSLContext | None = None,
         websocket: bool = False,
         dial: tuple[str, int] | str | None = None,
+        local_address: str | None = None,
         timeout: float = 10.0,
     ) -> DerpClient:
         """Dial, upgrade and handshake, as Tailscale's derphttp client does.
@@ -231,7 +232,8 @@ class DerpClient:
         self-signed certificate, or the name to verify instead of the URL's host.
         ``websocket`` speaks DERP inside WebSocket binary messages (subprotocol ``derp``).
         ``dial`` connects somewhere else than the URL's host (a (host, port), or a unix socket
-        path) while TLS and HTTP still use the URL's name, as derper's ``host/dialhost``."""
+        path) while TLS and HTTP still use the URL's name, as derper's ``host/dialhost``.
+        ``local_address`` is the source IP to connect from (e.g. another loopback address)."""
         scheme, host, port, path = _split_url(url)
         key = key or NodePrivate.generate()
         with trio.fail_after(timeout):
@@ -239,7 +241,7 @@ class DerpClient:
             if isinstance(dial, str):
                 stream = await trio.open_unix_socket(dial)
             else:
-                stream = await trio.open_tcp_stream(*(dial or (host, port)))
+                stream = await trio.open_tcp_stream(*(dial or (host, port)), local_address=local_address)
             try:
                 if scheme == "https":
                     tls = await _tls_connect(stream, host, cert_name, ssl_context)

@@ -8,8 +8,8 @@ the edges (files, logs, CLI). Sealing is NaCl ``crypto_box`` exactly as Tailscal
 
 from __future__ import annotations
 
+import enum
 import hmac
-import json
 import os
 import stat
 from pathlib import Path
@@ -18,10 +18,14 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.utils import random as nacl_random
 
+from . import gojson
+from .files import is_empty_file, write_atomic
+
 KEY_LEN = 32
 NONCE_LEN = 24
 PUBLIC_PREFIX = "nodekey:"
 PRIVATE_PREFIX = "privkey:"
+MAX_KEY_FILE = 64 * 1024  # a derper key file is 86 bytes; anything this big is not one
 
 
 class InvalidKeyError(ValueError):
@@ -132,14 +136,11 @@ def _check_private_mode(path: Path, st: os.stat_result) -> None:
 
 def parse_key_file(text: str) -> NodePrivate:
     try:
-        doc = json.loads(text)
-    except ValueError as e:
-        raise KeyFileError(f"not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise KeyFileError('expected a JSON object like {"PrivateKey": "privkey:<hex>"}')
-    # Go's decoder matches field names case-insensitively.
-    value = next((v for k, v in doc.items() if k.lower() == "privatekey"), None)
-    if not isinstance(value, str):
+        fields = gojson.decode(text, {"PrivateKey": str}, "key file", max_size=MAX_KEY_FILE)
+    except gojson.GoJSONError as e:
+        raise KeyFileError(f'{e} (expected a JSON object like {{"PrivateKey": "privkey:<hex>"}})') from None
+    value = fields.get("PrivateKey")
+    if value is None:
         raise KeyFileError('missing "PrivateKey" string')
     try:
         return NodePrivate.from_text(value)
@@ -157,7 +158,7 @@ def load_key_file(path: str | os.PathLike[str]) -> NodePrivate:
     try:
         _check_private_mode(p, os.fstat(fd))
         with os.fdopen(fd, "r", encoding="utf-8", closefd=False) as f:
-            text = f.read(64 * 1024)
+            text = f.read(MAX_KEY_FILE + 1)
     except UnicodeDecodeError:
         raise KeyFileError(f"key file {p} is not UTF-8 text") from None
     finally:
@@ -168,31 +169,51 @@ def load_key_file(path: str | os.PathLike[str]) -> NodePrivate:
         raise KeyFileError(f"key file {p}: {e}") from None
 
 
-def write_key_file(path: str | os.PathLike[str], key: NodePrivate) -> None:
-    """Create ``path`` with mode 0600 (and its directory with 0700); never overwrite."""
+def write_key_file(path: str | os.PathLike[str], key: NodePrivate, *, replace: bool = False) -> None:
+    """Write ``path`` atomically with mode 0600 (its directory 0700 when created).
+
+    A crash at any instant leaves no file or the whole file (``derpd.files``). An existing file is
+    never overwritten unless ``replace`` (used only for the empty file an old version's crash left).
+    """
     p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        write_atomic(p, key_file_text(key).encode(), 0o600, replace=replace)
+    except FileExistsError:
+        raise KeyFileError(f"cannot create key file {p}: it already exists") from None
     except OSError as e:
-        raise KeyFileError(f"cannot create key file {p}: {e.strerror}") from None
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, key_file_text(key).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        raise KeyFileError(f"cannot create key file {p}: {e.strerror or e}") from None
 
 
-def load_or_create_key_file(path: str | os.PathLike[str]) -> tuple[NodePrivate, bool]:
-    """The key in ``path``, creating a fresh one when the file does not exist."""
+class KeyFileOrigin(enum.StrEnum):
+    """Where ``load_or_create_key_file``'s key came from."""
+
+    LOADED = "loaded"
+    CREATED = "created"
+    REPLACED_EMPTY = "replaced_empty"  # a 0-byte file (an interrupted write by an older version)
+
+
+def load_or_create_key_file(path: str | os.PathLike[str]) -> tuple[NodePrivate, KeyFileOrigin]:
+    """The key in ``path``, creating a fresh one when the file does not exist or is empty.
+
+    An empty file holds no key anyone could depend on: earlier derpd versions wrote key files in place, so a
+    crash right after creating one left 0 bytes, and refusing it would turn ``Restart=`` into a crash
+    loop. It is replaced (the caller logs a warning). Any other malformed file is refused.
+    """
     p = Path(path)
+    if is_empty_file(p):
+        key = NodePrivate.generate()
+        write_key_file(p, key, replace=True)
+        return key, KeyFileOrigin.REPLACED_EMPTY
     if not p.exists() and not p.is_symlink():
         key = NodePrivate.generate()
-        write_key_file(p, key)
-        return key, True
-    return load_key_file(p), False
+        try:
+            write_key_file(p, key)
+        except KeyFileError:
+            if not p.exists():
+                raise
+            return load_key_file(p), KeyFileOrigin.LOADED  # another process created it meanwhile
+        return key, KeyFileOrigin.CREATED
+    return load_key_file(p), KeyFileOrigin.LOADED
 
 
 # --- mesh key ------------------------------------------------------------------

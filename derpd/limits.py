@@ -6,15 +6,16 @@ exactly. The server and relay decide what to do with a "no".
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import gojson
 from .keys import KEY_LEN
 from .protocol import MAX_PACKET_SIZE
 
 MIN_RATE_BURST = MAX_PACKET_SIZE + KEY_LEN  # 65,568: one largest SendPacket payload
+MAX_RATE_CONFIG = 64 * 1024  # bytes; the file is a two-field JSON object
 
 
 class LimitError(ValueError):
@@ -109,22 +110,16 @@ class RateConfig:
 
     @classmethod
     def from_json(cls, text: str) -> RateConfig:
+        names = ("PerClientRateLimitBytesPerSec", "PerClientRateBurstBytes")
         try:
-            doc = json.loads(text)
-        except ValueError as e:
-            raise LimitError(f"not JSON: {e}") from None
-        if not isinstance(doc, dict):
-            raise LimitError('expected a JSON object like {"PerClientRateLimitBytesPerSec": 1000000}')
-        fields = {k.lower(): v for k, v in doc.items()}  # Go matches field names case-insensitively
-        values = []
-        for name in ("PerClientRateLimitBytesPerSec", "PerClientRateBurstBytes"):
-            v = fields.get(name.lower(), 0)
-            if v is None:
-                v = 0
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            fields = gojson.decode(text, dict.fromkeys(names, int), "rate config", max_size=MAX_RATE_CONFIG)
+        except gojson.GoJSONError as e:
+            example = '{"PerClientRateLimitBytesPerSec": 1000000}'
+            raise LimitError(f"{e} (expected a JSON object like {example})") from None
+        rate, burst = (fields.get(name, 0) for name in names)
+        for name, value in zip(names, (rate, burst), strict=True):
+            if value < 0:
                 raise LimitError(f"{name} must be a non-negative integer")
-            values.append(v)
-        rate, burst = values
         if rate == 0:
             return cls()
         return cls(rate, max(burst, MIN_RATE_BURST))

@@ -2,24 +2,42 @@
 
 Call sites pass an event name and fields; nothing secret (private keys, mesh key)
 is ever a field. Values with spaces, quotes or ``=`` are quoted.
+
+Every value is escaped (``derpd.text.escape``: non-printable characters as ``\\xNN``) in both
+formats, so no byte a client sent can end a line, hide text or drive a terminal. A value
+marked ``text.Peer`` (a string the client chose) is clipped to 64 characters, any other to
+1,024, with a marker saying how much was cut: one hostile login is one short line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
+
+from .text import PEER_TEXT_LIMIT, VALUE_LIMIT, Peer, clip
 
 LOGGER_NAME = "derpd"
 log = logging.getLogger(LOGGER_NAME)
 
 
-def _quote(value: Any) -> str:
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+EXC_LIMIT = 16 * 1024  # a folded traceback (only ever from a bug, never from input)
+
+
+def _clean(value: Any, limit: int = VALUE_LIMIT) -> str:
+    """The value as shown: escaped, and clipped to 64 (client text) or ``limit`` characters."""
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\\\n\t'):
-        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+    return clip(text, PEER_TEXT_LIMIT if isinstance(value, Peer) else limit)
+
+
+def _quote(value: Any, limit: int = VALUE_LIMIT) -> str:
+    text = _clean(value, limit)
+    if text == "" or _NEEDS_QUOTES.search(text):
+        text = '"' + text.replace('"', '\\"') + '"'
     return text
 
 
@@ -34,7 +52,7 @@ class KeyValueFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         line = f"{head} {format_fields(fields)}" if fields else head
         if record.exc_info:
-            line += " exc=" + _quote(self.formatException(record.exc_info))
+            line += " exc=" + _quote(self.formatException(record.exc_info), EXC_LIMIT)
         return line
 
 
@@ -103,9 +121,9 @@ class JsonFormatter(logging.Formatter):
         }
         for k, v in (getattr(record, "fields", None) or {}).items():
             if v is not None and k not in doc:
-                doc[k] = v if isinstance(v, str | int | float | bool) else str(v)
+                doc[k] = v if isinstance(v, int | float | bool) else _clean(v)
         if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+            doc["exc"] = _clean(self.formatException(record.exc_info), EXC_LIMIT)
         return json.dumps(doc, separators=(",", ":"))
 
 

@@ -230,6 +230,15 @@ class DerpCollector(Collector):
         yield _counter("derp_admission_cache_hits", "Admission checks answered from the verify cache", stats.cache_hits)
         yield _counter("derp_admission_cache_misses", "Admission checks not in the verify cache", stats.cache_misses)
         yield _counter("derp_admission_verify_requests", "HTTP requests sent to the verify URL", stats.requests)
+        yield _labelled(
+            CounterMetricFamily(
+                "derp_admission_overflow",
+                "Checks decided by the fail-open/fail-closed policy at once because no verify request slot was "
+                "free (all busy, or the client's source already held its share); also counted as result=error",
+                labels=["reason"],
+            ),
+            [((reason,), n) for reason, n in stats.overflow.items()],
+        )
 
     def _stun(self) -> Iterator[Metric]:
         stun = self.server.stun

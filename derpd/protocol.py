@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from . import gojson
 from .keys import KEY_LEN, NONCE_LEN, NodePrivate
 
 MAGIC = b"DERP\xf0\x9f\x94\x91"  # "DERP🔑"
@@ -22,7 +23,8 @@ FRAME_HEADER_LEN = 5
 MAX_PACKET_SIZE = 64 << 10  # data bytes after the key(s) in Send/Recv/Forward
 MAX_INFO_LEN = 1 << 20  # a client accepts ServerInfo up to this (plus nonce)
 MAX_CLIENT_INFO_LEN = 256 << 10  # before a client is authenticated
-MAX_FRAME_LEN = 1 << 20  # any single frame from a client
+MAX_FRAME_LEN = 1 << 20  # any single frame from a client that must be held whole
+MAX_U32 = (1 << 32) - 1  # the largest length a frame header can carry
 MAX_PING_LEN = 1000
 PING_DATA_LEN = 8
 KEEPALIVE_SECONDS = 60.0
@@ -135,7 +137,8 @@ class FrameReader:
     """Turns arbitrary byte chunks into whole frames.
 
     ``feed`` buffers; ``read_frames`` returns every whole frame available, in order.
-    Frames whose type is not in ``wanted`` are skipped without being buffered.
+    Frames whose type is not in ``wanted`` are skipped without being buffered, whatever their
+    length.
     A payload over its limit makes the stream invalid: the frames before it are still
     returned, ``error`` is set, and the next ``read_frames`` raises it.
     """
@@ -167,10 +170,12 @@ class FrameReader:
     ) -> None:
         """Set the rules for frames not yet read (a server widens them after the handshake)."""
         limits = limits or {}
-        # One lookup per frame: the payload limit of each type, bit-inverted when unwanted.
+        # One lookup per frame: the payload limit of each type; for an unwanted type, bit-inverted
+        # and any u32 length, since it is skipped as it streams in and never held (derper's
+        # forward-compatibility rule: a newer client's frames of any size are read and discarded).
         table = [limits.get(t, max_frame_len) for t in range(256)]
         if wanted is not None:
-            table = [lim if t in wanted else ~lim for t, lim in enumerate(table)]
+            table = [lim if t in wanted else ~MAX_U32 for t, lim in enumerate(table)]
         self._table = table
         self._need = 0
 
@@ -505,33 +510,12 @@ def _go_json(obj: Mapping[str, Any]) -> bytes:
 
 
 def _go_fields(data: bytes, fields: Mapping[str, type], what: str) -> dict[str, Any]:
-    """Decode a JSON object the way Go fills a struct: case-insensitive names,
-    unknown names ignored, null leaves the zero value, a wrong type is an error."""
+    """A sealed JSON hello decoded as Go fills the struct (``derpd.gojson``: bounded depth,
+    case-insensitive names, last duplicate wins); any fault is a HandshakeError."""
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HandshakeError(f"{what}: bad JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise HandshakeError(f"{what}: JSON is not an object")
-    by_fold = {name.lower(): name for name in fields}
-    out: dict[str, Any] = {}
-    exact: set[str] = set()
-    for k, v in doc.items():
-        name = k if k in fields else by_fold.get(k.lower())
-        if name is None or v is None:
-            continue
-        if k != name and name in exact:
-            continue  # Go prefers an exact-case match over a folded one
-        want = fields[name]
-        if want is int:
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise HandshakeError(f"{what}: field {k!r} must be an integer")
-        elif not isinstance(v, want):
-            raise HandshakeError(f"{what}: field {k!r} must be a {want.__name__}")
-        out[name] = v
-        if k == name:
-            exact.add(name)
-    return out
+        return gojson.decode(data, fields, what)
+    except gojson.GoJSONError as e:
+        raise HandshakeError(str(e)) from None
 
 
 _CLIENT_INFO_FIELDS: Mapping[str, type] = {

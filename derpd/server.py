@@ -124,6 +124,7 @@ class ServerSettings:
     addr: tuple[str, int] = ("", 3340)
     stun_port: int = 3478  # -1 disables
     stun_host: str | None = None  # None = the host of addr; "" = every interface, dual-stack
+    stun_generic: bool = True  # False (--no-stun-generic): answer only Tailscale's STUN requests, as derper
     home: str = ""
     mesh_key: bytes | None = None
     relay: RelayConfig = field(default_factory=RelayConfig)
@@ -249,9 +250,9 @@ class DerpServer:
                 if activated.stun or settings.stun_port >= 0:
                     stun_host = host if settings.stun_host is None else settings.stun_host
                     if activated.stun:
-                        stun = StunServer(sock=activated.stun)
+                        stun = StunServer(sock=activated.stun, generic=settings.stun_generic)
                     else:
-                        stun = StunServer(stun_host, settings.stun_port)
+                        stun = StunServer(stun_host, settings.stun_port, generic=settings.stun_generic)
                     self.stun = stun
                     await nursery.start(stun.serve)
                     self.stun_addrs = list(stun.addresses)

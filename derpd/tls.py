@@ -20,11 +20,9 @@ never copied.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import json
-import os
 import re
 import secrets
 import ssl
@@ -38,10 +36,12 @@ import trio
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from . import log
+from .files import is_empty_file, write_atomic
 from .keys import KEY_LEN
 from .protocol import PROTOCOL_VERSION
 
@@ -245,19 +245,23 @@ def _plus_one_year(t: datetime) -> datetime:
         return t.replace(year=t.year + 1, month=3, day=1)
 
 
-def self_signed_ip_certificate(ip: str, *, now: datetime | None = None) -> tuple[bytes, bytes]:
+def self_signed_ip_certificate(
+    ip: str, *, now: datetime | None = None, key: CertificateIssuerPrivateKeyTypes | None = None
+) -> tuple[bytes, bytes]:
     """(certificate PEM, key PEM) for an IP-only relay, as derper's createSelfSignedIPCert.
 
     ECDSA P-256, random 128-bit serial, CN and IP SAN = ip, valid 1 year from now (longer is refused by
     macOS), digitalSignature+keyEncipherment, serverAuth, BasicConstraints CA false. The key is SEC1
-    ("EC PRIVATE KEY") like Go's MarshalECPrivateKey.
+    ("EC PRIVATE KEY") like Go's MarshalECPrivateKey. With ``key``, the certificate is made for that
+    key instead of a new one (the key PEM returned is then that key's).
     """
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         raise CertError(f"not an IP address: {ip!r}") from None
     t = _now(now)
-    key = ec.generate_private_key(ec.SECP256R1())
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
     cert = (
         x509.CertificateBuilder()
@@ -284,7 +288,7 @@ def self_signed_ip_certificate(ip: str, *, now: datetime | None = None) -> tuple
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(addr)]), critical=False)
-        .sign(key, hashes.SHA256())
+        .sign(key, None if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey) else hashes.SHA256())
     )
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
@@ -441,21 +445,6 @@ def _no_password() -> bytes:
     raise CertError("the private key is encrypted; derpd needs an unencrypted key file")
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the first byte on (never briefly world-readable), atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)  # fails if path appeared meanwhile: never overwrite an operator's file
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 class CertStore:
     """Certificates for ``--certmode manual`` and the SSLContext built from them.
 
@@ -531,8 +520,8 @@ class CertStore:
 
     def load(self) -> None:
         """Read (or, for an IP hostname with no files, create) the certificate and build the context."""
-        if self.ip is not None and not self.cert_path.exists() and not self.key_path.exists():
-            self._generate()
+        if self.ip is not None:
+            self._complete_self_signed()
         context, leaf = self._build(*self._read())
         self._install(context, leaf)
         log.info(
@@ -593,16 +582,60 @@ class CertStore:
                 "tls_cert_not_yet_valid", cert=str(self.cert_path), not_before=leaf.not_valid_before_utc.isoformat()
             )
 
-    def _generate(self) -> None:
-        cert_pem, key_pem = self_signed_ip_certificate(str(self.ip))
+    def _complete_self_signed(self) -> None:
+        """For an IP hostname, create what is missing of the self-signed pair.
+
+        Both missing (or empty): a new pair, the key written first, each file atomically
+        (``derpd.files``), so a crash leaves nothing, the key alone, or both. The key alone (that
+        crash, or an operator's key): a certificate is made for it. A certificate without its key is
+        left for ``_read`` to refuse: nothing derpd writes can leave that state. An empty file (an
+        interrupted write by an older version) counts as missing and is replaced, with a warning.
+        """
+        empty = [p for p in (self.key_path, self.cert_path) if is_empty_file(p)]
+        have_key = self.key_path.exists() and self.key_path not in empty
+        have_cert = self.cert_path.exists() and self.cert_path not in empty
+        if have_cert:
+            return
+        for p in empty:
+            log.warning("tls_file_empty_replaced", path=str(p), why="a 0-byte file (an interrupted write)")
+        key = None
+        if have_key:
+            key_pem = self._read_file(self.key_path)
+            key = self._load_issuer_key(key_pem)
+        cert_pem, new_key_pem = self_signed_ip_certificate(str(self.ip), key=key)
         try:
             self.certdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_new(self.key_path, key_pem, 0o600)
-            _write_new(self.cert_path, cert_pem, 0o644)
+            if not have_key:
+                write_atomic(self.key_path, new_key_pem, 0o600, replace=self.key_path in empty)
+            write_atomic(self.cert_path, cert_pem, 0o644, replace=self.cert_path in empty)
         except OSError as e:
             raise CertError(f"cannot store a self-signed certificate in {self.certdir}: {_one_line(str(e))}") from None
         self._generated = True
-        log.info("tls_cert_generated", hostname=self.hostname, cert=str(self.cert_path), key=str(self.key_path))
+        if have_key:
+            log.warning(
+                "tls_cert_generated_for_existing_key",
+                hostname=self.hostname,
+                cert=str(self.cert_path),
+                key=str(self.key_path),
+                why="the key had no certificate (an interrupted first start?); the CertName pin is new",
+            )
+        else:
+            log.info("tls_cert_generated", hostname=self.hostname, cert=str(self.cert_path), key=str(self.key_path))
+
+    def _load_issuer_key(self, key_pem: bytes) -> CertificateIssuerPrivateKeyTypes:
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+            raise CertError(f"{self.key_path}: not a usable private key: {_one_line(str(e))}") from None
+        if not isinstance(key, CertificateIssuerPrivateKeyTypes):
+            raise CertError(f"{self.key_path}: this kind of key cannot sign a certificate")
+        return key
+
+    def _read_file(self, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise CertError(f"cannot read {path}: {_one_line(str(e))}") from None
 
     def _read(self) -> tuple[bytes, bytes]:
         missing = [p for p in (self.cert_path, self.key_path) if not p.exists()]

@@ -2,14 +2,22 @@
 
 Server side: :func:`parse_binding_request` classifies a datagram as a Tailscale request
 (what Go's ``stun.ParseBindingRequest`` accepts), a generic RFC 5389/8489 request, or a
-classic RFC 3489 request, or raises :class:`StunError`; :func:`build_response` answers
-it. Tailscale requests get exactly the bytes Go's ``stun.Response`` writes, with one
-deliberate difference: an IPv4-mapped IPv6 client address (``::ffff:a.b.c.d``, seen on
-a dual-stack socket) is answered as plain IPv4 (family 1), which every STUN parser
-understands, where Go writes family 2.
+classic RFC 3489 request, or raises :class:`StunError`; it also lists the unknown
+comprehension-required attributes it saw (:attr:`BindingRequest.unknown_attributes`).
+:func:`build_response` writes the binding success answer and
+:func:`unknown_attributes_response` the 420 (Unknown Attribute) error answer; which one
+is sent, if any, is the server's decision. Tailscale requests get exactly the bytes Go's
+``stun.Response`` writes, with one deliberate difference: an IPv4-mapped IPv6 client
+address (``::ffff:a.b.c.d``, seen on a dual-stack socket) is answered as plain IPv4
+(family 1), which every STUN parser understands, where Go writes family 2.
 
-Client side (tests and tools): :func:`binding_request` builds Go's ``stun.Request``
-and :func:`parse_response` extracts the mapped address like Go's ``stun.ParseResponse``.
+Every reply this module builds is at most :data:`MAX_REPLY_RATIO` (2.2) times the size of
+the smallest request it can answer (see :func:`unknown_attributes_response` for the
+tightest case), so a spoofed source address gains an attacker little.
+
+Client side (tests and tools): :func:`binding_request` builds Go's ``stun.Request``,
+:func:`parse_response` extracts the mapped address like Go's ``stun.ParseResponse``, and
+:func:`parse_error_response` reads a binding error response.
 
 No function here raises anything but :class:`StunError` on malformed input bytes.
 """
@@ -27,18 +35,29 @@ from dataclasses import dataclass
 
 __all__ = [
     "ATTR_CHANGE_REQUEST",
+    "ATTR_ERROR_CODE",
     "ATTR_FINGERPRINT",
     "ATTR_MAPPED_ADDRESS",
+    "ATTR_MESSAGE_INTEGRITY",
+    "ATTR_MESSAGE_INTEGRITY_SHA256",
+    "ATTR_RESPONSE_ADDRESS",
     "ATTR_SOFTWARE",
+    "ATTR_UNKNOWN_ATTRIBUTES",
     "ATTR_XOR_MAPPED_ADDRESS",
     "ATTR_XOR_MAPPED_ADDRESS_ALT",
+    "BINDING_ERROR",
     "BINDING_REQUEST",
     "BINDING_SUCCESS",
     "HEADER_LEN",
     "MAGIC_COOKIE",
+    "MAX_REPLY_RATIO",
+    "MAX_UNKNOWN_LISTED",
     "TAILSCALE_SOFTWARE",
+    "UNDERSTOOD_ATTRIBUTES",
+    "UNKNOWN_ATTRIBUTE_REASON",
     "BindingRequest",
     "BindingResponse",
+    "ErrorResponse",
     "RequestKind",
     "StunError",
     "binding_request",
@@ -50,7 +69,9 @@ __all__ = [
     "new_txid",
     "pack_address",
     "parse_binding_request",
+    "parse_error_response",
     "parse_response",
+    "unknown_attributes_response",
 ]
 
 HEADER_LEN = 20
@@ -61,9 +82,24 @@ CLASSIC_TXID_LEN = 16
 
 BINDING_REQUEST = 0x0001
 BINDING_SUCCESS = 0x0101
+BINDING_ERROR = 0x0111
 
 ATTR_MAPPED_ADDRESS = 0x0001
+ATTR_RESPONSE_ADDRESS = 0x0002  # RFC 3489 only: "send the reply there"; never honoured
 ATTR_CHANGE_REQUEST = 0x0003
+ATTR_SOURCE_ADDRESS = 0x0004  # RFC 3489, response-only
+ATTR_CHANGED_ADDRESS = 0x0005  # RFC 3489, response-only
+ATTR_USERNAME = 0x0006
+ATTR_PASSWORD = 0x0007  # RFC 3489, shared-secret response only
+ATTR_MESSAGE_INTEGRITY = 0x0008
+ATTR_ERROR_CODE = 0x0009
+ATTR_UNKNOWN_ATTRIBUTES = 0x000A
+ATTR_REFLECTED_FROM = 0x000B  # RFC 3489, response-only
+ATTR_REALM = 0x0014
+ATTR_NONCE = 0x0015
+ATTR_MESSAGE_INTEGRITY_SHA256 = 0x001C  # RFC 8489
+ATTR_PASSWORD_ALGORITHM = 0x001D  # RFC 8489
+ATTR_USERHASH = 0x001E  # RFC 8489
 ATTR_XOR_MAPPED_ADDRESS = 0x0020
 # Not in any RFC, but servers send it (a slip into the comprehension-optional range); Go accepts it too.
 ATTR_XOR_MAPPED_ADDRESS_ALT = 0x8020
@@ -73,12 +109,55 @@ ATTR_FINGERPRINT = 0x8028
 FINGERPRINT_XOR = 0x5354554E
 TAILSCALE_SOFTWARE = b"tailnode"
 
+# Comprehension-required attributes (type < 0x8000) a request may carry without getting a 420.
+# "Understood" means: answering with our one binding success response is the right reply to
+# a request carrying it. The authentication attributes are accepted unverified (the binding
+# usage for NAT discovery has no credentials, so there is nothing to check them against);
+# RFC 3489's response-only attributes ask nothing of the server, so ignoring them in a
+# request changes no answer; CHANGE-REQUEST is parsed and answered from our one address
+# (classic NAT testers such as pystun3 rely on an answer). Deliberately NOT understood:
+# RESPONSE-ADDRESS (0x0002), because we never send a reply anywhere but to the datagram's
+# source (that would make us a reflector; RFC 5389 dropped it), and everything else below
+# 0x8000 (ICE's PRIORITY/USE-CANDIDATE, RFC 5780's PADDING/RESPONSE-PORT, TURN's, ...).
+UNDERSTOOD_ATTRIBUTES: frozenset[int] = frozenset(
+    {
+        ATTR_MAPPED_ADDRESS,
+        ATTR_CHANGE_REQUEST,
+        ATTR_SOURCE_ADDRESS,
+        ATTR_CHANGED_ADDRESS,
+        ATTR_USERNAME,
+        ATTR_PASSWORD,
+        ATTR_MESSAGE_INTEGRITY,
+        ATTR_ERROR_CODE,
+        ATTR_UNKNOWN_ATTRIBUTES,
+        ATTR_REFLECTED_FROM,
+        ATTR_REALM,
+        ATTR_NONCE,
+        ATTR_MESSAGE_INTEGRITY_SHA256,
+        ATTR_PASSWORD_ALGORITHM,
+        ATTR_USERHASH,
+        ATTR_XOR_MAPPED_ADDRESS,
+    }
+)
+_INTEGRITY_ATTRIBUTES = frozenset({ATTR_MESSAGE_INTEGRITY, ATTR_MESSAGE_INTEGRITY_SHA256})
+# At most this many distinct unknown types are collected and listed in a 420 (a client needs
+# one to know; a few help it; a 64 KiB datagram could name thousands).
+MAX_UNKNOWN_LISTED = 16
+# The 420's reason phrase. RFC 5389 suggests "Unknown Attribute" (17 bytes, padded to 20);
+# this 12-byte phrase keeps the reply to the smallest such request (20-byte header + one
+# empty attribute = 24 bytes) at 48 bytes, 2.0x, under MAX_REPLY_RATIO, and is a multiple of
+# 4 bytes as RFC 3489 requires of a reason phrase.
+UNKNOWN_ATTRIBUTE_REASON = b"Unknown Attr"
+# Anti-amplification: no reply may be larger than this many times the request it answers.
+MAX_REPLY_RATIO = 2.2
+
 FAMILY_IPV4 = 1
 FAMILY_IPV6 = 2
 
 _V4MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 _BINDING_REQUEST_TYPE = BINDING_REQUEST.to_bytes(2, "big")
 _BINDING_SUCCESS_TYPE = BINDING_SUCCESS.to_bytes(2, "big")
+_BINDING_ERROR_TYPE = BINDING_ERROR.to_bytes(2, "big")
 _FINGERPRINT_ATTR_HEADER = struct.pack("!HH", ATTR_FINGERPRINT, 4)
 _HH = struct.Struct("!HH")
 _HEADER = struct.Struct("!HHI12s")
@@ -112,10 +191,24 @@ class BindingRequest:
     has_fingerprint: bool
     software: bytes | None = None  # first SOFTWARE attribute value, if any
     change_request: int | None = None  # CHANGE-REQUEST flags (classic NAT tests); never honoured
+    # Distinct comprehension-required types (< 0x8000) not in UNDERSTOOD_ATTRIBUTES, in order
+    # of appearance, at most MAX_UNKNOWN_LISTED; those after MESSAGE-INTEGRITY(-SHA256) are
+    # ignored, as RFC 5389 §15.4 says. Filled for every kind; the server decides what to do.
+    unknown_attributes: tuple[int, ...] = ()
 
     @property
     def classic(self) -> bool:
         return self.kind is RequestKind.RFC3489
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    """What a client learns from a binding error response."""
+
+    txid: bytes  # 12 bytes, or 16 for a classic response
+    code: int  # e.g. 420
+    reason: str
+    unknown_attributes: tuple[int, ...] = ()  # UNKNOWN-ATTRIBUTES, as listed (may repeat in classic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +251,8 @@ def parse_binding_request(data: bytes) -> BindingRequest:
     software: bytes | None = None
     tailnode = False
     change_request: int | None = None
+    unknown: list[int] = []
+    after_integrity = False
     fp_at = -1
     pos = HEADER_LEN
     unpack_hh = _HH.unpack_from
@@ -186,6 +281,15 @@ def parse_binding_request(data: bytes) -> BindingRequest:
             if attr_len != 4:
                 raise StunError("CHANGE-REQUEST attribute length is not 4")
             change_request = int.from_bytes(data[start:end], "big")
+        elif attr_type < 0x8000 and not after_integrity:
+            if attr_type in _INTEGRITY_ATTRIBUTES:
+                after_integrity = True
+            elif (
+                attr_type not in UNDERSTOOD_ATTRIBUTES
+                and attr_type not in unknown
+                and len(unknown) < MAX_UNKNOWN_LISTED
+            ):
+                unknown.append(attr_type)
         pos = padded_end
 
     has_fp = fp_at >= 0
@@ -197,7 +301,9 @@ def parse_binding_request(data: bytes) -> BindingRequest:
 
     if cookie:
         if tailnode and has_fp:
-            return BindingRequest(bytes(data[8:20]), RequestKind.TAILSCALE, True, software, change_request)
+            return BindingRequest(
+                bytes(data[8:20]), RequestKind.TAILSCALE, True, software, change_request, tuple(unknown)
+            )
         kind = RequestKind.RFC5389
         txid = bytes(data[8:20])
     else:
@@ -205,7 +311,7 @@ def parse_binding_request(data: bytes) -> BindingRequest:
         txid = bytes(data[4:20])
     if int.from_bytes(data[2:4], "big") != n - HEADER_LEN:
         raise StunError("header length field does not match the datagram")
-    return BindingRequest(txid, kind, has_fp, software, change_request)
+    return BindingRequest(txid, kind, has_fp, software, change_request, tuple(unknown))
 
 
 def pack_address(host: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -311,6 +417,40 @@ def build_response(
     return binding_response(request.txid, host, port, with_fingerprint=request.has_fingerprint)
 
 
+def unknown_attributes_response(request: BindingRequest) -> bytes:
+    """RFC 5389 §7.3.1 binding error response 420 (Unknown Attribute) for ``request``.
+
+    ERROR-CODE (class 4, number 20, reason :data:`UNKNOWN_ATTRIBUTE_REASON`), then
+    UNKNOWN-ATTRIBUTES listing ``request.unknown_attributes``; a FINGERPRINT last when the
+    request had one (as the success answer does). A classic request gets RFC 3489's form:
+    its 16-byte transaction id, no FINGERPRINT, and an odd list made even by repeating its
+    last type, because RFC 3489 has no attribute padding. Sizes: 48 bytes for one or two
+    listed types (56 with FINGERPRINT), 4 more per further pair; the request carried at least
+    4 bytes per listed type, so the reply stays under :data:`MAX_REPLY_RATIO` of it.
+    Raises :class:`StunError` when the request lists no unknown attribute.
+    """
+    types = request.unknown_attributes
+    if not types:
+        raise StunError("no unknown attributes to report")
+    if len(types) > MAX_UNKNOWN_LISTED or not all(0 <= t < 0x8000 for t in types):
+        raise StunError("unknown attribute list out of range")
+    reason = UNKNOWN_ATTRIBUTE_REASON
+    error_code = b"\x00\x00\x04\x14" + reason  # 21 reserved bits, class 4, number 20
+    if request.kind is RequestKind.RFC3489:
+        listed = types + types[-1:] if len(types) % 2 else types
+        return encode_message(
+            BINDING_ERROR,
+            request.txid,
+            [(ATTR_ERROR_CODE, error_code), (ATTR_UNKNOWN_ATTRIBUTES, struct.pack(f"!{len(listed)}H", *listed))],
+        )
+    return encode_message(
+        BINDING_ERROR,
+        request.txid,
+        [(ATTR_ERROR_CODE, error_code), (ATTR_UNKNOWN_ATTRIBUTES, struct.pack(f"!{len(types)}H", *types))],
+        with_fingerprint=request.has_fingerprint,
+    )
+
+
 def encode_message(
     msg_type: int,
     txid: bytes,
@@ -367,6 +507,32 @@ def _ip(packed: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.IPv4Address(packed) if len(packed) == 4 else ipaddress.IPv6Address(packed)
 
 
+def _response_attributes(data: bytes, msg_type: bytes, what: str) -> tuple[bool, bytes, list[tuple[int, bytes]]]:
+    """(classic, txid, [(type, value)]) of a response of ``msg_type``; bytes past the header length
+    are ignored. Without the magic cookie a response is classic: 16-byte txid."""
+    if len(data) < HEADER_LEN or data[0] & 0xC0:
+        raise StunError("not a STUN message")
+    if data[0:2] != msg_type:
+        raise StunError(f"not a {what}")
+    classic = data[4:8] != COOKIE_BYTES
+    txid = bytes(data[4:20]) if classic else bytes(data[8:20])
+    body_end = HEADER_LEN + int.from_bytes(data[2:4], "big")
+    if body_end > len(data):
+        raise StunError("header length exceeds the datagram")
+    attrs: list[tuple[int, bytes]] = []
+    pos = HEADER_LEN
+    while pos < body_end:
+        if body_end - pos < 4:
+            raise StunError("truncated attribute header")
+        attr_type, attr_len = _HH.unpack_from(data, pos)
+        start = pos + 4
+        if start + attr_len > body_end:
+            raise StunError("attribute runs past the message")
+        attrs.append((attr_type, bytes(data[start : start + attr_len])))
+        pos = start + ((attr_len + 3) & ~3)
+    return classic, txid, attrs
+
+
 def parse_response(data: bytes) -> BindingResponse:
     """Mapped address from a binding success response, following Go's ``stun.ParseResponse``.
 
@@ -374,28 +540,10 @@ def parse_response(data: bytes) -> BindingResponse:
     unmapped; bytes past the header length are ignored; FINGERPRINT is not checked.
     A response without the magic cookie is read as classic: 16-byte txid, MAPPED-ADDRESS.
     """
-    if len(data) < HEADER_LEN or data[0] & 0xC0:
-        raise StunError("not a STUN message")
-    if data[0:2] != _BINDING_SUCCESS_TYPE:
-        raise StunError("not a binding success response")
-    classic = data[4:8] != COOKIE_BYTES
-    txid = bytes(data[4:20]) if classic else bytes(data[8:20])
-    body_end = HEADER_LEN + int.from_bytes(data[2:4], "big")
-    if body_end > len(data):
-        raise StunError("header length exceeds the datagram")
-
+    classic, txid, attrs = _response_attributes(data, _BINDING_SUCCESS_TYPE, "binding success response")
     xor_found: tuple[bytes, int] | None = None
     plain_found: tuple[bytes, int] | None = None
-    pos = HEADER_LEN
-    while pos < body_end:
-        if body_end - pos < 4:
-            raise StunError("truncated attribute header")
-        attr_type, attr_len = _HH.unpack_from(data, pos)
-        start = pos + 4
-        padded_end = start + ((attr_len + 3) & ~3)
-        if padded_end > body_end:
-            raise StunError("attribute runs past the message")
-        value = data[start : start + attr_len]
+    for attr_type, value in attrs:
         if attr_type in (ATTR_XOR_MAPPED_ADDRESS, ATTR_XOR_MAPPED_ADDRESS_ALT) and not classic:
             _, xport, xaddr = _address_attr(value)
             key = COOKIE_BYTES + txid
@@ -404,9 +552,30 @@ def parse_response(data: bytes) -> BindingResponse:
         elif attr_type == ATTR_MAPPED_ADDRESS:
             _, mport, maddr = _address_attr(value)
             plain_found = (maddr, mport)
-        pos = padded_end
-
     found = xor_found or plain_found
     if found is None:
         raise StunError("no address attribute")
     return BindingResponse(txid, _ip(found[0]), found[1])
+
+
+def parse_error_response(data: bytes) -> ErrorResponse:
+    """Code, reason and UNKNOWN-ATTRIBUTES of a binding error response (client side).
+
+    Without the magic cookie it is read as classic (16-byte txid). FINGERPRINT is not
+    checked; bytes past the header length are ignored.
+    """
+    _, txid, attrs = _response_attributes(data, _BINDING_ERROR_TYPE, "binding error response")
+    code: int | None = None
+    reason = ""
+    unknown: tuple[int, ...] = ()
+    for attr_type, value in attrs:
+        if attr_type == ATTR_ERROR_CODE and code is None:
+            if len(value) < 4:
+                raise StunError("ERROR-CODE too short")
+            code = (value[2] & 0x07) * 100 + value[3]
+            reason = value[4:].decode("utf-8", errors="replace")
+        elif attr_type == ATTR_UNKNOWN_ATTRIBUTES and not unknown:
+            unknown = tuple(t for (t,) in struct.iter_unpack("!H", value[: len(value) & ~1]))
+    if code is None:
+        raise StunError("no ERROR-CODE attribute")
+    return ErrorResponse(txid, code, reason, unknown)

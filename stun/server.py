@@ -10,6 +10,22 @@ When bound to a wildcard address on Linux the responder asks the kernel for each
 datagram's destination address (IP_PKTINFO / IPV6_PKTINFO) and answers *from* that
 address, as Go's stunserver does: otherwise a multi-homed host may reply from another
 of its addresses, which NATs and connected client sockets discard.
+
+What is answered, and how (the codec builds the bytes, this module decides):
+
+* Tailscale requests (SOFTWARE "tailnode" + a valid FINGERPRINT, what Go derper answers):
+  always Go's binding success, even when they carry attributes we do not understand
+  (Go answers those too, and Tailscale's clients never send any).
+* Generic RFC 5389/8489 and classic RFC 3489 requests (only with ``generic``, the
+  default): a binding success, or, when they carry a comprehension-required attribute we
+  do not understand, the 420 (Unknown Attribute) error response listing it. Without
+  ``generic`` they are dropped as ``not_tailscale``, exactly the set Go derper ignores.
+* Anything else is dropped as ``not_stun``.
+* No reply is ever sent that is more than ``max_reply_ratio`` (2.2) times the size of the
+  datagram it answers; one that would be is dropped as ``amplification`` (none of the
+  replies the codec builds can be, so this is a guard, not a policy).
+
+Dropped datagrams are logged at debug, and at most once a minute at info with a count.
 """
 
 from __future__ import annotations
@@ -21,13 +37,21 @@ import socket
 import struct
 import sys
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any, Final
 
 import trio
 
 from derpd import log
 
-from .codec import StunError, build_response, parse_binding_request
+from .codec import (
+    MAX_REPLY_RATIO,
+    RequestKind,
+    StunError,
+    build_response,
+    parse_binding_request,
+    unknown_attributes_response,
+)
 
 __all__ = ["DEFAULT_PORT", "StunServer", "StunStats"]
 
@@ -42,7 +66,8 @@ _IP_PKTINFO: Final[int | None] = getattr(socket, "IP_PKTINFO", 8 if sys.platform
 _CMSG_SPACE: Final = socket.CMSG_SPACE(64) if hasattr(socket, "CMSG_SPACE") else 0
 _IN_PKTINFO: Final = struct.Struct("@i4s4s")  # ifindex, spec_dst, addr
 _IN6_IFINDEX: Final = struct.Struct("@I")
-_FAMILY_OFFSET: Final = 25  # every reply we build starts with its address attribute
+_FAMILY_OFFSET: Final = 25  # every success reply we build starts with its address attribute
+_TAILSCALE: Final = RequestKind.TAILSCALE
 _MAX_CMSG_CACHE: Final = 256
 
 # What one pass over the socket ended with.
@@ -53,24 +78,44 @@ _SEND_BLOCKED: Final = 3
 
 _logger = logging.getLogger(log.LOGGER_NAME)
 
-# A reply waiting for send-buffer space: (bytes, peer address, ancillary data or None).
-_Pending = tuple[bytes, Any, list[tuple[int, int, bytes]] | None]
+# A reply waiting for send-buffer space: (bytes, peer address, ancillary data or None,
+# whether it is a 420 error rather than a binding success).
+_Pending = tuple[bytes, Any, list[tuple[int, int, bytes]] | None, bool]
 
 
 class StunStats:
     """Counters named after derper's expvars; a metrics exporter reads them.
 
-    ``stun_requests{disposition=...}`` → ``success``, ``not_stun``, ``read_error``,
-    ``write_error``; ``stun_addrfamily{family=...}`` → ``ipv4``, ``ipv6`` (counted, as in
-    derper, for every request we reply to, before the write; by the family in the reply). ``by_kind`` is ours: how many
-    answered requests were tailscale / rfc5389 / rfc3489.
+    ``stun_requests{disposition=...}`` → derper's ``success`` (binding success sent),
+    ``not_stun`` (malformed, or not a binding request), ``read_error``, ``write_error``,
+    and ours: ``unknown_attribute`` (420 error response sent), ``not_tailscale`` (a
+    well-formed generic or classic request, dropped because generic STUN is off),
+    ``amplification`` (reply dropped: larger than the ratio allows). Every datagram read
+    lands in exactly one. ``stun_addrfamily{family=...}`` → ``ipv4``, ``ipv6`` (counted, as
+    in derper, for every binding success we send, before the write; by the family in the
+    reply). ``by_kind`` is ours: how many binding successes answered tailscale / rfc5389 /
+    rfc3489 requests.
     """
 
-    __slots__ = ("by_kind", "ipv4", "ipv6", "not_stun", "read_error", "success", "write_error")
+    __slots__ = (
+        "amplification",
+        "by_kind",
+        "ipv4",
+        "ipv6",
+        "not_stun",
+        "not_tailscale",
+        "read_error",
+        "success",
+        "unknown_attribute",
+        "write_error",
+    )
 
     def __init__(self) -> None:
         self.success = 0
+        self.unknown_attribute = 0
         self.not_stun = 0
+        self.not_tailscale = 0
+        self.amplification = 0
         self.read_error = 0
         self.write_error = 0
         self.ipv4 = 0
@@ -81,7 +126,10 @@ class StunStats:
         """``stun_requests`` by ``disposition`` label."""
         return {
             "success": self.success,
+            "unknown_attribute": self.unknown_attribute,
             "not_stun": self.not_stun,
+            "not_tailscale": self.not_tailscale,
+            "amplification": self.amplification,
             "read_error": self.read_error,
             "write_error": self.write_error,
         }
@@ -115,8 +163,9 @@ class StunServer:
     socket each, all on the same port), like derpd's TCP listeners. Or pass already-bound
     stdlib UDP sockets as ``sock`` (e.g. from systemd socket activation); they stay the
     caller's to close. ``pktinfo`` None means "reply from the datagram's destination
-    address when bound to a wildcard on Linux". Binding happens in :meth:`serve`, so
-    construction does no I/O.
+    address when bound to a wildcard on Linux". ``generic`` False answers only Tailscale
+    requests (``--no-stun-generic``). ``max_reply_ratio`` caps every reply's size relative
+    to its request's. Binding happens in :meth:`serve`, so construction does no I/O.
     """
 
     def __init__(
@@ -129,9 +178,17 @@ class StunServer:
         pktinfo: bool | None = None,
         batch: int = DEFAULT_BATCH,
         read_error_backoff: float = READ_ERROR_BACKOFF,
+        generic: bool = True,
+        max_reply_ratio: float = MAX_REPLY_RATIO,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
+        if not max_reply_ratio > 0:
+            raise ValueError("max_reply_ratio must be positive")
+        self.generic = generic
+        # Compared in integers: reply * den > request * num means too large (2.2 -> 11/5).
+        ratio = Fraction(str(max_reply_ratio)).limit_denominator(1000)
+        self._ratio_num, self._ratio_den = ratio.numerator, ratio.denominator
         self.host = host
         self.requested_port = port
         self.stats = stats if stats is not None else StunStats()
@@ -146,6 +203,8 @@ class StunServer:
         self._view = memoryview(self._buf)
         self._cmsg_cache: dict[bytes, list[tuple[int, int, bytes]]] = {}
         self._drops = log.Sampled("stun_dropped", LOG_EVERY)
+        self._not_tailscale = log.Sampled("stun_not_tailscale", LOG_EVERY)
+        self._too_large = log.Sampled("stun_reply_too_large", LOG_EVERY)
         self._write_errors = log.Sampled("stun_write_error", LOG_EVERY)
 
     # -- addresses -----------------------------------------------------------------
@@ -271,6 +330,8 @@ class StunServer:
         stats = self.stats
         by_kind = stats.by_kind
         buf, view = self._buf, self._view
+        generic = self.generic
+        num, den = self._ratio_num, self._ratio_den
         ancdata: list[tuple[int, int, bytes]] = []
         for _ in range(self._batch):
             try:
@@ -286,16 +347,32 @@ class StunServer:
                 return _READ_ERROR, None
             try:
                 request = parse_binding_request(bytes(view[:n]))
-                reply = build_response(request, addr[0], addr[1])
+                kind = request.kind
+                if kind is not _TAILSCALE and not generic:
+                    stats.not_tailscale += 1
+                    self._not_tailscale.note(remote=_fmt_addr(addr), kind=str(kind))
+                    continue
+                # A Tailscale request gets Go's success whatever else it carries, as Go answers it.
+                is_error = kind is not _TAILSCALE and bool(request.unknown_attributes)
+                reply = unknown_attributes_response(request) if is_error else build_response(request, addr[0], addr[1])
             except StunError as exc:
                 stats.not_stun += 1
                 self._drops.note(remote=_fmt_addr(addr), reason=str(exc))
                 continue
-            if reply[_FAMILY_OFFSET] == 1:
-                stats.ipv4 += 1
+            if len(reply) * den > n * num:
+                stats.amplification += 1
+                self._too_large.note(remote=_fmt_addr(addr), request_len=n, reply_len=len(reply))
+                continue
+            if is_error:
+                if _logger.isEnabledFor(logging.DEBUG):
+                    types = ",".join(f"0x{t:04x}" for t in request.unknown_attributes)
+                    log.debug("stun_unknown_attribute", remote=_fmt_addr(addr), types=types)
             else:
-                stats.ipv6 += 1
-            by_kind[request.kind] += 1
+                if reply[_FAMILY_OFFSET] == 1:
+                    stats.ipv4 += 1
+                else:
+                    stats.ipv6 += 1
+                by_kind[kind] += 1
             cmsg = self._reply_cmsg(ancdata) if pktinfo else None
             try:
                 if cmsg:
@@ -303,17 +380,20 @@ class StunServer:
                 else:
                     sock.sendto(reply, addr)
             except BlockingIOError:
-                return _SEND_BLOCKED, (reply, addr, cmsg)
+                return _SEND_BLOCKED, (reply, addr, cmsg, is_error)
             except OSError as exc:
                 stats.write_error += 1
                 self._write_errors.note(remote=_fmt_addr(addr), reason=str(exc))
                 continue
-            stats.success += 1
+            if is_error:
+                stats.unknown_attribute += 1
+            else:
+                stats.success += 1
         return _BUDGET_SPENT, None
 
     def _send_pending(self, sock: socket.socket, pending: _Pending) -> None:
         """Second and last try for a reply that met a full send buffer."""
-        reply, addr, cmsg = pending
+        reply, addr, cmsg, is_error = pending
         try:
             if cmsg:
                 sock.sendmsg([reply], cmsg, 0, addr)
@@ -323,7 +403,10 @@ class StunServer:
             self.stats.write_error += 1
             self._write_errors.note(remote=_fmt_addr(addr), reason=str(exc) or type(exc).__name__)
             return
-        self.stats.success += 1
+        if is_error:
+            self.stats.unknown_attribute += 1
+        else:
+            self.stats.success += 1
 
     def _reply_cmsg(self, ancdata: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]] | None:
         """Ancillary data that makes the reply leave from the request's destination address."""

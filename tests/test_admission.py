@@ -30,6 +30,7 @@ from derpd.admission import (
     normalize_ip,
     parse_allowlist,
     request_body,
+    source_bucket,
 )
 from derpd.keys import public_key_text
 
@@ -487,20 +488,57 @@ async def test_cancelled_owner_hands_over(verify: VerifyServer) -> None:
     assert verdicts == [Verdict(True, "verify-url allow")]
 
 
-async def test_requests_in_flight_are_limited(verify: VerifyServer) -> None:
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_no_free_slot_decides_by_policy_at_once(verify: VerifyServer, fail_open: bool) -> None:
+    """A busy webhook never queues a login: with every slot taken the policy answers at once."""
     verify.allow(KEY_A, KEY_B)
     verify.gate = trio.Event()
-    adm = Admission(verify_url=verify.url, timeout=GUARD, max_concurrent=1)
+    adm = Admission(verify_url=verify.url, timeout=GUARD, max_concurrent=1, fail_open=fail_open)
+    how = "fail-open" if fail_open else "fail-closed"
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as n:
             n.start_soon(adm.check, KEY_A, "192.0.2.7")
-            n.start_soon(adm.check, KEY_B, "192.0.2.7")
             while not verify.requests:
                 await trio.sleep(0.001)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(verify.requests) == 1
+            start = trio.current_time()
+            verdict = await adm.check(KEY_B, "198.51.100.1")  # another source, but no slot at all
+            assert trio.current_time() - start < GUARD / 2  # not queued behind the hung request
+            assert verdict == Verdict(fail_open, f"verify-url busy ({how})", detail=verdict.detail)
+            assert "all 1 verify requests busy" in verdict.detail
             verify.gate.set()
-    assert len(verify.requests) == 2
+    assert len(verify.requests) == 1
+    assert adm.stats.overflow == {"slots_full": 1, "source_busy": 0}
+    assert adm.stats.error == 1 and adm.stats.allowed == 1
+    assert adm.cache_size == 1  # the real answer is cached; the policy's stand-in is not
+
+
+async def test_one_source_gets_only_its_share_of_slots(verify: VerifyServer) -> None:
+    """Per-source fairness: one address (or IPv6 /64) holds at most max_per_source slots."""
+    keys = [bytes([i]) * 32 for i in range(1, 6)]
+    verify.allow(*keys)
+    verify.gate = trio.Event()
+    adm = Admission(verify_url=verify.url, timeout=GUARD, max_concurrent=8, max_per_source=2, fail_open=False)
+    assert source_bucket("2001:db8:1:2::99") == source_bucket("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    verdicts: dict[bytes, Verdict] = {}
+
+    async def login(key: bytes, ip: str) -> None:
+        verdicts[key] = await adm.check(key, ip)
+
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as n:
+            n.start_soon(login, keys[0], "2001:db8:1:2::1")
+            n.start_soon(login, keys[1], "2001:db8:1:2::2")
+            while len(verify.requests) < 2:
+                await trio.sleep(0.001)
+            await login(keys[2], "2001:db8:1:2::3")  # the same /64: refused at once (fail-closed)
+            v = verdicts[keys[2]]
+            assert (v.allowed, v.reason, v.cached) == (False, "verify-url busy (fail-closed)", False)
+            n.start_soon(login, keys[3], "2001:db8:9::1")  # another /64 still gets a slot
+            while len(verify.requests) < 3:
+                await trio.sleep(0.001)
+            verify.gate.set()
+    assert [verdicts[k].allowed for k in (keys[0], keys[1], keys[3])] == [True, True, True]
+    assert adm.stats.overflow == {"slots_full": 0, "source_busy": 1}
 
 
 # --- the request on the wire -------------------------------------------------------------------

@@ -253,6 +253,72 @@ async def test_admission_with_a_verify_server(nursery: trio.Nursery, caplog: pyt
     assert rejected and rejected[0].fields["key"] == "nodekey:" + bad.public.hex()  # type: ignore[attr-defined]
 
 
+async def black_hole(nursery: trio.Nursery) -> str:
+    """A webhook that accepts TCP and never answers (nor reads): the verify URL of a hung control plane."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    held: list[trio.SocketStream] = []
+
+    async def accept_forever() -> None:
+        async with listener:
+            while True:
+                held.append(await listener.accept())
+
+    nursery.start_soon(accept_forever)
+    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}/verify"
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_a_hung_webhook_under_a_login_flood_stalls_no_login(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, fail_open: bool
+) -> None:
+    """200 random-key logins from one address against a webhook that never answers: a login from
+    another address gets its answer within the webhook timeout (plus a margin), fail-open (admitted)
+    and fail-closed (refused). Before the fix it queued behind the flood: 34 s at a 5 s timeout."""
+    caplog.set_level(logging.INFO, logger="derpd")
+    timeout = 1.0
+    admission = Admission(verify_url=await black_hole(nursery), fail_open=fail_open, timeout=timeout)
+    server = await start_server(nursery, admission=admission)
+    url = url_of(server)
+    flood_done = trio.Event()
+    flooders: list[DerpClient] = []
+
+    async def flood_login() -> None:
+        with trio.move_on_after(30):
+            try:
+                flooders.append(await DerpClient.connect(url, timeout=30))
+            except (ConnectionLost, OSError, trio.BrokenResourceError):
+                pass  # refused (fail-closed)
+
+    async def flood() -> None:
+        async with trio.open_nursery() as n:
+            for _ in range(200):
+                n.start_soon(flood_login)
+        flood_done.set()
+
+    nursery.start_soon(flood)
+    await wait_for(lambda: admission.stats.overflow_source_busy > 0, 10, "the flood to fill its share of slots")
+    start = trio.current_time()
+    legit = NodePrivate.generate()
+    if fail_open:
+        client = await DerpClient.connect(url, legit, local_address="127.0.0.2", timeout=10)
+        await client.aclose()
+    else:
+        with pytest.raises(ConnectionLost):
+            await DerpClient.connect(url, legit, local_address="127.0.0.2", timeout=10)
+    took = trio.current_time() - start
+    assert took < timeout + 2.0, f"a login waited {took:.1f}s behind the flood"
+    with trio.fail_after(20):
+        await flood_done.wait()
+    for c in flooders:
+        await c.aclose()
+    st = admission.stats
+    assert st.requests <= 200 and st.overflow_source_busy + st.overflow_slots_full > 0
+    assert st.error == 200 + 1 and (st.allowed, st.denied) == (0, 0)
+    overflow_lines = [r for r in caplog.records if r.getMessage() == "admission_verify_overflow"]
+    assert overflow_lines and overflow_lines[0].levelno == logging.INFO  # sampled: one info line per interval
+    assert len([r for r in overflow_lines if r.levelno == logging.INFO]) <= 2
+
+
 async def test_allowlist_and_mesh_peers(nursery: trio.Nursery, tmp_path: Path) -> None:
     good = NodePrivate.generate()
     allow = tmp_path / "allow"

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from derpd.keys import (
     InvalidKeyError,
     KeyFileError,
+    KeyFileOrigin,
     MeshKeyError,
     NodePrivate,
     key_file_text,
@@ -162,6 +163,27 @@ def test_spans_with_runs_are_the_same_frames(items: list[tuple[int, bytes, bytes
     assert got == expect
 
 
+@pytest.mark.parametrize("length", [MAX_FRAME_LEN + 1, 4 << 20])
+def test_unwanted_frames_of_any_length_are_skipped_as_they_stream(length: int) -> None:
+    """derper's forward-compatibility rule: an unknown frame of any length is read and discarded,
+    never held (the 1 MiB cap is for frames whose payload must be kept)."""
+    reader = FrameReader(max_frame_len=MAX_FRAME_LEN, limits=CLIENT_FRAME_LIMITS, wanted=SERVER_HANDLED)
+    reader.feed(pack_header(0x77, length))
+    for _ in range(length >> 16):
+        reader.feed(b"z" * (1 << 16))
+        assert reader.read_frames() == [] and reader.buffered == 0
+    reader.feed(b"z" * (length & 0xFFFF) + encode_frame(FrameType.PING, b"12345678"))
+    assert reader.read_frames() == [(FrameType.PING, b"12345678")]
+    assert reader.skipped == 1 and reader.error is None
+
+
+def test_unwanted_frame_of_the_largest_length_is_accepted() -> None:
+    reader = FrameReader(max_frame_len=MAX_FRAME_LEN, limits=CLIENT_FRAME_LIMITS, wanted=SERVER_HANDLED)
+    assert reader.limit(0x77) == (1 << 32) - 1 and reader.limit(FrameType.PING) == 1000
+    reader.feed(pack_header(0x77, (1 << 32) - 1) + b"x" * 100_000)
+    assert reader.read_frames() == [] and reader.buffered == 0 and reader.error is None
+
+
 def test_unwanted_frames_are_not_buffered() -> None:
     reader = FrameReader(wanted=SERVER_HANDLED)
     reader.feed(pack_header(0x77, 900_000) + b"x" * 1000)
@@ -231,7 +253,6 @@ def test_oversized_send_packet_is_refused_at_the_header() -> None:
 def test_frame_limits() -> None:
     for ftype, length, kw in [
         (FrameType.CLIENT_INFO, MAX_CLIENT_INFO_LEN + 1, {"max_frame_len": MAX_CLIENT_INFO_LEN}),
-        (0x77, MAX_FRAME_LEN + 1, {"wanted": SERVER_HANDLED}),
         (FrameType.PING, 1001, {"limits": CLIENT_FRAME_LIMITS}),
         (FrameType.FORWARD_PACKET, 64 + MAX_PACKET_SIZE + 1, {"limits": CLIENT_FRAME_LIMITS}),
     ]:
@@ -318,10 +339,14 @@ def test_client_info_json_like_go() -> None:
     # Go decodes keys case-insensitively and ignores unknown fields.
     info = ClientInfo.from_json(b'{"VERSION":2,"canackpings":true,"isprober":true,"appname":"x","Future":[1]}')
     assert info == ClientInfo(version=2, can_ack_pings=True, is_prober=True, app_name="x")
-    # An exact-case key wins over a folded one whatever the order.
-    assert ClientInfo.from_json(b'{"version":2,"Version":3}').version == 2
+    # A field named twice (exactly or folded) takes the last value, as Go's decoder assigns in order;
+    # null leaves a field as it is.
+    assert ClientInfo.from_json(b'{"version":2,"Version":3}').version == 3
     assert ClientInfo.from_json(b'{"Version":3,"version":2}').version == 2
     assert ClientInfo.from_json(b'{"version":null}').version == 0
+    assert ClientInfo.from_json(b'{"version":2,"version":null}').version == 2
+    # Go folds names with Unicode simple folding: the long s and the Kelvin sign match s and k.
+    assert ClientInfo.from_json('{"I\u017fProber":true,"mesh\u212aey":null}'.encode()).is_prober
 
 
 @pytest.mark.parametrize(
@@ -379,13 +404,13 @@ def test_key_text_forms() -> None:
 
 def test_key_file_created_0600_and_reloaded(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "derper.key"
-    key, created = load_or_create_key_file(path)
-    assert created
+    key, origin = load_or_create_key_file(path)
+    assert origin is KeyFileOrigin.CREATED
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert path.read_text() == key_file_text(key)
-    again, created = load_or_create_key_file(path)
-    assert not created and again.public == key.public
+    again, origin = load_or_create_key_file(path)
+    assert origin is KeyFileOrigin.LOADED and again.public == key.public
 
 
 @pytest.mark.parametrize(
@@ -393,7 +418,7 @@ def test_key_file_created_0600_and_reloaded(tmp_path: Path) -> None:
     [
         ('{"PrivateKey":"privkey:' + "11" * 32 + '"}', 0o644, "must not be accessible by group or others"),
         ('{"PrivateKey":"privkey:' + "11" * 32 + '"}', 0o640, "chmod 600"),
-        ("not json", 0o600, "not JSON"),
+        ("not json", 0o600, "malformed JSON"),
         ('{"PrivateKey":"nodekey:' + "11" * 32 + '"}', 0o600, "bad PrivateKey"),
         ('{"Other":1}', 0o600, 'missing "PrivateKey"'),
         ("[1,2]", 0o600, "JSON object"),

@@ -355,7 +355,7 @@ MALFORMED = {
     "note_preferred_two_bytes": encode_frame(FrameType.NOTE_PREFERRED, b"\x01\x01"),
     "send_packet_short": encode_frame(FrameType.SEND_PACKET, b"k" * 31),
     "send_packet_oversized": pack_header(FrameType.SEND_PACKET, 32 + MAX_PACKET_SIZE + 1),
-    "frame_over_1mib": pack_header(0x55, (1 << 20) + 1),
+    "known_frame_over_1mib": pack_header(FrameType.NOTE_PREFERRED, (1 << 20) + 1),
     "ping_short": encode_frame(FrameType.PING, b"1234"),
     "ping_too_long": pack_header(FrameType.PING, 1001),
     "watch_conns_without_mesh_key": encode_frame(FrameType.WATCH_CONNS),

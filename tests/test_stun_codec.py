@@ -4,12 +4,17 @@ The vectors (``tests/vectors/stun.json``) were produced by Tailscale's Go
 ``net/stun`` package. Go answers only Tailscale-style requests; derpd also answers
 generic RFC 5389 and classic RFC 3489 binding requests, so for each of Go's
 ``parse_binding_request_cases`` this file states derpd's own verdict explicitly.
+
+Non-Tailscale requests carrying a comprehension-required attribute derpd does not
+understand get RFC 5389's 420 (Unknown Attribute) instead; every reply, success or error,
+is at most 2.2 times the size of its request (anti-amplification).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+import zlib
 from typing import Any
 
 import pytest
@@ -88,6 +93,54 @@ def check_reply_shape(request: BindingRequest, reply: bytes, host: str, port: in
         assert attr_types == [codec.ATTR_XOR_MAPPED_ADDRESS]
 
 
+def derpd_reply(request: BindingRequest, host: str, port: int) -> bytes:
+    """What derpd's server sends for ``request`` with generic STUN on (stun.server decides so)."""
+    if request.kind is not RequestKind.TAILSCALE and request.unknown_attributes:
+        return codec.unknown_attributes_response(request)
+    return codec.build_response(request, host, port)
+
+
+def within_ratio(reply: bytes, request: bytes) -> bool:
+    """reply <= 2.2 x request, in integers (2.2 = 11/5)."""
+    return len(reply) * 5 <= len(request) * 11
+
+
+def check_error_shape(request: BindingRequest, reply: bytes) -> None:
+    """A 420 echoes the txid, lists the request's unknown types, and mirrors FINGERPRINT."""
+    assert reply[0:2] == b"\x01\x11"
+    assert struct.unpack("!H", reply[2:4])[0] == len(reply) - 20
+    error = codec.parse_error_response(reply)
+    assert error.txid == request.txid
+    assert error.code == 420 and error.reason == "Unknown Attr"
+    attr_types = attribute_types(reply)
+    if request.kind is RequestKind.RFC3489:
+        assert reply[4:20] == request.txid
+        listed = request.unknown_attributes
+        if len(listed) % 2:  # RFC 3489: an odd list repeats one type to stay a multiple of 4 bytes
+            listed = (*listed, listed[-1])
+        assert error.unknown_attributes == listed
+        assert attr_types == [codec.ATTR_ERROR_CODE, codec.ATTR_UNKNOWN_ATTRIBUTES]
+    else:
+        assert reply[4:8] == codec.COOKIE_BYTES
+        assert error.unknown_attributes == request.unknown_attributes
+        if request.has_fingerprint:
+            assert attr_types == [codec.ATTR_ERROR_CODE, codec.ATTR_UNKNOWN_ATTRIBUTES, codec.ATTR_FINGERPRINT]
+            assert int.from_bytes(reply[-4:], "big") == codec.fingerprint(reply[:-8])
+        else:
+            assert attr_types == [codec.ATTR_ERROR_CODE, codec.ATTR_UNKNOWN_ATTRIBUTES]
+
+
+def check_derpd_reply(request: BindingRequest, data: bytes, host: str, port: int) -> bytes:
+    """The reply derpd sends has the right shape and respects the amplification ratio."""
+    reply = derpd_reply(request, host, port)
+    if request.kind is not RequestKind.TAILSCALE and request.unknown_attributes:
+        check_error_shape(request, reply)
+    else:
+        check_reply_shape(request, reply, host, port)
+    assert within_ratio(reply, data), (len(reply), len(data), data.hex())
+    return reply
+
+
 def attribute_types(message: bytes) -> list[int]:
     types, pos = [], 20
     while pos < len(message):
@@ -153,8 +206,10 @@ def test_parse_binding_request_verdicts(case: dict[str, Any]) -> None:
         assert request.txid == data[8:20]
         if case["accepted"]:
             assert request.txid.hex() == case["txid"]
+    assert request.unknown_attributes == ((0x0024,) if case["name"] == "extra_attr_before_software" else ())
     for host, port in SAMPLE_ADDRS:
         check_reply_shape(request, codec.build_response(request, host, port), host, port)
+        check_derpd_reply(request, data, host, port)
 
 
 def test_every_go_verdict_case_is_covered() -> None:
@@ -305,10 +360,12 @@ def test_parser_only_raises_its_own_error(data: bytes) -> None:
     request = parse_or_error(data)
     if request is not None:
         check_reply_shape(request, codec.build_response(request, "192.0.2.9", 9), "192.0.2.9", 9)
-    try:
-        codec.parse_response(data)
-    except StunError:
-        pass
+        check_derpd_reply(request, data, "2001:db8::9", 9)
+    for parse in (codec.parse_response, codec.parse_error_response):
+        try:
+            parse(data)
+        except StunError:
+            pass
 
 
 @settings(deadline=None)  # no timing limits in tests
@@ -346,6 +403,7 @@ def test_mutated_requests(data: bytes, host: str, port: int) -> None:
     request = parse_or_error(data)
     if request is not None:
         check_reply_shape(request, codec.build_response(request, host, port), host, port)
+        check_derpd_reply(request, data, host, port)
 
 
 @settings(deadline=None)  # no timing limits in tests
@@ -393,7 +451,9 @@ def test_encode_parse_respond_round_trip(
     assert request.software == (softwares[0] if softwares else None)
     changes = [v for t, v in attrs if t == codec.ATTR_CHANGE_REQUEST]
     assert request.change_request == (int.from_bytes(changes[-1], "big") if changes else None)
+    assert request.unknown_attributes == expected_unknown([t for t, _ in attrs])
     check_reply_shape(request, codec.build_response(request, host, port), host, port)
+    check_derpd_reply(request, message, host, port)
 
 
 @settings(deadline=None)  # no timing limits in tests
@@ -405,3 +465,187 @@ def test_response_round_trip(txid: bytes, host: str, port: int) -> None:
     assert parsed.address == ipaddress.ip_address(codec.pack_address(host))
     assert parsed.port == port
     assert len(reply) == (32 if parsed.address.version == 4 else 44)
+
+
+# -- unknown comprehension-required attributes: 420 ----------------------------------
+
+# What derpd understands below 0x8000, written out here independently of the codec's table:
+# RFC 5389's MAPPED-ADDRESS, USERNAME, MESSAGE-INTEGRITY, ERROR-CODE, UNKNOWN-ATTRIBUTES,
+# REALM, NONCE, XOR-MAPPED-ADDRESS; RFC 8489's MESSAGE-INTEGRITY-SHA256, PASSWORD-ALGORITHM,
+# USERHASH; RFC 3489's CHANGE-REQUEST, SOURCE-ADDRESS, CHANGED-ADDRESS, PASSWORD,
+# REFLECTED-FROM. Not RESPONSE-ADDRESS (0x0002): derpd never replies anywhere but the source.
+UNDERSTOOD = {0x0001, 0x0003, 0x0004, 0x0005, 0x0006, 0x0007, 0x0008, 0x0009, 0x000A, 0x000B}
+UNDERSTOOD |= {0x0014, 0x0015, 0x001C, 0x001D, 0x001E, 0x0020}
+INTEGRITY = {0x0008, 0x001C}
+REASON_HEX = b"Unknown Attr".hex()
+
+
+def expected_unknown(types: list[int]) -> tuple[int, ...]:
+    """Distinct unknown types < 0x8000 in order, at most 16, none after MESSAGE-INTEGRITY(-SHA256)."""
+    out: list[int] = []
+    for t in types:
+        if t in INTEGRITY:
+            break
+        if t < 0x8000 and t not in UNDERSTOOD and t not in out and len(out) < 16:
+            out.append(t)
+    return tuple(out)
+
+
+def test_understood_attribute_table() -> None:
+    assert codec.UNDERSTOOD_ATTRIBUTES == UNDERSTOOD
+    assert codec.ATTR_RESPONSE_ADDRESS not in codec.UNDERSTOOD_ATTRIBUTES
+    assert codec.MAX_UNKNOWN_LISTED == 16
+
+
+MAPPED_V4 = b"\x00\x01\x0d\x96\xc0\x00\x02\x01"  # family 1, port 3478, 192.0.2.1
+
+
+@pytest.mark.parametrize(
+    ("attrs", "unknown"),
+    [
+        pytest.param([(0x0024, b"\0\0\0\1")], (0x0024,), id="ice_priority"),
+        pytest.param([(codec.ATTR_RESPONSE_ADDRESS, MAPPED_V4)], (0x0002,), id="response_address"),
+        pytest.param([(0x0000, b"")], (0x0000,), id="reserved_zero"),
+        pytest.param([(0x7FFF, b"x")], (0x7FFF,), id="top_of_required_range"),
+        pytest.param([(0x8000, b""), (0x8029, bytes(8)), (0xFFFF, b"")], (), id="only_optional"),
+        pytest.param([(t, b"") for t in sorted(UNDERSTOOD - {0x0003, 0x0008, 0x001C})], (), id="all_understood"),
+        pytest.param([(0x0026, b""), (0x0027, b"\0\0"), (0x0026, b""), (0x8022, b"x")], (0x26, 0x27), id="dedup"),
+        pytest.param([(0x0024, b""), (0x0008, bytes(20)), (0x0025, b"")], (0x24,), id="after_integrity"),
+        pytest.param([(0x001C, bytes(32)), (0x0025, b"")], (), id="after_integrity_sha256"),
+        pytest.param([(0x4000 + i, b"") for i in range(40)], tuple(range(0x4000, 0x4010)), id="bounded_list"),
+    ],
+)
+def test_unknown_comprehension_required_attributes(attrs: list[tuple[int, bytes]], unknown: tuple[int, ...]) -> None:
+    assert expected_unknown([t for t, _ in attrs]) == unknown
+    for txid in (bytes(range(12)), bytes(range(100, 116))):
+        for with_fp in (False, True):
+            data = codec.encode_message(codec.BINDING_REQUEST, txid, attrs, with_fingerprint=with_fp)
+            request = codec.parse_binding_request(data)
+            assert request.kind is (RequestKind.RFC3489 if len(txid) == 16 else RequestKind.RFC5389)
+            assert request.unknown_attributes == unknown
+            for host, port in SAMPLE_ADDRS:
+                check_derpd_reply(request, data, host, port)
+
+
+def test_420_bytes() -> None:
+    """Hand-assembled from RFC 5389 §15.6/§15.9: ERROR-CODE 0x0009 = 0x0000, class 4, number 20,
+    reason; UNKNOWN-ATTRIBUTES 0x000A = the 16-bit types, zero-padded to 4 bytes."""
+    txid = bytes(range(12))
+    smallest = codec.encode_message(codec.BINDING_REQUEST, txid, [(0x0024, b"")])
+    assert len(smallest) == 24
+    reply = codec.unknown_attributes_response(codec.parse_binding_request(smallest))
+    assert reply.hex() == "".join(
+        [
+            "0111001c2112a442" + txid.hex(),  # binding error response, length 28, cookie, txid
+            "0009001000000414" + REASON_HEX,  # ERROR-CODE, length 16: class 4, number 20, reason
+            "000a0002" + "0024" + "0000",  # UNKNOWN-ATTRIBUTES, length 2: PRIORITY, padding
+        ]
+    )
+    assert len(reply) == 48 and within_ratio(reply, smallest)  # 2.0x
+
+    with_fp = codec.encode_message(codec.BINDING_REQUEST, txid, [(0x0024, b"")], with_fingerprint=True)
+    reply_fp = codec.unknown_attributes_response(codec.parse_binding_request(with_fp))
+    assert reply_fp[:2].hex() + reply_fp[4:48].hex() == reply[:2].hex() + reply[4:].hex()
+    assert reply_fp[2:4] == b"\x00\x24"  # the length counts the FINGERPRINT
+    assert reply_fp[48:52] == b"\x80\x28\x00\x04"
+    assert int.from_bytes(reply_fp[52:], "big") == zlib.crc32(reply_fp[:48]) ^ 0x5354554E
+    assert (len(with_fp), len(reply_fp)) == (32, 56)
+
+
+def test_420_bytes_classic() -> None:
+    """RFC 3489 §11.2.11: an odd list repeats one of its types; no cookie, no FINGERPRINT."""
+    txid16 = bytes(range(100, 116))
+    data = codec.encode_message(
+        codec.BINDING_REQUEST, txid16, [(0x0024, b""), (0x0002, MAPPED_V4), (0x0026, b"")], with_fingerprint=True
+    )
+    request = codec.parse_binding_request(data)
+    assert request.kind is RequestKind.RFC3489 and request.unknown_attributes == (0x24, 0x02, 0x26)
+    reply = codec.unknown_attributes_response(request)
+    assert reply.hex() == "".join(
+        [
+            "01110020" + txid16.hex(),  # binding error response, length 32, 16-byte txid
+            "0009001000000414" + REASON_HEX,  # ERROR-CODE 420
+            "000a0008" + "0024000200260026",  # UNKNOWN-ATTRIBUTES: three types, the last repeated
+        ]
+    )
+
+
+def test_tailscale_request_with_unknown_attribute_stays_tailscale() -> None:
+    """Go answers "extra_attr_before_software" (PRIORITY 0x0024 first); so does derpd, with Go's bytes."""
+    [case] = [c for c in VECTORS["parse_binding_request_cases"] if c["name"] == "extra_attr_before_software"]
+    data = bytes.fromhex(case["request_hex"])
+    request = codec.parse_binding_request(data)
+    assert request.kind is RequestKind.TAILSCALE and request.unknown_attributes == (0x0024,)
+    assert derpd_reply(request, "192.0.2.1", 3478) == codec.binding_response(request.txid, "192.0.2.1", 3478)
+
+
+def test_420_needs_something_to_report() -> None:
+    with pytest.raises(StunError):
+        codec.unknown_attributes_response(codec.parse_binding_request(codec.binding_request()))
+    request = codec.parse_binding_request(codec.encode_message(codec.BINDING_REQUEST, bytes(12), [(0x24, b"")]))
+    with pytest.raises(StunError):
+        codec.unknown_attributes_response(BindingRequest(request.txid, request.kind, False, None, None, (0x8000,)))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\x01\x11\x00\x04" + codec.COOKIE_BYTES + bytes(12) + b"\x00\x0a\x00\x00", id="no_error_code"),
+        pytest.param(b"\x01\x11\x00\x08" + codec.COOKIE_BYTES + bytes(12), id="length_past_end"),
+        pytest.param(b"\x01\x11\x00\x04" + codec.COOKIE_BYTES + bytes(12) + b"\x00\x09\x00\x02", id="attr_past_end"),
+        pytest.param(codec.binding_response(bytes(12), "192.0.2.1", 1), id="a_success"),
+    ],
+)
+def test_parse_error_response_rejects(data: bytes) -> None:
+    with pytest.raises(StunError):
+        codec.parse_error_response(data)
+
+
+# -- anti-amplification: every reply <= 2.2 x its request ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "reply_v4", "reply_v6"),
+    [
+        pytest.param(codec.encode_message(1, bytes(12)), 32, 44, id="rfc5389_bare_20"),
+        pytest.param(codec.encode_message(1, bytes(16)), 32, 44, id="classic_bare_20"),
+        pytest.param(codec.encode_message(1, bytes(12), with_fingerprint=True), 40, 52, id="rfc5389_fp_28"),
+        pytest.param(codec.encode_message(1, bytes(12), [(0x8000, b"")]), 32, 44, id="optional_unknown_24"),
+        pytest.param(codec.encode_message(1, bytes(12), [(0x24, b"")]), 48, 48, id="420_24"),
+        pytest.param(codec.encode_message(1, bytes(16), [(0x24, b"")]), 48, 48, id="classic_420_24"),
+        pytest.param(codec.encode_message(1, bytes(12), [(0x24, b"")], with_fingerprint=True), 56, 56, id="420_fp_32"),
+        pytest.param(codec.binding_request(bytes(12)), 32, 44, id="tailscale_40"),
+    ],
+)
+def test_reply_sizes_of_the_smallest_requests(request_bytes: bytes, reply_v4: int, reply_v6: int) -> None:
+    """The tightest case is a bare 20-byte request from IPv6: 44 bytes, exactly 2.2x."""
+    request = codec.parse_binding_request(request_bytes)
+    assert len(check_derpd_reply(request, request_bytes, "192.0.2.1", 1)) == reply_v4
+    assert len(check_derpd_reply(request, request_bytes, "2001:db8::1", 1)) == reply_v6
+
+
+attribute_type = st.one_of(
+    st.integers(0, 0x7FFF),  # comprehension-required: mostly unknown
+    st.sampled_from(sorted(UNDERSTOOD - {codec.ATTR_CHANGE_REQUEST})),
+    st.integers(0x8000, 0xFFFF).filter(lambda t: t != codec.ATTR_FINGERPRINT),
+)
+small_attributes = st.lists(
+    st.one_of(
+        st.tuples(attribute_type, st.binary(max_size=6)),
+        st.tuples(st.just(codec.ATTR_SOFTWARE), st.just(b"tailnode")),
+        st.tuples(st.just(codec.ATTR_CHANGE_REQUEST), st.binary(min_size=4, max_size=4)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(txids, st.binary(min_size=16, max_size=16)), small_attributes, st.booleans(), ip_addresses, ports)
+def test_every_reply_is_within_the_amplification_ratio(
+    txid: bytes, attrs: list[tuple[int, bytes]], with_fp: bool, host: str, port: int
+) -> None:
+    """Small requests (where the ratio bites) with many attributes (where a 420 list grows)."""
+    data = codec.encode_message(codec.BINDING_REQUEST, txid, attrs, with_fingerprint=with_fp)
+    request = codec.parse_binding_request(data)
+    assert request.unknown_attributes == expected_unknown([t for t, _ in attrs])
+    check_derpd_reply(request, data, host, port)

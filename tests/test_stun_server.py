@@ -4,6 +4,9 @@
 a valid marker request from the same socket; the server handles datagrams in order, so
 the next datagram back must be the marker's reply. ``HANG_GUARD`` only stops a broken
 build from hanging; no test measures speed.
+
+Every reply any test here receives is also checked against the anti-amplification rule
+(at most 2.2 times the size of the request it answers) where the request is known.
 """
 
 from __future__ import annotations
@@ -23,13 +26,26 @@ from typing import Any
 import aiostun
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from derpd.cli import _settings, serve
+from derpd.server import DerpServer
 from stun import codec
 from stun.codec import RequestKind, StunError
 from stun.server import StunServer, StunStats
 
 from .conftest import load_vector
-from .test_stun_codec import DERPD_VERDICT
+from .test_stun_codec import (
+    DERPD_VERDICT,
+    check_derpd_reply,
+    check_error_shape,
+    derpd_reply,
+    mutations,
+    small_attributes,
+    txids,
+    within_ratio,
+)
 
 HANG_GUARD = 30.0
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +111,11 @@ async def round_trip(sock: trio.socket.SocketType, dest: tuple[str, int], data: 
     return reply
 
 
+def reply_txid(reply: bytes) -> bytes:
+    """The transaction id a reply echoes: 12 bytes after the cookie, or classic's 16."""
+    return reply[8:20] if reply[4:8] == codec.COOKIE_BYTES else reply[4:20]
+
+
 async def marker(sock: trio.socket.SocketType, dest: tuple[str, int]) -> list[bytes]:
     """Send a fresh Tailscale request; return every other datagram that came back before its reply."""
     txid = codec.new_txid()
@@ -102,10 +123,25 @@ async def marker(sock: trio.socket.SocketType, dest: tuple[str, int]) -> list[by
     others = []
     for _ in range(10_000):
         reply, _ = await receive(sock)
-        if codec.parse_response(reply).txid == txid:
+        if reply[:2] == b"\x01\x01" and reply_txid(reply) == txid:
             return others
         others.append(reply)
     raise AssertionError("marker reply never arrived")
+
+
+async def answer_or_none(sock: trio.socket.SocketType, dest: tuple[str, int], data: bytes) -> bytes | None:
+    """The one reply to ``data``, or None when the server dropped it (proved by a marker)."""
+    await sock.sendto(data, dest)
+    others = await marker(sock, dest)
+    assert len(others) <= 1, others
+    return others[0] if others else None
+
+
+def dispositions(**counts: int) -> dict[str, int]:
+    """``StunStats.requests()`` with the given counts and every other disposition 0."""
+    every = ("success", "unknown_attribute", "not_stun", "not_tailscale", "amplification", "read_error", "write_error")
+    assert set(counts) <= set(every)
+    return {d: counts.get(d, 0) for d in every}
 
 
 async def assert_dropped(sock: trio.socket.SocketType, dest: tuple[str, int], data: bytes) -> None:
@@ -181,22 +217,31 @@ async def test_go_verdict_cases_over_the_wire(nursery: trio.Nursery, udp_client:
         answered += 1
     markers = dropped
     stats = server.stats
-    assert stats.requests() == {"success": answered + markers, "not_stun": dropped, "read_error": 0, "write_error": 0}
+    assert stats.requests() == dispositions(success=answered + markers, not_stun=dropped)
     assert stats.addrfamily() == {"ipv4": answered + markers, "ipv6": 0}
     assert stats.by_kind == {"tailscale": 4 + markers, "rfc5389": 5, "rfc3489": 2}
+
+
+RECORDED_HOST, _RECORDED_PORT = VECTORS["live_server"]["client_addr"].rsplit(":", 1)
+RECORDED_PORT = int(_RECORDED_PORT)
+
+
+async def recorded_port_client(udp_client: MakeClient) -> trio.socket.SocketType:
+    """A client on the port Go's recorded exchanges came from, or any port if that one is taken
+    (then replies are compared with stun.Response for our own address)."""
+    try:
+        return await udp_client(RECORDED_HOST, RECORDED_PORT)
+    except OSError:
+        return await udp_client()
 
 
 async def test_live_server_exchanges(nursery: trio.Nursery, udp_client: MakeClient) -> None:
     """Replay Go derper's recorded exchanges; from its recorded port, we answer byte-identically."""
     server = await start(nursery)
     dest = ("127.0.0.1", server.port)
-    recorded_host, recorded_port = VECTORS["live_server"]["client_addr"].rsplit(":", 1)
-    try:
-        client = await udp_client(recorded_host, int(recorded_port))
-    except OSError:  # port taken on this machine: compare with stun.Response for our own address
-        client = await udp_client()
+    client = await recorded_port_client(udp_client)
     host, port = local(client)
-    on_recorded_port = port == int(recorded_port)
+    on_recorded_port = port == RECORDED_PORT
     for exchange in VECTORS["live_server"]["exchanges"]:
         data = bytes.fromhex(exchange["request_hex"])
         if exchange["answered"]:
@@ -288,7 +333,7 @@ async def test_write_error_is_counted_and_survived(
     await client.sendto(codec.binding_request(), ("127.255.255.255", server.port))
     await wait_until(lambda: server.stats.write_error == 1)
     assert await marker(client, ("127.0.0.1", server.port)) == []
-    assert server.stats.requests() == {"success": 1, "not_stun": 0, "read_error": 0, "write_error": 1}
+    assert server.stats.requests() == dispositions(success=1, write_error=1)
     assert any(r.getMessage() == "stun_write_error" and r.levelno == logging.INFO for r in stun_log)
 
 
@@ -358,37 +403,39 @@ async def test_garbage_flood_then_still_serving(
     rng = random.Random(20240611)
     valid = [bytes.fromhex(c["request_hex"]) for c in VECTORS["parse_binding_request_cases"]]
     datagrams = [garbage(rng, valid) for _ in range(2000)] + [b"", b"\x00" * 65507, rng.randbytes(60000)]
-    expected_answers = 0
+    # Garbage that happens to name an attribute we do not know gets a 420, by design.
+    for i in range(0, 60, 3):
+        datagrams[i] = codec.encode_message(codec.BINDING_REQUEST, rng.randbytes(12), [(0x24 + i, b"")])
+    expected: list[bytes] = []
     for dgram in datagrams:
         try:
-            codec.parse_binding_request(dgram)
-            expected_answers += 1
+            expected.append(derpd_reply(codec.parse_binding_request(dgram), host, port))
         except StunError:
             pass
-    expected_drops = len(datagrams) - expected_answers
+    expected_errors = sum(reply[:2] == b"\x01\x11" for reply in expected)
+    expected_drops = len(datagrams) - len(expected)
     assert expected_drops > 1500  # the flood is mostly garbage
+    assert expected_errors >= 20
 
-    answers = 0
+    answers: list[bytes] = []
     markers = 0
     chunk = 50  # bounded bursts, so neither side's receive buffer overflows
     for start_at in range(0, len(datagrams), chunk):
         for dgram in datagrams[start_at : start_at + chunk]:
             await client.sendto(dgram, dest)
-        for reply in await marker(client, dest):
-            parsed = codec.parse_response(reply)
-            assert (str(parsed.address), parsed.port) == (host, port)
-            answers += 1
+        answers += await marker(client, dest)
         markers += 1
-    assert answers == expected_answers
+    assert answers == expected
     stats = server.stats
-    assert stats.not_stun == expected_drops
-    assert stats.success == expected_answers + markers
-    assert stats.read_error == stats.write_error == 0
+    assert stats.requests() == dispositions(
+        success=len(expected) - expected_errors + markers, unknown_attribute=expected_errors, not_stun=expected_drops
+    )
 
     drop_lines = [r for r in stun_log if r.getMessage() == "stun_dropped"]
     assert sum(r.levelno == logging.DEBUG for r in drop_lines) == expected_drops
     info_lines = [r for r in drop_lines if r.levelno >= logging.INFO]
     assert 1 <= len(info_lines) < 5, "a garbage flood must not flood the log"
+    assert [r for r in stun_log if r.levelno > logging.INFO or r.exc_info] == []
 
 
 async def test_clients_gone_before_reply_do_not_hurt(nursery: trio.Nursery, udp_client: MakeClient) -> None:
@@ -402,7 +449,7 @@ async def test_clients_gone_before_reply_do_not_hurt(nursery: trio.Nursery, udp_
     await wait_until(lambda: server.stats.success == 20)
     client = await udp_client()
     assert await marker(client, dest) == []
-    assert server.stats.requests() == {"success": 21, "not_stun": 0, "read_error": 0, "write_error": 0}
+    assert server.stats.requests() == dispositions(success=21)
 
 
 async def test_yields_to_other_tasks_between_batches(nursery: trio.Nursery) -> None:
@@ -500,3 +547,244 @@ async def test_pystun3_classic_client(nursery: trio.Nursery, tmp_path: Path) -> 
     assert result["nat"] == "Open Internet"
     assert server.stats.by_kind == {"tailscale": 0, "rfc5389": 0, "rfc3489": 2}
     assert server.stats.success == 2
+
+
+# -- unknown comprehension-required attributes: 420 ----------------------------------
+
+UNKNOWN_CASES = [
+    # (id, txid length, attributes, FINGERPRINT, listed types)
+    ("rfc5389_priority", 12, [(0x0024, b"\0\0\0\1")], False, (0x0024,)),
+    ("rfc5389_fp_two", 12, [(0x0026, b""), (0x8022, b"x"), (0x0002, bytes(8)), (0x0026, b"")], True, (0x26, 0x02)),
+    (
+        "classic_three",
+        16,
+        [(0x0024, b""), (0x0003, bytes(4)), (0x0025, b"ab"), (0x0027, b"")],
+        False,
+        (0x24, 0x25, 0x27),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("host", "case"),
+    [
+        *[pytest.param("127.0.0.1", c, id=f"v4-{c[0]}") for c in UNKNOWN_CASES],
+        *[pytest.param("::1", c, id=f"v6-{c[0]}", marks=NEEDS_IPV6) for c in UNKNOWN_CASES],
+    ],
+)
+async def test_unknown_comprehension_required_attribute_gets_420(
+    nursery: trio.Nursery, udp_client: MakeClient, host: str, case: tuple[Any, ...]
+) -> None:
+    _name, txid_len, attrs, with_fp, listed = case
+    server = await start(nursery, host)
+    client = await udp_client(host)
+    txid = os.urandom(txid_len)
+    data = codec.encode_message(codec.BINDING_REQUEST, txid, attrs, with_fingerprint=with_fp)
+    reply = await round_trip(client, (host, server.port), data)
+    assert reply[:2] == b"\x01\x11"  # binding error response
+    assert reply_txid(reply) == (txid[-12:] if txid_len == 12 else txid)
+    error = codec.parse_error_response(reply)
+    assert error.code == 420
+    if txid_len == 16 and len(listed) % 2:
+        assert error.unknown_attributes == (*listed, listed[-1])  # RFC 3489's even list
+    else:
+        assert error.unknown_attributes == listed
+    assert (reply[-8:-4] == b"\x80\x28\x00\x04") is with_fp
+    check_error_shape(codec.parse_binding_request(data), reply)
+    assert within_ratio(reply, data)
+    assert server.stats.requests() == dispositions(unknown_attribute=1)
+    assert server.stats.addrfamily() == {"ipv4": 0, "ipv6": 0}  # only binding successes count there
+    assert server.stats.by_kind == {"tailscale": 0, "rfc5389": 0, "rfc3489": 0}
+
+
+@pytest.mark.parametrize("txid_len", [12, 16])
+@pytest.mark.parametrize("with_fp", [False, True])
+async def test_only_optional_unknown_attributes_get_success(
+    nursery: trio.Nursery, udp_client: MakeClient, txid_len: int, with_fp: bool
+) -> None:
+    """Types >= 0x8000 (ICE-CONTROLLED, anything up to 0xFFFF) and the understood ones are no reason for a 420."""
+    server = await start(nursery)
+    client = await udp_client()
+    host, port = local(client)
+    attrs = [(0x8000, b""), (0x8029, bytes(8)), (0xC0DE, b"xyz"), (0x0006, b"user"), (0x0014, b"realm"), (0xFFFF, b"")]
+    data = codec.encode_message(codec.BINDING_REQUEST, os.urandom(txid_len), attrs, with_fingerprint=with_fp)
+    request = codec.parse_binding_request(data)
+    assert request.unknown_attributes == ()
+    reply = await round_trip(client, ("127.0.0.1", server.port), data)
+    assert reply == codec.build_response(request, host, port)
+    check_derpd_reply(request, data, host, port)
+    assert server.stats.requests() == dispositions(success=1)
+    assert server.stats.by_kind == {"tailscale": 0, "rfc5389": int(txid_len == 12), "rfc3489": int(txid_len == 16)}
+
+
+async def test_tailscale_request_with_unknown_attribute_is_answered_like_go(
+    nursery: trio.Nursery, udp_client: MakeClient
+) -> None:
+    """Go answers a Tailscale request whatever else it carries (vector extra_attr_before_software)."""
+    server = await start(nursery)
+    client = await udp_client()
+    txid = codec.new_txid()
+    data = codec.encode_message(
+        codec.BINDING_REQUEST, txid, [(0x0024, b"\0\0\0\1"), (codec.ATTR_SOFTWARE, b"tailnode")], with_fingerprint=True
+    )
+    reply = await round_trip(client, ("127.0.0.1", server.port), data)
+    assert reply == codec.binding_response(txid, *local(client))
+    assert server.stats.requests() == dispositions(success=1)
+
+
+# -- --no-stun-generic: exactly what Go derper answers --------------------------------
+
+
+async def test_no_stun_generic_answers_exactly_what_go_answers(
+    nursery: trio.Nursery, udp_client: MakeClient, stun_log: list[logging.LogRecord]
+) -> None:
+    server = await start(nursery, generic=False)
+    assert server.generic is False
+    dest = ("127.0.0.1", server.port)
+    client = await recorded_port_client(udp_client)
+    host, port = local(client)
+    answered = not_tailscale = not_stun = 0
+
+    async def expect(data: bytes, go_answers: bool, go_reply: bytes | None = None) -> None:
+        nonlocal answered, not_tailscale, not_stun
+        reply = await answer_or_none(client, dest, data)
+        if not go_answers:
+            assert reply is None, f"answered {data.hex()}"
+            try:
+                codec.parse_binding_request(data)
+                not_tailscale += 1
+            except StunError:
+                not_stun += 1
+            return
+        assert reply == codec.binding_response(data[8:20], host, port)
+        if go_reply is not None and port == RECORDED_PORT:
+            assert reply == go_reply
+        answered += 1
+
+    for case in VECTORS["binding_requests"]:
+        await expect(bytes.fromhex(case["request_hex"]), True)
+    for case in VECTORS["parse_binding_request_cases"]:
+        await expect(bytes.fromhex(case["request_hex"]), case["accepted"])
+    for exchange in VECTORS["live_server"]["exchanges"]:
+        go_reply = bytes.fromhex(exchange["response_hex"]) if exchange["answered"] else None
+        await expect(bytes.fromhex(exchange["request_hex"]), exchange["answered"], go_reply)
+    # Generic requests, even ones that would get a 420, are dropped; so is classic RFC 3489.
+    await expect(codec.encode_message(codec.BINDING_REQUEST, codec.new_txid(), [(0x0024, b"")]), False)
+    await expect(codec.encode_message(codec.BINDING_REQUEST, os.urandom(16)), False)
+    await expect(codec.encode_message(codec.BINDING_REQUEST, os.urandom(16), [(0x0024, b"")]), False)
+
+    assert not_tailscale >= 10 and not_stun >= 10
+    markers = answered + not_tailscale + not_stun
+    stats = server.stats
+    assert stats.requests() == dispositions(success=answered + markers, not_tailscale=not_tailscale, not_stun=not_stun)
+    assert stats.by_kind == {"tailscale": answered + markers, "rfc5389": 0, "rfc3489": 0}
+    lines = [r for r in stun_log if r.getMessage() == "stun_not_tailscale"]
+    assert sum(r.levelno == logging.DEBUG for r in lines) == not_tailscale
+    assert len([r for r in lines if r.levelno == logging.INFO]) == 1  # sampled: one a minute
+    assert [r for r in stun_log if r.levelno > logging.INFO or r.exc_info] == []
+
+
+async def test_stun_generic_flag_env_and_file_reach_the_stun_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, udp_client: MakeClient
+) -> None:
+    """--no-stun-generic / DERPD_STUN_GENERIC / stun-generic in TOML → ServerSettings → StunServer."""
+    base = ["--dev", "--key-file", str(tmp_path / "k" / "derper.key"), "--addr", "127.0.0.1:0", "--stun-port", "0"]
+    cfg = tmp_path / "d.toml"
+    cfg.write_text("stun-generic = false\n")
+
+    def generic_of(args: list[str]) -> bool:
+        params = serve.make_context("serve", [*base, *args]).params
+        _key, settings, _notes = _settings(params, dry_run=True)
+        assert settings.stun_generic is params["stun_generic"]
+        return settings.stun_generic
+
+    assert generic_of([]) is True
+    assert generic_of(["--no-stun-generic"]) is False
+    assert generic_of(["--config", str(cfg)]) is False
+    assert generic_of(["--config", str(cfg), "--stun-generic"]) is True
+    monkeypatch.setenv("DERPD_STUN_GENERIC", "false")
+    assert generic_of([]) is False
+    assert generic_of(["--stun-generic"]) is True
+
+    key, settings, _ = _settings(serve.make_context("serve", base).params, dry_run=True)
+    assert not (tmp_path / "k").exists()
+    async with trio.open_nursery() as nursery:
+        server = DerpServer(key, settings)
+        await nursery.start(server.run)
+        assert server.stun is not None and server.stun.generic is False
+        client = await udp_client()
+        dest = server.stun_addrs[0]
+        await assert_dropped(client, dest, codec.encode_message(codec.BINDING_REQUEST, codec.new_txid()))
+        assert server.stun.stats.requests() == dispositions(success=1, not_tailscale=1)
+        nursery.cancel_scope.cancel()
+
+    check = await trio.run_process(
+        [sys.executable, "-m", "derpd", "check-config", *base, "--no-stun-generic"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert check.returncode == 0, check.stderr.decode()
+    assert b"config OK" in check.stdout
+
+
+# -- anti-amplification over the wire -------------------------------------------------
+
+
+async def test_reply_over_the_ratio_is_dropped_and_counted(
+    nursery: trio.Nursery, udp_client: MakeClient, stun_log: list[logging.LogRecord]
+) -> None:
+    """The guard itself, exercised with a tighter ratio than derpd's 2.2 (no real reply exceeds that)."""
+    server = await start(nursery, max_reply_ratio=1.5)
+    client = await udp_client()
+    dest = ("127.0.0.1", server.port)
+    await assert_dropped(client, dest, codec.encode_message(codec.BINDING_REQUEST, codec.new_txid()))  # 20 → 32
+    smallest_420 = codec.encode_message(codec.BINDING_REQUEST, codec.new_txid(), [(0x0024, b"")])  # 24 → 48
+    await assert_dropped(client, dest, smallest_420)
+    txid = codec.new_txid()
+    assert await round_trip(client, dest, codec.binding_request(txid)) == codec.binding_response(txid, *local(client))
+    assert server.stats.requests() == dispositions(success=3, amplification=2)
+    lines = [r for r in stun_log if r.getMessage() == "stun_reply_too_large"]
+    assert sum(r.levelno == logging.DEBUG for r in lines) == 2
+    assert [r for r in stun_log if r.levelno > logging.INFO or r.exc_info] == []
+    with pytest.raises(ValueError):
+        StunServer("127.0.0.1", 0, max_reply_ratio=0)
+
+
+RATIO_HOSTS = ["127.0.0.1", "::1"] if ipv6_loopback_works() else ["127.0.0.1"]
+generated_requests = st.one_of(
+    st.builds(
+        lambda txid, attrs, fp: codec.encode_message(codec.BINDING_REQUEST, txid, attrs, with_fingerprint=fp),
+        st.one_of(txids, st.binary(min_size=16, max_size=16)),
+        small_attributes,
+        st.booleans(),
+    ),
+    mutations(),
+    st.binary(max_size=48),
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(RATIO_HOSTS), st.lists(generated_requests, min_size=1, max_size=30))
+async def test_every_reply_on_the_wire_is_within_the_ratio(host: str, requests: list[bytes]) -> None:
+    """reply_len <= 2.2 x request_len for every reply a real server socket sends, over at most
+    20 x 30 generated requests; and every request the codec accepts is answered."""
+    async with trio.open_nursery() as nursery:  # each example runs in its own event loop
+        server = await start(nursery, host)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with trio.socket.socket(family, socket.SOCK_DGRAM) as client:
+            await client.bind((host, 0))
+            client_host, client_port = local(client)
+            for data in requests:
+                reply = await answer_or_none(client, (host, server.port), data)
+                try:
+                    request = codec.parse_binding_request(data)
+                except StunError:
+                    assert reply is None
+                    continue
+                assert reply is not None
+                assert within_ratio(reply, data), (len(reply), len(data), data.hex())
+                assert reply == derpd_reply(request, client_host, client_port)
+        assert server.stats.amplification == 0
+        nursery.cancel_scope.cancel()

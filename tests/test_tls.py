@@ -325,11 +325,53 @@ async def test_ip_store_generates_then_reuses_and_pins(
         await tls.aclose()
 
 
-async def test_ip_store_with_one_file_missing_refuses(tmp_path: Path, server_key: bytes) -> None:
+async def test_ip_store_with_its_key_missing_refuses(tmp_path: Path, server_key: bytes) -> None:
+    """A certificate without its key cannot be used, and nothing derpd writes leaves that state."""
     CertStore(tmp_path, "127.0.0.1", server_key).load()
-    (tmp_path / "127.0.0.1.crt").unlink()
-    with pytest.raises(CertError, match=r"127\.0\.0\.1\.crt is missing.*remove the other file"):
+    (tmp_path / "127.0.0.1.key").unlink()
+    with pytest.raises(CertError, match=r"127\.0\.0\.1\.key is missing.*remove the other file"):
         CertStore(tmp_path, "127.0.0.1", server_key).load()
+
+
+async def test_ip_store_key_without_certificate_gets_one(
+    tmp_path: Path, server_key: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a crash between the two atomic writes leaves (key first, then certificate): the next
+    start makes a certificate for that key instead of refusing to start."""
+    first = CertStore(tmp_path, "127.0.0.1", server_key)
+    first.load()
+    key_pem = (tmp_path / "127.0.0.1.key").read_bytes()
+    (tmp_path / "127.0.0.1.crt").unlink()
+    again = CertStore(tmp_path, "127.0.0.1", server_key)
+    again.load()
+    assert again.generated and again.pin != first.pin
+    assert (tmp_path / "127.0.0.1.key").read_bytes() == key_pem  # the key was kept
+    leaf = x509.load_pem_x509_certificate((tmp_path / "127.0.0.1.crt").read_bytes())
+    assert leaf.public_key().public_numbers() == serialization.load_pem_private_key(
+        key_pem, None
+    ).public_key().public_numbers()  # type: ignore[union-attr]
+    assert any(r.getMessage() == "tls_cert_generated_for_existing_key" for r in caplog.records)
+
+
+@pytest.mark.parametrize("empty", [("crt",), ("key",), ("crt", "key")])
+async def test_ip_store_replaces_empty_files(
+    tmp_path: Path, server_key: bytes, caplog: pytest.LogCaptureFixture, empty: tuple[str, ...]
+) -> None:
+    """0-byte files (an older version's interrupted write) count as missing, with a warning."""
+    CertStore(tmp_path, "127.0.0.1", server_key).load()
+    if "key" in empty:
+        (tmp_path / "127.0.0.1.crt").unlink()  # the key's certificate is useless without it
+    for ext in empty:
+        (tmp_path / f"127.0.0.1.{ext}").write_bytes(b"")
+    store = CertStore(tmp_path, "127.0.0.1", server_key)
+    store.load()
+    assert store.generated and store.pin
+    for ext in ("crt", "key"):
+        assert (tmp_path / f"127.0.0.1.{ext}").stat().st_size > 0
+    assert stat.S_IMODE((tmp_path / "127.0.0.1.key").stat().st_mode) == 0o600
+    replaced = [r for r in caplog.records if r.getMessage() == "tls_file_empty_replaced"]
+    assert len(replaced) == len(empty) and all(r.levelno == logging.WARNING for r in replaced)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # no temp file left
 
 
 async def test_ip_store_uses_an_operator_certificate(nursery: trio.Nursery, tmp_path: Path, server_key: bytes) -> None:
