@@ -19,11 +19,14 @@ import h11
 import trio
 
 from . import log
+from .protocol import PROTOCOL_VERSION
+from .text import Peer
 from .transport import Transport, format_addr
 from .websocket import WebSocketError, WebSocketTransport, wants_derp
 
 MAX_HEAD = 8 * 1024
 MAX_BODY = 64 * 1024  # bodies are never used; small ones are drained for keep-alive
+MAX_CONTENT_LENGTH_DIGITS = 18  # Go parses Content-Length as an int63: 19+ digits is a bad request
 HEAD_TIMEOUT = 10.0
 WRITE_TIMEOUT = 10.0
 
@@ -61,6 +64,32 @@ class _Close(Exception):
     """End this HTTP connection (after a response, or silently)."""
 
 
+# What h11 accepts as a request line (RFC 9112 §3: method SP request-target SP HTTP-version).
+_REQUEST_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+ [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]\r?")
+
+
+def check_request_line(pending: bytes | bytearray) -> bool:
+    """Whether the request line in ``pending`` (unparsed bytes of a head) is complete and checked;
+    raises h11.RemoteProtocolError(400) at once for a line h11 would refuse once the head is whole."""
+    end = pending.find(b"\n")
+    if end < 0:
+        return False
+    if not _REQUEST_LINE.fullmatch(pending, 0, end):  # h11 allows no empty line before it either
+        raise h11.RemoteProtocolError("illegal request line", error_status_hint=400)
+    return True
+
+
+def request_path(target: bytes) -> bytes:
+    """The path of a request target, origin-form (``/derp?x``) or absolute-form
+    (``http://host/derp``, which proxies send and HTTP/1.1 servers must accept)."""
+    if target[:1] != b"/":
+        scheme, sep, rest = target.partition(b"://")
+        if sep and scheme.lower() in (b"http", b"https"):
+            slash = rest.find(b"/")
+            target = rest[slash:] if slash >= 0 else b"/"
+    return target.split(b"?", 1)[0]
+
+
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for k, v in headers:
         if k == name:
@@ -77,7 +106,12 @@ class HttpFront:
 
     def __init__(self, derp: DerpHandler | None, public_key: bytes, config: HttpConfig | None = None) -> None:
         self.derp = derp
-        self.public_key_hex = public_key.hex().encode()  # Derp-Public-Key: bare lowercase hex
+        # derper's exact 101 (Derp-Public-Key: bare lowercase hex). Written as bytes, not through h11,
+        # which refuses a 101 while the client is still (in its view) sending a body.
+        self.switching_protocols = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
+            b"Derp-Version: %d\r\nDerp-Public-Key: %s\r\n\r\n" % (PROTOCOL_VERSION, public_key.hex().encode())
+        )
         self.config = config or HttpConfig()
         self.requests = 0
         self.bad_requests = 0
@@ -92,6 +126,9 @@ class HttpFront:
             pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             log.debug("http_connection_error", remote=_remote(transport), reason=str(e))
+        except h11.ProtocolError as e:  # a peer h11 refuses at a point no handler expected: close, quietly
+            self.bad_requests += 1
+            log.info("http_bad_request", remote=_remote(transport), reason=Peer(str(e)))
         finally:
             if not handed_off:
                 with trio.CancelScope(shield=True):
@@ -115,7 +152,12 @@ class HttpFront:
 
     async def _next_event(self, conn: h11.Connection, transport: Transport, limit: int = 0) -> object:
         """The next h11 event; with ``limit``, the bytes it may take (h11 itself only
-        bounds an event that is still incomplete, not one that arrives whole)."""
+        bounds an event that is still incomplete, not one that arrives whole).
+
+        While a head is incomplete, its request line is checked as soon as it has arrived (h11
+        waits for the whole head): a client that opens with garbage gets its 400 at once, as
+        from Go's line-by-line reader, not at the head deadline."""
+        line_checked = False
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
@@ -124,6 +166,8 @@ class HttpFront:
                     if head > limit:
                         raise h11.RemoteProtocolError("request head too long", error_status_hint=431)
                 return event
+            if not line_checked and conn.their_state is h11.IDLE:
+                line_checked = check_request_line(conn.trailing_data[0])
             data = await transport.receive_some()
             conn.receive_data(data)
 
@@ -149,9 +193,9 @@ class HttpFront:
     async def _bad_request(self, conn: h11.Connection, transport: Transport, err: h11.RemoteProtocolError) -> None:
         self.bad_requests += 1
         status = err.error_status_hint
-        if "buffer" in str(err).lower():  # h11's "Receive buffer too long"
-            status = 431
-        log.info("http_bad_request", remote=_remote(transport), status=status, reason=str(err))
+        if status == 400 and conn.their_state is h11.IDLE and len(conn.trailing_data[0]) > self.config.max_head:
+            status = 431  # h11's "Receive buffer too long": an incomplete head over the limit
+        log.info("http_bad_request", remote=_remote(transport), status=status, reason=Peer(str(err)))
         await self._try_respond(conn, transport, status, HTTPStatus(status).phrase.encode() + b"\n", close=True)
         raise _Close
 
@@ -215,9 +259,16 @@ class HttpFront:
 
     async def _dispatch(self, conn: h11.Connection, transport: Transport, req: h11.Request) -> bool:
         """Answer one request; True when the connection was handed to DERP."""
-        path = req.target.split(b"?", 1)[0]
+        path = request_path(req.target)
         method = req.method
         headers = list(req.headers)  # names are lower-cased by h11
+        if not req.http_version.startswith(b"1."):  # e.g. the h2 preface "PRI * HTTP/2.0"
+            await self._reject(conn, transport, 505, "unsupported protocol version")
+        length = _header(headers, b"content-length")
+        if length is not None and len(length) > MAX_CONTENT_LENGTH_DIGITS:  # Go: must fit an int63
+            await self._reject(conn, transport, 400, "bad Content-Length")
+        if length is not None and int(length) > MAX_BODY and path != b"/derp":
+            await self._reject(conn, transport, 413, "request body too large")
         if self.config.https_redirect and path != b"/generate_204":
             await self._drain_body(conn, transport)
             if method in (b"GET", b"HEAD"):
@@ -254,10 +305,16 @@ class HttpFront:
                 await self._respond(conn, transport, 200, html, body=HOME_PAGE, head=is_head)
         else:
             await self._respond(conn, transport, 404, body=b"404 page not found\n", head=is_head)
-        log.debug(
-            "http_request", remote=_remote(transport), method=method.decode("latin-1"), path=path.decode("latin-1")
-        )
+        shown = {"method": Peer(method.decode("latin-1")), "path": Peer(path.decode("latin-1"))}
+        log.debug("http_request", remote=_remote(transport), **shown)
         return False
+
+    async def _reject(self, conn: h11.Connection, transport: Transport, status: int, reason: str) -> None:
+        """Answer a request that cannot be served with ``status`` and close, without reading its body."""
+        self.bad_requests += 1
+        log.info("http_bad_request", remote=_remote(transport), status=status, reason=reason)
+        await self._try_respond(conn, transport, status, reason.encode() + b"\n", close=True)
+        raise _Close
 
     async def _derp(
         self, conn: h11.Connection, transport: Transport, req: h11.Request, headers: list[tuple[bytes, bytes]]
@@ -272,10 +329,8 @@ class HttpFront:
             await self._respond(conn, transport, 426, body=b"DERP requires connection upgrade\n")
             return False
         websocket = upgrade == b"websocket" and wants_derp(_header(headers, b"sec-websocket-protocol") or b"")
-        # The request head (and any body) is complete; the rest of the bytes are DERP.
-        event = await self._next_event(conn, transport)
-        if not isinstance(event, h11.EndOfMessage):
-            raise _Close
+        # Everything after the head is the new protocol's. A body announced on an upgrade request is
+        # not waited for (nor framed): its bytes are the first DERP bytes, as after Go's Hijack.
         initial, _closed = conn.trailing_data
         not_ideal = _header(headers, b"ideal-node") is not None
         if websocket:
@@ -283,7 +338,7 @@ class HttpFront:
                 ws = await WebSocketTransport.accept(transport, req.target, headers, bytes(initial))
             except WebSocketError as e:
                 self.bad_requests += 1
-                log.info("http_bad_request", remote=_remote(transport), status=400, reason=str(e))
+                log.info("http_bad_request", remote=_remote(transport), status=400, reason=Peer(str(e)))
                 await self._respond(conn, transport, 400, body=str(e).encode() + b"\n", close=True)
                 return False
             if ws is None:
@@ -293,20 +348,7 @@ class HttpFront:
             await self.derp(ws, initial=b"", preamble=b"", not_ideal=not_ideal)
             return True
         fast_start = _header(headers, b"derp-fast-start") == b"1"
-        preamble = b""
-        if not fast_start:
-            preamble = conn.send(
-                h11.InformationalResponse(
-                    status_code=101,
-                    reason=b"Switching Protocols",
-                    headers=[
-                        (b"Upgrade", b"DERP"),
-                        (b"Connection", b"Upgrade"),
-                        (b"Derp-Version", b"2"),
-                        (b"Derp-Public-Key", self.public_key_hex),
-                    ],
-                )
-            )
+        preamble = b"" if fast_start else self.switching_protocols
         await self.derp(transport, initial=bytes(initial), preamble=preamble, not_ideal=not_ideal)
         return True
 

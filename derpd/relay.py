@@ -63,6 +63,7 @@ from .protocol import (
     server_info_frame,
     server_key_frame,
 )
+from .text import Peer
 from .transport import Transport, format_addr
 
 DROP_REASONS = (
@@ -85,6 +86,7 @@ WATCH_CONNS = FrameType.WATCH_CONNS
 CLOSE_PEER = FrameType.CLOSE_PEER
 
 HANDSHAKE_TIMEOUT = 10.0
+SAMPLED_LOG_INTERVAL = 10.0  # seconds between info lines for failed handshakes and refused keys
 MESH_WRITE_TIMEOUT = 30.0
 WRITE_SLICE = 64 * 1024  # each slice of a batch must be accepted within the write timeout
 RECV_PREFIX_LEN = 5 + KEY_LEN
@@ -568,6 +570,10 @@ class RelayServer:
         # Siblings themselves only ever hear of local keys, so nothing loops.
         self.sibling_present: dict[bytes, bytes] = {}
         self._conn_ids = count(1)
+        # Anyone can fail a handshake or send a key admission refuses, as often as they like: each one
+        # is a debug line, and at most one info line per interval says how many (log.Sampled).
+        self._handshake_failed = log.Sampled("handshake_failed", SAMPLED_LOG_INTERVAL)
+        self._rejected = log.Sampled("client_rejected", SAMPLED_LOG_INTERVAL)
 
     # --- connection lifecycle -------------------------------------------------------
 
@@ -596,7 +602,7 @@ class RelayServer:
             ) as e:
                 self.stats.handshake_failures += 1
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                log.info("handshake_failed", conn=conn_id, remote=remote, reason=reason)
+                self._handshake_failed.note(conn=conn_id, remote=remote, reason=reason)
                 return
             internal = mesh_keys_equal(self.config.internal_mesh_key, info.mesh_key)
             can_mesh = internal or mesh_keys_equal(self.config.mesh_key, info.mesh_key)
@@ -623,7 +629,7 @@ class RelayServer:
                 key=short_key(key),
                 remote=remote,
                 mesh=can_mesh or None,
-                app=info.app_name or None,
+                app=Peer(info.app_name) if info.app_name else None,
             )
             try:
                 conn.kick()
@@ -654,7 +660,7 @@ class RelayServer:
         if verdict.allowed:
             return True
         self.stats.admission_rejected += 1
-        log.info("client_rejected", conn=conn_id, key=public_key_text(key), source=source, reason=verdict.reason)
+        self._rejected.note(conn=conn_id, key=public_key_text(key), source=source, reason=verdict.reason)
         return False
 
     async def close_all(self, restarting: tuple[float, float] | None = None, timeout: float = 5.0) -> None:

@@ -49,12 +49,6 @@ def clip(text: str, limit: int = PEER_TEXT_LIMIT) -> str:
     return f"{escape(text[:limit])}…[+{len(text) - limit}]"
 
 
-def clip_bytes(data: bytes, limit: int = PEER_TEXT_LIMIT) -> str:
-    """``clip`` for bytes off the wire (HTTP heads): Latin-1 keeps one character per byte."""
-    shown = escape(data[:limit].decode("latin-1"))
-    return shown if len(data) <= limit else f"{shown}…[+{len(data) - limit}]"
-
-
 class Peer(str):
     """A string the peer chose. The log shows it escaped and clipped to ``PEER_TEXT_LIMIT``.
 

@@ -174,6 +174,30 @@ async def test_serve_dev_relays_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert "privkey" not in line
 
 
+async def test_empty_key_file_is_replaced_with_a_warning(tmp_path: Path) -> None:
+    """A 0-byte key file (what an older version's crash right after creating it left) is treated as
+    absent: replaced with a new key and a warning, instead of exit 2 and a Restart= crash loop.
+    Anything else that is malformed is still refused (test_bad_key_file_refused)."""
+    key = tmp_path / "derper.key"
+    key.touch(mode=0o600)
+    check = run("check-config", "--key-file", str(key), "--stun-port", "-1", "--addr", "127.0.0.1:0")
+    assert check.returncode == 0 and "note: key_will_be_created" in check.stdout
+    assert key.stat().st_size == 0  # check-config creates nothing
+    args = ["serve", "--key-file", str(key), "--addr", "127.0.0.1:0", "--stun-port", "-1"]
+    proc, port, lines = await _start(args, tmp_path)
+    try:
+        [warning] = [line for line in lines if "event=key_file_empty_replaced" in line]
+        assert warning.startswith("ts=") and " level=warning " in warning
+        server_pub = load_key_file(key).public
+        assert public_key_text(server_pub) in warning
+        async with await DerpClient.connect(f"http://127.0.0.1:{port}/derp") as c:
+            assert c.server_key == server_pub
+    finally:
+        await _stop(proc)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["derper.key"]  # no temporary file left behind
+
+
 async def test_serve_from_environment_only(tmp_path: Path) -> None:
     env = {"DERPD_DEV": "1", "DERPD_ADDR": "127.0.0.1:0", "DERPD_STUN_PORT": "-1", "DERPD_HOME": "blank"}
     proc, port, _ = await _start(["serve"], tmp_path, env)

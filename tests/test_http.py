@@ -8,9 +8,11 @@ import socket
 import h11
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpd.client import DerpClient, DerpHTTPError
-from derpd.http import HttpConfig
+from derpd.http import HttpConfig, check_request_line
 from derpd.keys import NodePrivate
 from derpd.protocol import ClientInfo, FrameReader, FrameType, client_info_frame, send_packet_frame
 from derpd.server import DerpServer
@@ -213,3 +215,137 @@ async def test_body_on_probe_is_drained_for_keep_alive(server: DerpServer) -> No
     )
     responses = await request(server.port, req, [b"POST", b"GET"])
     assert [r.status_code for r, _ in responses] == [405, 200]
+
+
+# --- hostile and unusual heads (issue 8) ------------------------------------------------------------
+
+
+async def read_until(s: trio.socket.SocketType, marker: bytes, timeout: float = 3.0) -> bytes:
+    """Bytes up to ``marker``, well before any server deadline (a behaviour check, not a benchmark)."""
+    data = b""
+    with trio.fail_after(timeout):
+        while marker not in data:
+            chunk = await s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    "body_header",
+    ["Content-Length: 5\r\n", "Transfer-Encoding: chunked\r\n", "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"],
+)
+async def test_upgrade_with_a_body_gets_101_at_once(
+    server: DerpServer, caplog: pytest.LogCaptureFixture, body_header: str
+) -> None:
+    """derper ignores a body on the upgrade: 101 without waiting for it, then DERP. The body's bytes
+    (if any arrive) are the first DERP bytes, as after Go's Hijack. A client that then closes leaves
+    no error line (this used to hang, then log an h11 traceback as internal_error)."""
+    caplog.set_level(logging.DEBUG, logger="derpd")
+    s = await raw(server.port)
+    await s.send(f"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n{body_header}\r\n".encode())
+    data = await read_until(s, server.key.public)  # the 101, then the ServerKey frame
+    assert data.startswith(b"HTTP/1.1 101 ")
+    s.close()
+    await wait_for_log(caplog, "handshake_failed")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_upgrade_with_a_body_still_logs_in(server: DerpServer) -> None:
+    """The announced body is never framed: a client may send ClientInfo right after the head."""
+    key = NodePrivate.generate()
+    s = await raw(server.port)
+    await s.send(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nContent-Length: 99\r\n\r\n")
+    data = await read_until(s, server.key.public)
+    await s.send(client_info_frame(key, server.key.public, ClientInfo(version=2)))
+    reader = FrameReader()
+    reader.feed(data[data.index(b"\r\n\r\n") + 4 :])
+    with trio.fail_after(5):
+        while len(frames := reader.read_frames()) < 1 or frames[-1][0] != FrameType.SERVER_INFO:
+            reader.feed(await s.recv(65536))
+    assert key.public in server.relay.keys
+    s.close()
+
+
+async def wait_for_log(caplog: pytest.LogCaptureFixture, event: str) -> None:
+    with trio.fail_after(5):
+        while not any(r.getMessage() == event for r in caplog.records):
+            await trio.sleep(0.01)
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.1/derp", "HTTPS://derp.example.com:443/derp?x=1"])
+async def test_absolute_form_targets_route_like_origin_form(server: DerpServer, target: str) -> None:
+    s = await raw(server.port)
+    await s.send(f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n".encode())
+    assert (await read_until(s, b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+    s.close()
+    resp, _ = await get(server.port, "http://127.0.0.1/derp/probe")
+    assert resp.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 12345678901234567890\r\n\r\n", 400),
+        (b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nContent-Length: 1234567890123456789\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n", 413),  # not drained first
+        (b"G@T / HTTP/1.1\r\nHost: x\r\n", 400),  # a non-token method, head not even complete
+        (b"GET / HTTP/1.1 x\r\n", 400),
+        (b"GET /\r\n", 400),  # HTTP/0.9
+        (b"\r\nGET / HTTP/1.1\r\n", 400),  # h11 takes no empty line before the request line
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n", 400),  # a TLS ClientHello on plain HTTP
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),  # the h2 preface
+    ],
+)
+async def test_obviously_bad_heads_are_refused_at_once(server: DerpServer, head: bytes, status: int) -> None:
+    """Refused as soon as the bad part has arrived, not at the 10 s head deadline (the socket stays
+    open on our side, so only the server can end this exchange early)."""
+    s = await raw(server.port)
+    await s.send(head)
+    data = await read_until(s, b"\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 %d " % status), data[:80]
+    assert b"connection: close" in data.lower()
+    s.close()
+
+
+async def test_a_good_request_line_is_not_refused_early(server: DerpServer) -> None:
+    """The early check accepts every line h11 accepts: a head sent in pieces still gets its answer."""
+    s = await raw(server.port)
+    for piece in (b"GET /robots", b".txt?a=b HTTP/1.1\r\n", b"Host: x\r\n", b"\r\n"):
+        await s.send(piece)
+        await trio.sleep(0.01)
+    assert (await read_until(s, b"Disallow")).startswith(b"HTTP/1.1 200 ")
+    s.close()
+
+
+request_lines = st.one_of(
+    st.binary(max_size=40),
+    st.tuples(
+        st.sampled_from([b"GET", b"G@T", b"", b"PO ST", b"get", b"M-SEARCH", b"\x00"]),
+        st.sampled_from([b" ", b"  ", b"\t"]),
+        st.sampled_from([b"/", b"/derp?x", b"http://h/derp", b"*", b"/a b", b"/\x7f", b""]),
+        st.sampled_from([b" HTTP/1.1", b" HTTP/1.0", b" HTTP/2.0", b" HTTP/1", b" http/1.1", b"", b" HTTP/1.1 "]),
+        st.sampled_from([b"\r", b""]),
+    ).map(b"".join),
+).filter(lambda line: b"\n" not in line)
+
+
+@settings(max_examples=400)
+@given(request_lines)
+def test_early_request_line_check_agrees_with_h11(line: bytes) -> None:
+    """The early check refuses exactly the request lines h11 would refuse once the head is whole."""
+    try:
+        checked = check_request_line(line + b"\n")
+        early_refused = False
+    except h11.RemoteProtocolError:
+        early_refused = True
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(line + b"\nHost: x\r\n\r\n")
+    try:
+        h11_refused = not isinstance(conn.next_event(), h11.Request)
+    except h11.RemoteProtocolError:
+        h11_refused = True
+    assert early_refused == h11_refused
+    assert early_refused or checked
+    assert check_request_line(line) is False or b"\n" in line  # no verdict before the line ends

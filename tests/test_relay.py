@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -11,6 +12,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from derpd import log as derpd_log
 from derpd.client import (
     ConnectionLost,
     DerpClient,
@@ -230,6 +232,19 @@ async def test_unknown_frame_types_are_skipped(clients: Clients, server: DerpSer
     assert server.relay.stats.unknown_frames == 2
 
 
+@pytest.mark.parametrize("size", [2 << 20, 4 << 20])
+async def test_unknown_frames_of_any_size_are_skipped(clients: Clients, server: DerpServer, size: int) -> None:
+    """derper's forward-compatibility rule: a frame type the server does not know is read and thrown
+    away as it streams, whatever its length (it used to close the connection over 1 MiB)."""
+    a = await clients.connect()
+    b = await clients.connect()
+    await a.send_raw(pack_header(0x77, size))
+    for _ in range(size // (256 << 10)):
+        await a.send_raw(b"\xaa" * (256 << 10))
+    await assert_relays(a, b)
+    assert server.relay.stats.unknown_frames == 1 and server.relay.stats.protocol_errors == 0
+
+
 async def test_keepalive_is_sent(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, relay=RelayConfig(keepalive=0.05))
     c = await DerpClient.connect(url_of(server))
@@ -398,6 +413,12 @@ HANDSHAKE_FAULTS = {
     "json_wrong_type": lambda srv, key: encode_frame(
         FrameType.CLIENT_INFO, key.public + key.seal_to(srv, b'{"version":"two"}')
     ),
+    "json_nested_2000": lambda srv, key: encode_frame(
+        FrameType.CLIENT_INFO, key.public + key.seal_to(srv, b"[" * 2000 + b"]" * 2000)
+    ),
+    "json_nested_in_unknown_field": lambda srv, key: encode_frame(
+        FrameType.CLIENT_INFO, key.public + key.seal_to(srv, b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    ),
 }
 
 
@@ -422,8 +443,49 @@ async def test_bad_handshake_is_refused(
     assert [t for t, _ in reader.read_frames()] == [FrameType.SERVER_KEY]  # no ServerInfo
     assert server.relay.stats.handshake_failures == 1
     assert key.public not in server.relay.clients
-    assert [r for r in caplog.records if r.getMessage() == "handshake_failed"]
+    [line] = [r for r in caplog.records if r.getMessage() == "handshake_failed"]
+    assert line.levelno == logging.INFO and not line.exc_info  # one line, never a traceback
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     await assert_relays(a, b)
+
+
+async def test_hostile_client_info_costs_one_sampled_line(
+    server: DerpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood of ClientInfo boxes anyone can seal ([ x2000, a 200 KB AppName of control characters):
+    one info line per interval with the count, the rest at debug, every line short and escaped. (Before:
+    a 2.9 KB error-level traceback per nested attempt, and the AppName raw in a 200,110-byte line.)"""
+    caplog.set_level(logging.DEBUG, logger="derpd")
+    stream = io.StringIO()
+    derpd_log.setup("debug", stream)
+    try:
+        app = "\x00\x1b[2J\r\n" + "A" * 200_000
+        for i in range(40):
+            key = NodePrivate.generate()
+            if i % 2:
+                hello = client_info_frame(key, server.key.public, ClientInfo(version=2, app_name=app))
+            else:
+                hello = encode_frame(
+                    FrameType.CLIENT_INFO, key.public + key.seal_to(server.key.public, b"[" * 2000 + b"]" * 2000)
+                )
+            s = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await s.send_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n" + hello)
+            if i % 2:
+                await wait_for(lambda k=key.public: k in server.relay.keys, what="the AppName client")  # type: ignore[misc]
+            await s.aclose()
+        await wait_for(lambda: server.relay.stats.handshake_failures == 20, what="20 failed handshakes")
+    finally:
+        derpd_log.setup("info")
+    text = stream.getvalue()
+    lines = text.splitlines()
+    assert max(map(len, lines)) < 600 and not any(c in text for c in "\x00\x1b\r")
+    assert "level=error" not in text and "Traceback" not in text
+    infos = [line for line in lines if "level=info event=handshake_failed" in line]
+    assert len(infos) == 1  # sampled: one info line in the interval, the other 19 at debug
+    assert len([line for line in lines if "event=handshake_failed" in line]) == 20 + 1
+    assert len(text) / 40 < 1000  # bytes of log per hostile login, debug level included
+    [connected] = [line for line in lines if "event=client_connected" in line][:1]
+    assert "app=\\x00\\x1b[2J\\r\\nAAAA" in connected and connected.endswith("A…[+199943]")
 
 
 # --- mesh-key clients -------------------------------------------------------------------------------
