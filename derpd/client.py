@@ -284,7 +284,8 @@ class DerpClient:
         info: ClientInfo,
     ) -> None:
         http = h11.Connection(h11.CLIENT)
-        hdrs = [("Host", host if port in (80, 443) else f"{host}:{port}")]
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 literal is bracketed in Host (RFC 9110 §7.2)
+        hdrs = [("Host", shown if port in (80, 443) else f"{shown}:{port}")]
         hdrs += [("User-Agent", "derpd-client"), ("Connection", "Upgrade"), ("Upgrade", "DERP")]
         if fast_start:
             hdrs.append(("Derp-Fast-Start", "1"))

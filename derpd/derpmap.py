@@ -21,6 +21,7 @@ import ipaddress
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from . import __version__
+from . import __version__, gojson
 from .tls import PIN_PREFIX, CertError, cert_name_pin, verify_hostname
 
 DEFAULT_STUN_PORT = 3478  # what STUNPort 0 means
@@ -44,7 +45,9 @@ FORMATS = (HEADSCALE_YAML, TAILSCALE_JSON)
 
 _PIN_RE = re.compile(r"sha256-raw:[0-9a-f]{64}")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# What the operator may type around a value: ASCII white space only. str.strip() would also eat
+# U+0085, U+001C-U+001F and U+2028, which are then silently gone instead of refused.
+_SPACE = " \t\r\n"
 
 
 class DerpMapError(ValueError):
@@ -241,25 +244,69 @@ def check_region_id(region_id: int) -> list[str]:
 
 
 def check_region_code(code: str) -> str:
-    code = code.strip()
+    code = check_text("--region-code", code.strip(_SPACE))
     if not code:
         raise DerpMapError("--region-code is empty: give a short code such as 'fra' or 'home'")
-    if any(c.isspace() for c in code) or _CONTROL.search(code):
+    if any(c.isspace() for c in code):
         raise DerpMapError(
             f"--region-code {code!r} has spaces: it is a short code such as 'fra'; use --region-name for the long name"
         )
     return code
 
 
+def text_problem(value: str) -> str | None:
+    """What makes ``value`` unfit for any text field of a DERP map, or None.
+
+    Refused everywhere: controls (C0, DEL, C1 with NEL), the line and paragraph separators, the byte
+    order mark, noncharacters (U+FFFE, U+FFFF, U+FDD0-U+FDEF, ...) and lone surrogates. None of them
+    is part of a name people read; yaml.v3 refuses most of them raw in a file and folds NEL into a
+    space, and a lone surrogate is not a character at all (Go's decoders turn it into U+FFFD; yaml.v3
+    refuses even its escape). Other format characters (ZWJ in emoji, direction marks) are allowed
+    in names: the writer escapes them, and they read back unchanged.
+    """
+    for c in value:
+        n = ord(c)
+        category = unicodedata.category(c)
+        if category == "Cs":
+            return f"U+{n:04X}, half of a UTF-16 surrogate pair: not a character (is the input UTF-8?)"
+        if category == "Cc":
+            return f"the control character U+{n:04X}"
+        if category in ("Zl", "Zp"):
+            return f"the line separator U+{n:04X}"
+        if n == 0xFEFF:
+            return "U+FEFF, a byte order mark"
+        if 0xFDD0 <= n <= 0xFDEF or n & 0xFFFE == 0xFFFE:
+            return f"the noncharacter U+{n:04X}"
+    return None
+
+
 def check_text(what: str, value: str) -> str:
-    if _CONTROL.search(value):
-        raise DerpMapError(f"{what} {value!r} contains control characters")
+    problem = text_problem(value)
+    if problem:
+        raise DerpMapError(f"{what} {value!r} contains {problem}")
     return value
+
+
+def check_cert_name(value: str) -> str:
+    """--cert-name: the TLS name clients verify (a DNS name, in its ASCII form) or a sha256-raw pin.
+
+    Stricter than the free-text fields: a certificate name is ASCII (IDNA ``xn--`` labels), and any
+    other character can only make every client's TLS check fail.
+    """
+    name = check_text("--cert-name", value.strip(_SPACE))
+    if not name.isascii() or any(c.isspace() for c in name):
+        raise DerpMapError(
+            f"--cert-name {name!r}: a certificate name is a DNS name or IP address in ASCII, without spaces "
+            f"(internationalized names as xn--...), or a {PIN_PREFIX} pin"
+        )
+    if name.startswith(PIN_PREFIX) and not _PIN_RE.fullmatch(name):
+        raise DerpMapError(f"--cert-name pin must be {PIN_PREFIX} followed by 64 lowercase hex digits")
+    return name
 
 
 def check_hostname(host: str) -> str:
     """The DERP host: a DNS name or an IP literal, never a URL or host:port."""
-    host = host.strip()
+    host = host.strip(_SPACE)
     if not host:
         raise DerpMapError("missing --hostname: the DNS name (or IP address) clients dial for this node")
     if "://" in host or "/" in host:
@@ -283,7 +330,7 @@ def check_family(option: str, value: str | None, version: int) -> str:
     """An --ipv4/--ipv6 value: a literal of that family, 'none', or empty (DNS)."""
     if value is None:
         return ""
-    value = value.strip()
+    value = value.strip(_SPACE)
     if value.lower() == "none":
         return "none"
     why = _family_problem(value, version)
@@ -376,21 +423,21 @@ def parse_node_spec(text: str) -> NodeSpec:
     """``hostname=derp2.example.com,ipv4=198.51.100.2,derp-port=8443,can-port80`` as a NodeSpec."""
     spec = NodeSpec()
     for raw in text.split(","):
-        part = raw.strip()
+        part = raw.strip(_SPACE)
         if not part:
             continue
         key, sep, value = part.partition("=")
-        key = key.strip().lower().replace("_", "-")
+        key = key.strip(_SPACE).lower().replace("_", "-")
         if key not in NODE_SPEC_KEYS:
             raise DerpMapError(f"--node {text!r}: unknown key {key!r} (known: {', '.join(NODE_SPEC_KEYS)})")
         if key in ("can-port80", "stun-only"):
-            if sep and value.strip().lower() not in ("true", "1", "yes"):
+            if sep and value.strip(_SPACE).lower() not in ("true", "1", "yes"):
                 raise DerpMapError(f"--node {text!r}: {key} is a flag; write it without a value")
             setattr(spec, key.replace("-", "_"), True)
             continue
         if not sep:
             raise DerpMapError(f"--node {text!r}: {key} needs a value ({key}=...)")
-        value = value.strip()
+        value = value.strip(_SPACE)
         if key in ("derp-port", "stun-port"):
             try:
                 setattr(spec, key.replace("-", "_"), int(value))
@@ -405,7 +452,7 @@ def build_node(spec: NodeSpec, region_id: int, default_name: str) -> tuple[DerpN
     """A DerpNode from a NodeSpec, refusing what clients would choke on; returns warnings too."""
     warnings: list[str] = []
     host = check_hostname(spec.hostname or "")
-    name = check_text("node name", (spec.name or default_name).strip())
+    name = check_text("node name", (spec.name or default_name).strip(_SPACE))
     if not name or any(c.isspace() for c in name):
         raise DerpMapError(f"node name {name!r} must be a non-empty word such as '{region_id}a'")
     ipv4 = check_family("--ipv4", spec.ipv4, 4)
@@ -421,9 +468,7 @@ def build_node(spec: NodeSpec, region_id: int, default_name: str) -> tuple[DerpN
     stun_port = check_port("--stun-port", spec.stun_port, DEFAULT_STUN_PORT, allow_off=True)
     if spec.cert_name and spec.cert_file:
         raise DerpMapError("give --cert-name or --cert-file, not both")
-    cert_name = (spec.cert_name or "").strip()
-    if cert_name.startswith(PIN_PREFIX) and not _PIN_RE.fullmatch(cert_name):
-        raise DerpMapError(f"--cert-name pin must be {PIN_PREFIX} followed by 64 lowercase hex digits")
+    cert_name = check_cert_name(spec.cert_name or "")
     if spec.cert_file:
         cert_name, more = pin_from_cert_file(spec.cert_file, host)
         warnings += more
@@ -470,7 +515,7 @@ def build_region(
     """A region with one node per spec (names default to 900a, 900b, ...), refusing duplicate names."""
     warnings = check_region_id(region_id)
     code = check_region_code(region_code)
-    name = check_text("--region-name", (region_name or "").strip() or code)
+    name = check_text("--region-name", (region_name or "").strip(_SPACE) or code)
     if not specs:
         raise DerpMapError("missing --hostname: the DNS name (or IP address) clients dial for this node")
     nodes: list[DerpNode] = []
@@ -539,6 +584,7 @@ def to_json_obj(m: DerpMap) -> dict[str, Any]:
 
 
 def to_json(m: DerpMap) -> str:
+    _check_writable(m)
     return json.dumps(to_json_obj(m), indent=2, ensure_ascii=False) + "\n"
 
 
@@ -549,16 +595,99 @@ _YAML_SAFE_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
 
 
+# Escaped inside quotes: every character Python does not call printable (controls, separators,
+# format characters, unassigned code points), and by name the ones some YAML reader takes wrongly
+# when raw (all non-printable to Python as well): yaml.v3 refuses a raw C1 control, DEL or
+# U+FFFE/U+FFFF in the file ("control characters are not allowed") and reads a raw NEL as a line
+# break (a space inside quotes); NEL, U+2028 and U+2029 are line breaks to YAML 1.1 readers; a raw
+# U+FEFF is a byte order mark to some. Written as \uXXXX, which yaml.v3, PyYAML and derpd's reader
+# turn back into the same character.
+_YAML_ESCAPED = frozenset("\x85\u2028\u2029\ufeff\ufffe\uffff")
+
+
+def _needs_escape(c: str) -> bool:
+    return c in _YAML_ESCAPED or not c.isprintable()
+
+
+def _surrogate_problem(value: str) -> str | None:
+    for c in value:
+        if 0xD800 <= ord(c) <= 0xDFFF:
+            return (
+                f"{value!r} contains U+{ord(c):04X}, half of a UTF-16 surrogate pair: not a character, and "
+                "Headscale's YAML reader (yaml.v3) refuses even its escape"
+            )
+    return None
+
+
 def yaml_str(value: str) -> str:
-    """A YAML scalar that every YAML 1.1/1.2 reader takes as exactly this string.
+    """A YAML scalar that yaml.v3, PyYAML and derpd's own reader all take as exactly this string.
 
     Plain only when clearly a word (``derp.example.com``); anything else (IP addresses, names starting
-    with a digit, ``yes``/``no``/``null``, colons, ``#``) is double-quoted with JSON's escapes, which are
-    valid YAML double-quoted escapes.
+    with a digit, ``yes``/``no``/``null``, colons, ``#``) is double-quoted. Inside the quotes ``\\``
+    and ``"`` are backslash-escaped and every non-printable character (see ``_YAML_ESCAPED``) is a
+    ``\\uXXXX`` (``\\UXXXXXXXX`` above U+FFFF) escape; printable characters, astral ones included,
+    stay raw UTF-8. Not json.dumps: with ensure_ascii it writes astral characters as surrogate-pair
+    escapes, which yaml.v3 refuses, and without it C1 controls, DEL and NEL stay raw. A lone surrogate
+    cannot be written at all (:class:`DerpMapError`).
     """
+    problem = _surrogate_problem(value)
+    if problem:
+        raise DerpMapError(problem)
     if _YAML_SAFE_PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS:
         return value
-    return json.dumps(value, ensure_ascii=False)
+    out = ['"']
+    for c in value:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif _needs_escape(c):
+            n = ord(c)
+            out.append(f"\\u{n:04X}" if n <= 0xFFFF else f"\\U{n:08X}")
+        else:
+            out.append(c)
+    out.append('"')
+    return "".join(out)
+
+
+# yaml.v3's float syntax (resolve.go, yamlStyleFloat); PyYAML (YAML 1.1) also wants a '.' and a
+# signed exponent, which yaml_float always writes.
+_YAML_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_GO_INT = re.compile(r"([-+]?)(0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def yaml_v3_int(text: str) -> int | None:
+    """A plain scalar as yaml.v3 resolves an integer: underscores dropped, then Go's
+    ``strconv.ParseInt(plain, 0, 64)`` (``0x``/``0o``/``0b`` prefixes, and a bare leading 0 is
+    octal: ``017`` is 15), then ``ParseUint`` for the rest of the uint64 range."""
+    if not text[:1].isdigit() and text[:1] not in "+-":
+        return None  # yaml.v3 resolves only scalars that start with a digit or a sign as numbers
+    m = _GO_INT.fullmatch(text.replace("_", ""))
+    if m is None:
+        return None
+    sign, digits = m.groups()
+    base = {"x": 16, "o": 8, "b": 2}.get(digits[1:2].lower(), 8 if digits[0] == "0" else 10)
+    body = digits[2:] if base in (16, 2) or digits[1:2] in ("o", "O") else digits
+    n = int(body, base) if body else 0
+    n = -n if sign == "-" else n
+    if -(1 << 63) <= n < 1 << 63 or (sign != "-" and n < 1 << 64):
+        return n
+    return None
+
+
+def yaml_float(value: float) -> str:
+    """The shortest text that reads back as exactly ``value``, as a float, in yaml.v3 and YAML 1.1.
+
+    Python's repr gives the shortest digits that round-trip (``1e-13``, ``0.1``, ``1.5e+16``); a
+    mantissa without a point gets ``.0`` (``1.0e-13``), because YAML 1.1 readers such as PyYAML read
+    ``1e-13`` as a string; the exponent keeps its sign and loses leading zeros (``1.5e-7``).
+    """
+    if not math.isfinite(value):
+        raise DerpMapError(f"cannot write {value} in a DERP map: Headscale sends it to clients as JSON")
+    mantissa, e, exponent = repr(float(value)).partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    if not e:
+        return mantissa
+    return f"{mantissa}e{exponent[0]}{exponent[1:].lstrip('0') or '0'}"
 
 
 def _yaml_scalar(value: Any) -> str:
@@ -567,13 +696,31 @@ def _yaml_scalar(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise DerpMapError(f"cannot write {value} in a DERP map")
-        text = repr(value)
-        if "e" in text or "E" in text:
-            text = f"{value:.12f}".rstrip("0")
-        return text if "." in text else text + ".0"
+        return yaml_float(value)
     return yaml_str(str(value))
+
+
+def _written_strings(m: DerpMap) -> Iterator[tuple[str, str]]:
+    """(where, value) for every string field of ``m``."""
+    for rid, region in sorted(m.regions.items()):
+        if region is None:
+            continue
+        for f in REGION_FIELDS:
+            if f.kind is str:
+                yield f"region {rid} {f.yaml}", getattr(region, f.attr)
+        for i, node in enumerate(region.nodes):
+            for f in NODE_FIELDS:
+                if f.kind is str:
+                    yield f"region {rid} node {node.name or i} {f.yaml}", getattr(node, f.attr)
+
+
+def _check_writable(m: DerpMap) -> None:
+    """Refuse what no encoding can carry to Headscale or Tailscale: lone surrogates (from a --merge
+    file's escapes, or command-line bytes that are not UTF-8)."""
+    for where, value in _written_strings(m):
+        problem = _surrogate_problem(value)
+        if problem:
+            raise DerpMapError(f"{where}: {problem}")
 
 
 _PORT_NOTES = {
@@ -586,6 +733,7 @@ _YAML_NODE_EXPLICIT = {"name", "regionid", "hostname", "stunport", "stunonly", "
 
 def to_headscale_yaml(m: DerpMap, *, header: bool = True) -> str:
     """Headscale's ``derp.paths`` YAML for ``m`` (lower-cased tailcfg field names, as yaml.v3 reads)."""
+    _check_writable(m)
     lines: list[str] = []
     if header:
         lines += [
@@ -610,7 +758,7 @@ def to_headscale_yaml(m: DerpMap, *, header: bool = True) -> str:
         for f in REGION_FIELDS:
             value = getattr(region, f.attr)
             if f.always or not _omitted(value):
-                lines.append(f"    {f.yaml}: {_yaml_scalar(value)}")
+                lines.append(f"    {f.yaml}: {_yaml_scalar(float(value) if f.kind is float else value)}")
         lines.append("    nodes:" + ("" if region.nodes else " []"))
         for node in region.nodes:
             first = True
@@ -666,6 +814,10 @@ class _Line:
 
 
 _NULL_WORDS = {"", "~", "null", "Null", "NULL"}
+# Characters a DERP map file may not hold raw: what yaml.v3's reader refuses ("control characters are
+# not allowed": C0 but tab, DEL, C1 but NEL, U+FFFE, U+FFFF, surrogates), and NEL, U+2028 and
+# U+2029, line breaks to yaml.v3 (NEL becomes a space inside quotes) but not to YAML 1.2.
+_RAW_REFUSED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
 _UNSUPPORTED = {
     "&": "anchors",
     "*": "aliases",
@@ -705,8 +857,16 @@ class _YamlReader:
     def __init__(self, text: str) -> None:
         self.lines: list[_Line] = []
         text = text.removeprefix("\ufeff")
-        for no, raw in enumerate(text.splitlines(), 1):
-            body = raw.rstrip()
+        # YAML 1.2's line breaks only: str.splitlines() would also split at U+0085, U+2028, U+000C ...
+        for no, raw in enumerate(re.split(r"\r\n|\r|\n", text), 1):
+            bad = _RAW_REFUSED.search(raw)
+            if bad:
+                raise self.error(
+                    no,
+                    f"raw character U+{ord(bad.group()):04X}: YAML readers refuse it or take it as a line break; "
+                    f"write it as \\u{ord(bad.group()):04X} inside double quotes",
+                )
+            body = raw.rstrip(" \t")
             stripped = body.lstrip(" ")
             if not stripped or stripped.startswith("#"):
                 continue
@@ -794,8 +954,8 @@ class _YamlReader:
             if key in result:
                 raise self.error(line.no, f"key {key!r} appears twice in one mapping")
             self.i += 1
-            if rest.strip() and not rest.strip().startswith("#"):
-                value = self.inline(rest.strip(), line.no)
+            if rest.strip(" \t") and not rest.strip(" \t").startswith("#"):
+                value = self.inline(rest.strip(" \t"), line.no)
             else:
                 nxt = self.peek()
                 if nxt is not None and nxt.indent > indent:
@@ -826,7 +986,7 @@ class _YamlReader:
             if c == "#" and i and text[i - 1] in " \t":
                 return None
             if c == ":" and (i + 1 == len(text) or text[i + 1] in " \t"):
-                return text[:i].rstrip(), text[i + 1 :]
+                return text[:i].rstrip(" \t"), text[i + 1 :]
         return None
 
     def inline(self, text: str, no: int) -> Any:
@@ -834,12 +994,12 @@ class _YamlReader:
         c = text[0]
         if c in "\"'":
             scalar, end = self._quoted(text, no)
-            rest = text[end:].strip()
+            rest = text[end:].strip(" \t")
             if rest and not rest.startswith("#"):
                 raise self.error(no, f"unexpected {rest!r} after a quoted string")
             return scalar
         if c in "[{":
-            body = text.split(" #", 1)[0].strip()
+            body = text.split(" #", 1)[0].strip(" \t")
             if re.fullmatch(r"\[\s*\]", body):
                 return _YSeq(no)
             if re.fullmatch(r"\{\s*\}", body):
@@ -847,7 +1007,7 @@ class _YamlReader:
             raise self.error(no, "flow collections ([a, b] / {a: b}) are not supported; use block style")
         if c in _UNSUPPORTED:
             raise self.error(no, f"YAML {_UNSUPPORTED[c]} are not supported in a DERP map")
-        value = re.split(r"[ \t]#", text, maxsplit=1)[0].rstrip()
+        value = re.split(r"[ \t]#", text, maxsplit=1)[0].rstrip(" \t")
         if re.search(r":[ \t]", value) or value.endswith(":"):
             raise self.error(no, f"a mapping cannot start on this line ({value!r}); put it on its own lines")
         return _Scalar(value, True, no)
@@ -880,7 +1040,11 @@ class _YamlReader:
                 digits = text[i + 2 : i + 2 + width] if width else ""
                 if not width or not re.fullmatch(r"[0-9A-Fa-f]+", digits) or len(digits) != width:
                     raise self.error(no, f"bad escape \\{esc} in a double-quoted string")
-                out.append(chr(int(digits, 16)))
+                code = int(digits, 16)
+                if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
+                    # yaml.v3: "found invalid Unicode character escape code" (a surrogate pair too)
+                    raise self.error(no, f"escape \\{esc}{digits} is not a Unicode character; Headscale refuses it")
+                out.append(chr(code))
                 i += 2 + width
                 continue
             out.append(c)
@@ -933,7 +1097,7 @@ class _Decoder:
             if kind is int and isinstance(v, int) and not isinstance(v, bool):
                 return v
             if kind is float and isinstance(v, int | float) and not isinstance(v, bool):
-                return float(v)
+                return self._finite(float(v), where, json.dumps(v))
             if kind is str and isinstance(v, str):
                 return v
             raise self._fail(where, _KIND_NAMES[kind], v)
@@ -951,16 +1115,32 @@ class _Decoder:
             if text in ("false", "False", "FALSE", "n", "N", "no", "No", "NO", "off", "Off", "OFF"):
                 return False
         elif kind is int:
-            if re.fullmatch(r"[-+]?[0-9]+", text):
-                return int(text)
-            if re.fullmatch(r"0x[0-9a-fA-F]+|0o[0-7]+", text):
-                return int(text, 0)
+            n = yaml_v3_int(text)
+            if n is not None:
+                return n
+            plain = text.replace("_", "")
+            if _YAML_FLOAT.fullmatch(plain):  # yaml.v3 stores an integral float in an int field
+                f = float(plain)
+                if math.isfinite(f) and f == int(f) and -(1 << 63) <= f < 1 << 63:
+                    return int(f)
         elif kind is float:
-            try:
-                return float(text)
-            except ValueError:
-                pass
+            # yaml.v3's rules: an int (above) or its float syntax, underscores dropped; .inf and .nan
+            # resolve too, but Headscale cannot send them to clients in JSON.
+            n = yaml_v3_int(text)
+            if n is not None:
+                return float(n)
+            plain = text if text.startswith(".") else text.replace("_", "")
+            if _YAML_FLOAT.fullmatch(plain):
+                return self._finite(float(plain), where, text)
+            if text.lower().lstrip("+-") in (".inf", ".nan"):
+                raise DerpMapError(f"{where}: {text} is not a finite number; Headscale cannot send it to clients")
         raise self._fail(where, _KIND_NAMES[kind], v)
+
+    @staticmethod
+    def _finite(value: float, where: str, text: str) -> float:
+        if not math.isfinite(value):
+            raise DerpMapError(f"{where}: {text} is not a finite number; Headscale cannot send it to clients")
+        return value
 
     def _items(self, obj: Any, names: Iterable[str], path: str) -> Iterator[tuple[str, Any]]:
         """(canonical name, value) for each known key of ``obj``; unknown keys become problems."""
@@ -1066,10 +1246,10 @@ _KIND_NAMES = {int: "an integer", bool: "true or false", str: "a string", float:
 
 def from_json(text: str) -> tuple[DerpMap, list[str]]:
     """A Tailscale DERPMap JSON document, with the problems :func:`check_map` and the decoder found."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DerpMapError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    try:  # a map may come from a URL (derpd probe --derp-map): bounded depth, Go's number rules
+        obj = gojson.to_python(gojson.parse(text))
+    except gojson.GoJSONError as e:
+        raise DerpMapError(f"not valid JSON: {e}") from None
     dec = _Decoder(yaml=False)
     m = dec.derp_map(obj)
     return m, dec.problems + check_map(m)
@@ -1128,5 +1308,6 @@ __all__ = [
     "to_headscale_yaml",
     "to_json",
     "to_json_obj",
+    "yaml_float",
     "yaml_str",
 ]

@@ -10,7 +10,9 @@ one hop: packets a peer forwards to us are only delivered locally (the relay's r
 from __future__ import annotations
 
 import ipaddress
+import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -58,40 +60,126 @@ class MeshTarget:
 
 
 def parse_targets(spec: str, *, tls: bool, default_port: int) -> list[MeshTarget]:
-    """``--mesh-with``: comma-separated ``host``, ``host/dialhost``, full ``http(s)://`` URLs, or
-    ``unix:/path`` (a local node). Bare hosts use https://host/derp in TLS mode, else plain HTTP
-    on ``default_port`` (our own DERP port), as derper's --dev does."""
+    """``--mesh-with``: a comma-separated list of peers, every form derper's ``-mesh-with`` takes
+    plus derpd's own.
+
+    derper's forms (``cmd/derper/mesh.go``): ``host`` or ``host/dialhost``, where ``host`` may carry
+    a port (``localhost:8443``, ``[2001:db8::1]:8443``); derper builds ``https://host/derp`` and, with
+    a dialhost, connects to ``dialhost`` on that URL's port while TLS and HTTP still use ``host``.
+    A bare IPv6 address (``2001:db8::1``) is a host without a port; give a port with brackets.
+    derpd's extras: full ``http(s)://`` URLs, ``unix:/path`` (a local node), a port on the dialhost
+    (``host/10.0.0.5:8443``), and plain HTTP when this node serves no TLS: ``http://host:PORT/derp``
+    with the item's own port, or ``default_port`` (our own DERP port) when it gives none, as for
+    derper --dev. Anything else is a :class:`MeshError` naming the item."""
     targets: list[MeshTarget] = []
     for raw in spec.split(","):
         item = raw.strip()
-        if not item:
-            continue
-        if item.startswith("unix:"):
-            path = item[len("unix:") :]
-            if not path.startswith("/"):
-                raise MeshError(f"--mesh-with {item!r}: unix sockets need an absolute path")
-            targets.append(MeshTarget(item, "http://localhost/derp", path))
-        elif item.startswith(("http://", "https://")):
-            parts = urlsplit(item)
-            if not parts.hostname:
-                raise MeshError(f"--mesh-with {item!r}: no host")
-            targets.append(MeshTarget(item, item if parts.path else item + "/derp"))
-        else:
-            host, _, dial_host = item.partition("/")
-            if not host or (any(c in host for c in " :@") and not _is_ip(host)):
-                raise MeshError(f"--mesh-with {item!r}: expected host, host/dialhost or a URL")
-            shown = f"[{host}]" if ":" in host else host
-            if tls:
-                url = f"https://{shown}/derp"
-                port = 443
-            else:
-                url = f"http://{shown}:{default_port}/derp"
-                port = default_port
-            targets.append(MeshTarget(item, url, (dial_host, port) if dial_host else None))
-    names = [t.name for t in targets]
-    if len(set(names)) != len(names):
-        raise MeshError("--mesh-with lists a peer twice")
+        if item:
+            targets.append(_parse_target(item, tls=tls, default_port=default_port))
+    seen: dict[tuple[str, tuple[str, int] | str | None], str] = {}
+    for t in targets:
+        first = seen.get((t.url, t.dial))
+        if first is not None:
+            if first == t.name:
+                raise MeshError(f"--mesh-with lists {t.name!r} twice")
+            raise MeshError(f"--mesh-with lists one peer twice: {first!r} and {t.name!r} are both {t.url}")
+        seen[(t.url, t.dial)] = t.name
     return targets
+
+
+def _parse_target(item: str, *, tls: bool, default_port: int) -> MeshTarget:
+    def bad(why: str) -> MeshError:
+        return MeshError(f"--mesh-with {item!r}: {why}")
+
+    if any(c.isspace() or not c.isprintable() for c in item):
+        raise bad("has a space or control character; separate peers with commas only")
+    if item.startswith("unix:"):
+        path = item[len("unix:") :]
+        if not path.startswith("/"):
+            raise bad("unix sockets need an absolute path (unix:/run/derpd/w.sock)")
+        return MeshTarget(item, "http://localhost/derp", path)
+    scheme = item.partition("://")[0].lower() if "://" in item else None
+    if scheme is not None:
+        if scheme not in ("http", "https"):
+            raise bad("only http:// and https:// URLs can name a peer")
+        return MeshTarget(item, _peer_url(item, bad))
+    parts = item.split("/")
+    if len(parts) > 2:
+        raise bad("more than one '/': expected host, host:port, host/dialhost or a URL")
+    host, port = _host_port(parts[0], "host", bad)
+    dial: tuple[str, int] | None = None
+    if port is None:
+        port = 443 if tls else default_port
+    if len(parts) == 2:
+        dial_host, dial_port = _host_port(parts[1], "dialhost", bad)
+        dial = (dial_host, dial_port or port)
+    shown = f"[{host}]" if ":" in host else host
+    if tls:
+        url = f"https://{shown}/derp" if port == 443 else f"https://{shown}:{port}/derp"
+    else:
+        url = f"http://{shown}:{port}/derp"
+    return MeshTarget(item, url, dial)
+
+
+_PORT = re.compile(r"[0-9]{1,5}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host_port(text: str, what: str, bad: Callable[[str], MeshError]) -> tuple[str, int | None]:
+    """``name``, ``name:port``, ``IPv4[:port]``, ``[IPv6][:port]`` or a bare IPv6 address."""
+    if not text:
+        raise bad(f"empty {what}")
+    port_text: str | None = None
+    if text.startswith("["):
+        inner, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise bad(f"{what} {text!r}: expected [IPv6 address] or [IPv6 address]:port")
+        if not _is_ip(inner) or ":" not in inner:
+            raise bad(f"{what} {text!r}: brackets hold an IPv6 address")
+        host = inner
+        port_text = rest[1:] if rest else None
+    elif _is_ip(text):
+        host = text  # IPv4, or a bare IPv6 address: every colon is the address's own
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:
+        raise bad(f"{what} {text!r}: write an IPv6 address with a port as [address]:port")
+    else:
+        host = text
+    if not host:
+        raise bad(f"empty {what} in {text!r}")
+    if "%" in host and ":" in host:
+        raise bad(f"{what} {text!r}: IPv6 zones (%) are not supported")
+    if not _is_ip(host):
+        if not host.isascii():
+            raise bad(f"{what} {host!r}: write an internationalized name in its xn-- (IDNA) form")
+        name = host.removesuffix(".")
+        labels = name.split(".")
+        if not name or len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise bad(f"{what} {host!r} is not a host name or IP address")
+        if labels[-1].isdigit():
+            raise bad(f"{what} {host!r} is neither an IPv4 address nor a host name")
+    if port_text is None:
+        return host, None
+    if not port_text:
+        raise bad(f"{what} {text!r}: empty port after ':'")
+    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+        raise bad(f"port {port_text!r} in {text!r} is not a port number (1-65535)")
+    return host, int(port_text)
+
+
+def _peer_url(item: str, bad: Callable[[str], MeshError]) -> str:
+    """A full ``http(s)://host[:port][/path]`` URL, with ``/derp`` when it has no path."""
+    try:
+        parts = urlsplit(item)
+    except ValueError as e:
+        raise bad(f"not a valid URL ({e})") from None
+    if "@" in parts.netloc or parts.query or parts.fragment or item.endswith(("?", "#")):
+        raise bad("a peer's URL has no user, query or fragment: https://host[:port]/derp")
+    host, _ = _host_port(parts.netloc, "host", bad)  # the same host[:port] rules as the short forms
+    if ":" in host and not parts.netloc.startswith("["):
+        raise bad("an IPv6 address in a URL needs brackets: https://[address]:port/derp")
+    return item if parts.path else item + "/derp"
 
 
 def _is_ip(text: str) -> bool:

@@ -130,11 +130,12 @@ def derpmap(**o: Any) -> None:
             clash = [p for p in dm.check_map(result) if "already used" in p]
             if clash:
                 raise dm.DerpMapError(f"after merging into {o['merge']}: {clash[0]}")
+        text = dm.render(result, o["fmt"])  # may refuse what no reader can take back (a lone surrogate)
     except dm.DerpMapError as e:
         raise _bad_value(str(e)) from None
     for w in warnings:
         _warn(w)
-    click.echo(dm.render(result, o["fmt"]), nl=False)
+    click.echo(text, nl=False)
 
 
 # --- derpd probe -----------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ the mistakes it refuses, the YAML reader against PyYAML, and a map that a real d
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,8 @@ import trustme
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from derpd import derpmap as dm
 from derpd.keys import NodePrivate
@@ -533,3 +538,291 @@ async def test_map_for_a_real_derpd_passes_the_probe(nursery: trio.Nursery, tmp_
     assert checks["stun v4"]["mapped"].startswith("127.0.0.1:")
     assert checks["tcp v6"]["status"] == "skip" and "ipv6: none" in checks["tcp v6"]["detail"]
     assert node["server_keys"] == [f"nodekey:{key.public.hex()}"]
+
+
+# --- what Headscale (yaml.v3) reads exactly: strings, floats, --cert-name ----------------------------
+
+# Raw in a file these are refused by yaml.v3 (C0 but tab/LF/CR, DEL, C1 but NEL, U+FFFE/U+FFFF), read
+# as a line break (NEL; U+2028 and U+2029 to YAML 1.1 readers), or a byte order mark (U+FEFF).
+PROBLEM_CHARS = [chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))] + [
+    "\u2028",
+    "\u2029",
+    "\ufeff",
+    "\ufffe",
+    "\uffff",
+]
+STRING_FIELDS = [f for f in (*dm.REGION_FIELDS, *dm.NODE_FIELDS) if f.kind is str]
+
+
+def raw_problem(text: str) -> str | None:
+    """The first character of ``text`` that must not appear raw in a YAML file for Headscale, if any."""
+    for c in text:
+        if c == "\n":
+            continue
+        if c in PROBLEM_CHARS or 0xD800 <= ord(c) <= 0xDFFF:
+            return f"U+{ord(c):04X}"
+    return None
+
+
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        ("x\x85y", '"x\\u0085y"'),  # NEL: a space to yaml.v3 when raw
+        ("\x7f", '"\\u007F"'),
+        ("\x80\x9f", '"\\u0080\\u009F"'),
+        ("\u2028\u2029", '"\\u2028\\u2029"'),
+        ("\ufeffa", '"\\uFEFFa"'),
+        ("\ufffe\uffff", '"\\uFFFE\\uFFFF"'),
+        ("a\tb\nc\x00", '"a\\u0009b\\u000Ac\\u0000"'),
+        ("\U000e0001", '"\\U000E0001"'),  # an astral format character: escaped with \U, not a surrogate pair
+        ("Zürich 😀 \U0001d7d9", '"Zürich 😀 \U0001d7d9"'),  # printable, astral too: raw UTF-8
+        ('say "hi" \\o/', '"say \\"hi\\" \\\\o/"'),
+        ("derp.example.com", "derp.example.com"),
+        ("yes", '"yes"'),
+        ("", '""'),
+    ],
+)
+def test_yaml_str_escapes_what_yaml_readers_take_wrongly(value: str, written: str) -> None:
+    assert dm.yaml_str(value) == written
+    assert yaml.safe_load(f"v: {written}")["v"] == value
+    assert raw_problem(written) is None
+    assert "\\uD8" not in written.upper() and "\\uDC" not in written.upper()  # no surrogate escapes: yaml.v3 refuses
+
+
+def _map_with_strings(values: dict[str, str]) -> dm.DerpMap:
+    region = dm.DerpRegion(region_id=900, nodes=[dm.DerpNode(region_id=900)])
+    for f in dm.REGION_FIELDS:
+        if f.kind is str:
+            setattr(region, f.attr, values[f"region.{f.yaml}"])
+    for f in dm.NODE_FIELDS:
+        if f.kind is str:
+            setattr(region.nodes[0], f.attr, values[f"node.{f.yaml}"])
+    return dm.DerpMap(regions={900: region})
+
+
+_ANY_TEXT = st.text(
+    alphabet=st.one_of(st.characters(exclude_categories=("Cs",)), st.sampled_from([*PROBLEM_CHARS, "\\", '"'])),
+    max_size=20,
+)
+_FIELD_KEYS = [f"region.{f.yaml}" for f in dm.REGION_FIELDS if f.kind is str] + [
+    f"node.{f.yaml}" for f in dm.NODE_FIELDS if f.kind is str
+]
+
+
+@given(st.fixed_dictionaries({k: _ANY_TEXT for k in _FIELD_KEYS}))
+@settings(max_examples=300, deadline=None)
+def test_every_string_field_round_trips_through_headscale_yaml(values: dict[str, str]) -> None:
+    m = _map_with_strings(values)
+    text = dm.to_headscale_yaml(m)
+    assert raw_problem(text) is None, raw_problem(text)
+    ours, _ = dm.from_headscale_yaml(text)  # problems (an IP that is not one...) do not matter here
+    assert ours.regions == m.regions
+    doc = yaml.safe_load(text)
+    region, node = doc["regions"][900], doc["regions"][900]["nodes"][0]
+    for key, value in values.items():
+        scope, name = key.split(".")
+        got = (region if scope == "region" else node).get(name, "")
+        assert got == value and type(got) is str, (key, got, value)
+
+
+@pytest.mark.parametrize("field", STRING_FIELDS, ids=lambda f: f.yaml)
+def test_a_lone_surrogate_is_refused_with_its_field(field: Any) -> None:
+    """No encoding carries one to Headscale: yaml.v3 refuses the \\uD800 escape, Go's JSON makes it U+FFFD."""
+    values = dict.fromkeys(_FIELD_KEYS, "ok")
+    values[f"{'region' if field in dm.REGION_FIELDS else 'node'}.{field.yaml}"] = "a\udcff"
+    m = _map_with_strings(values)
+    for write in (dm.to_headscale_yaml, dm.to_json):
+        with pytest.raises(dm.DerpMapError, match=f"{field.yaml}: 'a\\\\udcff' contains U\\+DCFF"):
+            write(m)
+
+
+def test_yaml_reader_refuses_what_yaml_v3_refuses() -> None:
+    ok = "regions:\n  900:\n    regionid: 900\n    regioncode: x\n    regionname: {}\n    nodes: []\n"
+    for raw in ("\x85", "\x80", "\x7f", "\x01", "\u2028", "\ufffe"):
+        with pytest.raises(dm.DerpMapError, match=f"line 5: raw character U\\+{ord(raw):04X}"):
+            dm.from_headscale_yaml(ok.format(f'"a{raw}b"'))
+    for escape in ("\\uD800", "\\uDFFF", "\\U00110000"):
+        with pytest.raises(dm.DerpMapError, match="not a Unicode character"):
+            dm.from_headscale_yaml(ok.format(f'"{escape}"'))
+    m, _ = dm.from_headscale_yaml(ok.format('"\\u0085\\U0001F600\\uFEFF"') + "")
+    assert m.regions[900] is not None and m.regions[900].region_name == "\x85\U0001f600\ufeff"
+    # A raw tab inside quotes and Unicode spaces are text, as in YAML.
+    m, _ = dm.from_headscale_yaml(ok.format('"a\tb"  ').replace("regioncode: x", "regioncode: \u00a0x\u3000"))
+    assert m.regions[900] is not None and m.regions[900].region_name == "a\tb"
+    assert m.regions[900].region_code == "\u00a0x\u3000"
+    assert yaml.safe_load(ok.format('"a\tb"').replace("regioncode: x", "regioncode: \u00a0x\u3000"))["regions"][900][
+        "regioncode"
+    ] == ("\u00a0x\u3000")
+
+
+# --- floats -------------------------------------------------------------------------------------------
+
+# yaml.v3's float syntax (resolve.go yamlStyleFloat), transcribed: a written float must match it.
+YAML_V3_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        (1e-13, "1.0e-13"),  # was "0." (the defect)
+        (0.1, "0.1"),
+        (52.52, "52.52"),
+        (-13.405, "-13.405"),
+        (1.5e-07, "1.5e-7"),
+        (1e16, "1.0e+16"),
+        (123.0, "123.0"),
+        (-0.0, "-0.0"),
+        (5e-324, "5.0e-324"),
+        (1.7976931348623157e308, "1.7976931348623157e+308"),
+    ],
+)
+def test_floats_are_written_shortest_and_exact(value: float, written: str) -> None:
+    assert dm.yaml_float(value) == written
+
+
+def _same_float(a: Any, b: float) -> bool:
+    return type(a) is float and struct.pack("<d", a) == struct.pack("<d", b)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False), st.floats(allow_nan=False, allow_infinity=False))
+@settings(max_examples=500, deadline=None)
+def test_every_written_float_reads_back_exactly(latitude: float, score: float) -> None:
+    text = dm.yaml_float(latitude)
+    assert YAML_V3_FLOAT.fullmatch(text), text  # yaml.v3 resolves it as a float
+    assert _same_float(yaml.safe_load(f"v: {text}")["v"], latitude), text  # and so does YAML 1.1 (PyYAML)
+    region = dm.DerpRegion(900, "x", "x", latitude=latitude, longitude=-latitude, nodes=[])
+    m = dm.DerpMap(regions={900: region}, region_score={900: score})
+    out = dm.to_headscale_yaml(m)
+    ours, _ = dm.from_headscale_yaml(out)
+    back = ours.regions[900]
+    assert back is not None and back.latitude == latitude and back.longitude == -latitude
+    assert ours.region_score is not None and _same_float(ours.region_score[900], score)
+    doc = yaml.safe_load(out)
+    assert _same_float(doc["homeparams"]["regionscore"][900], score)
+    if latitude:  # 0.0 is omitted, as omitempty
+        assert _same_float(doc["regions"][900]["latitude"], latitude)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("latitude: .nan", "not a finite number"),
+        ("latitude: -.inf", "not a finite number"),
+        ("latitude: 1e999", "not a finite number"),
+        ("latitude: nan", "expected a number"),  # a string to yaml.v3
+        ("latitude: 1.2.3", "expected a number"),
+    ],
+)
+def test_yaml_reader_floats_follow_yaml_v3(text: str, words: str) -> None:
+    doc = f"regions:\n  900:\n    regionid: 900\n    regioncode: x\n    regionname: x\n    {text}\n    nodes: []\n"
+    with pytest.raises(dm.DerpMapError, match=words):
+        dm.from_headscale_yaml(doc)
+
+
+def test_yaml_reader_reads_yaml_v3_floats() -> None:
+    doc = "regions:\n  900:\n    regionid: 900\n    regioncode: x\n    regionname: x\n    latitude: {}\n    nodes: []\n"
+    for text, value in (("1e-13", 1e-13), ("1.0e-13", 1e-13), (".5", 0.5), ("1_000.5", 1000.5), ("7", 7.0)):
+        m, _ = dm.from_headscale_yaml(doc.format(text))
+        assert m.regions[900] is not None and m.regions[900].latitude == value, text
+
+
+def test_json_reader_refuses_non_finite_numbers() -> None:
+    for number in ("NaN", "Infinity", "-Infinity", "1e999"):
+        with pytest.raises(dm.DerpMapError, match=r"not valid JSON|not a finite number"):
+            dm.from_json('{"Regions": {"900": {"RegionID": 900, "Latitude": ' + number + ', "Nodes": []}}}')
+
+
+def test_merge_keeps_tiny_floats_exact(tmp_path: Path) -> None:
+    existing = tmp_path / "derp.json"
+    existing.write_text(
+        '{"HomeParams": {"RegionScore": {"901": 1e-13}}, "Regions": {"901": {"RegionID": 901, "RegionCode": "o", '
+        '"RegionName": "O", "Latitude": 1e-13, "Longitude": -2.5e-300, "Nodes": [{"Name": "901a", "RegionID": 901, '
+        '"HostName": "old.example.com"}]}}}'
+    )
+    out, _ = run_derpmap(*BASE, "--hostname", "new.example.com", "--merge", str(existing))
+    assert "latitude: 1.0e-13" in out and "longitude: -2.5e-300" in out and "901: 1.0e-13" in out
+    doc = yaml.safe_load(out)
+    assert doc["regions"][901]["latitude"] == 1e-13 and doc["homeparams"]["regionscore"][901] == 1e-13
+    ours, _ = dm.from_headscale_yaml(out)
+    assert ours.regions[901] is not None and ours.regions[901].longitude == -2.5e-300
+
+
+# --- --cert-name and the other text options ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--cert-name", "derp.example.com\x7f"], "'derp.example.com\\x7f' contains the control character U+007F"),
+        (["--cert-name", "\x7f"], "contains the control character U+007F"),
+        (["--cert-name", "derp\x01.example.com"], "control character U+0001"),
+        (["--cert-name", "derp.example.com\x85"], "control character U+0085"),  # str.strip() would drop it
+        (["--cert-name", "derp\u2028x"], "line separator U+2028"),
+        (["--cert-name", "\ufeffderp.example.com"], "byte order mark"),
+        (["--cert-name", "derp example"], "ASCII, without spaces"),
+        (["--cert-name", "bücher.example"], "xn--"),
+        (["--node", "hostname=b.example.com,cert-name=b\x7f"], "--cert-name 'b\\x7f' contains the control character"),
+        (["--region-name", "Home\x85"], "--region-name 'Home\\x85' contains the control character U+0085"),
+        (["--region-name", "Home\ufffe"], "noncharacter U+FFFE"),
+        (["--region-code", "fra\x9b"], "--region-code 'fra\\x9b' contains the control character U+009B"),
+        (["--node-name", "900a\u2029"], "line separator U+2029"),
+        (["--region-name", "a\udcff"], "surrogate pair: not a character (is the input UTF-8?)"),
+    ],
+)
+def test_text_options_refuse_what_headscale_cannot_read(args: list[str], words: str) -> None:
+    base = {"--region-id": "900", "--region-code": "home", "--hostname": "derp.example.com"}
+    argv = [x for k, v in base.items() if k not in args for x in (k, v)] + args
+    assert words in refusal(*argv)
+
+
+def test_text_options_keep_printable_unicode() -> None:
+    name = "Zürich 😀 \u200d"  # a ZWJ (format character) is part of emoji sequences: kept, written escaped
+    out, _ = run_derpmap(
+        *BASE, "--hostname", "derp.example.com", "--region-name", name, "--cert-name", "xn--bcher-kva.example"
+    )
+    assert 'regionname: "Zürich 😀 \\u200D"' in out
+    assert yaml.safe_load(out)["regions"][900]["regionname"] == name
+    assert dm.from_headscale_yaml(out)[0].regions[900].region_name == name  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("bad", "code"), [("derp.example.com\x7f", "U+007F"), ("derp\x1b[31m.example.com", "U+001B")])
+def test_cert_name_control_characters_exit_2_one_line(tmp_path: Path, bad: str, code: str) -> None:
+    out = subprocess.run(
+        [*DERPD, "derpmap", *BASE, "--hostname", "derp.example.com", "--cert-name", bad],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    (line,) = out.stderr.splitlines()
+    assert line == f"derpd: error: --cert-name {bad!r} contains the control character {code}"
+
+
+def test_non_utf8_argument_is_refused_not_a_traceback(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*DERPD, "derpmap", *BASE, "--hostname", "derp.example.com", "--region-name", b"Caf\xe9"],  # Latin-1
+        capture_output=True,
+        check=False,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"},
+    )
+    assert out.returncode == 2 and out.stdout == b""
+    (line,) = out.stderr.decode().splitlines()
+    assert line.startswith("derpd: error: --region-name ") and "is the input UTF-8?" in line
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("901", 901), ("01605", 901), ("0901", 901), ("0o1605", 901), ("0x385", 901), ("0b1110000101", 901),
+     ("9_01", 901), ("901.0", 901), ("+901", 901)],
+)  # fmt: skip
+def test_yaml_reader_reads_integers_as_yaml_v3(text: str, value: int) -> None:
+    """yaml.v3 resolves integers with Go's ParseInt(plain, 0, 64): a leading 0 is octal (01605 is
+    901), prefixes and underscores are taken; what is not an integer but a float (0901: 9 is no octal
+    digit, so it reads as 901.0) fits an int field when it is integral."""
+    doc = f"regions:\n  901:\n    regionid: {text}\n    regioncode: x\n    regionname: x\n    nodes: []\n"
+    m, _ = dm.from_headscale_yaml(doc)
+    assert m.regions[901] is not None and m.regions[901].region_id == value

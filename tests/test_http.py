@@ -349,3 +349,24 @@ def test_early_request_line_check_agrees_with_h11(line: bytes) -> None:
     assert early_refused == h11_refused
     assert early_refused or checked
     assert check_request_line(line) is False or b"\n" in line  # no verdict before the line ends
+
+
+async def test_client_brackets_an_ipv6_host_header(nursery: trio.Nursery) -> None:
+    """derpd's client (mesh links, probe) sends ``Host: [::1]:PORT``, not the ambiguous ``::1:PORT``."""
+    try:
+        listener = (await trio.open_tcp_listeners(0, host="::1"))[0]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = listener.socket.getsockname()[1]
+
+    async def dial() -> None:
+        with pytest.raises((ConnectionError, OSError, trio.BrokenResourceError, DerpHTTPError)):
+            await DerpClient.connect(f"http://[::1]:{port}/derp", timeout=5)
+
+    nursery.start_soon(dial)
+    async with listener, await listener.accept() as conn:
+        head = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in head:
+                head += await conn.receive_some(4096)
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in head

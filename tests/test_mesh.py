@@ -9,9 +9,12 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -237,6 +240,157 @@ def test_mesh_with_parsing() -> None:
     for bad in ("a,a", "unix:relative", "http://"):
         with pytest.raises(MeshError):
             parse_targets(bad, tls=True, default_port=443)
+
+
+# Every form of derper's -mesh-with (cmd/derper/mesh.go: "https://" + host + "/derp", dialhost on the
+# URL's port) and derpd's extras: item -> (URL, dial) with TLS, and without TLS on our port 3340.
+MESH_FORMS: list[tuple[str, tuple[str, object], tuple[str, object]]] = [
+    ("derp1.example.com", ("https://derp1.example.com/derp", None), ("http://derp1.example.com:3340/derp", None)),
+    ("localhost:8443", ("https://localhost:8443/derp", None), ("http://localhost:8443/derp", None)),
+    ("derp1.example.com:443", ("https://derp1.example.com/derp", None), ("http://derp1.example.com:443/derp", None)),
+    ("203.0.113.5", ("https://203.0.113.5/derp", None), ("http://203.0.113.5:3340/derp", None)),
+    ("203.0.113.5:8443", ("https://203.0.113.5:8443/derp", None), ("http://203.0.113.5:8443/derp", None)),
+    ("[::1]:8443", ("https://[::1]:8443/derp", None), ("http://[::1]:8443/derp", None)),
+    ("[2001:db8::5]", ("https://[2001:db8::5]/derp", None), ("http://[2001:db8::5]:3340/derp", None)),
+    ("2001:db8::5", ("https://[2001:db8::5]/derp", None), ("http://[2001:db8::5]:3340/derp", None)),  # bare IPv6
+    ("::1", ("https://[::1]/derp", None), ("http://[::1]:3340/derp", None)),
+    (
+        "derp1.example.com/10.0.0.5",
+        ("https://derp1.example.com/derp", ("10.0.0.5", 443)),
+        ("http://derp1.example.com:3340/derp", ("10.0.0.5", 3340)),
+    ),
+    (
+        "derp1.example.com:443/10.0.0.5",
+        ("https://derp1.example.com/derp", ("10.0.0.5", 443)),
+        ("http://derp1.example.com:443/derp", ("10.0.0.5", 443)),
+    ),
+    (
+        "derp1.example.com:8443/fd00::5",  # derper joins dialhost and port: a bare IPv6 dialhost
+        ("https://derp1.example.com:8443/derp", ("fd00::5", 8443)),
+        ("http://derp1.example.com:8443/derp", ("fd00::5", 8443)),
+    ),
+    (
+        "[2001:db8::5]:8443/[fd00::5]",
+        ("https://[2001:db8::5]:8443/derp", ("fd00::5", 8443)),
+        ("http://[2001:db8::5]:8443/derp", ("fd00::5", 8443)),
+    ),
+    (
+        "derp1.example.com/10.0.0.5:9443",  # derpd's extra: the dialhost's own port
+        ("https://derp1.example.com/derp", ("10.0.0.5", 9443)),
+        ("http://derp1.example.com:3340/derp", ("10.0.0.5", 9443)),
+    ),
+    ("derp1.example.com.", ("https://derp1.example.com./derp", None), ("http://derp1.example.com.:3340/derp", None)),
+    ("https://derp1.example.com", ("https://derp1.example.com/derp", None), ("https://derp1.example.com/derp", None)),
+    ("http://127.0.0.1:3340/derp", ("http://127.0.0.1:3340/derp", None), ("http://127.0.0.1:3340/derp", None)),
+    ("https://[::1]:8443/derp", ("https://[::1]:8443/derp", None), ("https://[::1]:8443/derp", None)),
+    (
+        "unix:/run/derpd/w1.sock",
+        ("http://localhost/derp", "/run/derpd/w1.sock"),
+        ("http://localhost/derp", "/run/derpd/w1.sock"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("item", "with_tls", "without_tls"), MESH_FORMS)
+def test_mesh_with_accepts_derpers_forms(
+    item: str, with_tls: tuple[str, object], without_tls: tuple[str, object]
+) -> None:
+    for tls, (url, dial) in ((True, with_tls), (False, without_tls)):
+        (target,) = parse_targets(f" {item} ,", tls=tls, default_port=3340)
+        assert (target.name, target.url, target.dial) == (item, url, dial), tls
+        parts = urlsplit(target.url)  # as the client splits it
+        assert parts.scheme in ("http", "https") and parts.hostname and parts.path == "/derp"
+
+
+@pytest.mark.parametrize(
+    ("item", "words"),
+    [
+        ("derp1.example.com:", "empty port"),
+        ("derp1.example.com:0", "not a port number"),
+        ("derp1.example.com:65536", "not a port number"),
+        ("derp1.example.com:https", "not a port number"),
+        ("derp1.example.com:+443", "not a port number"),
+        ("a/b/c", "more than one '/'"),
+        ("derp1.example.com:443/10.0.0.5/x", "more than one '/'"),
+        ("/10.0.0.5", "empty host"),
+        ("derp1.example.com/", "empty dialhost"),
+        (":443", "empty host"),
+        ("derp 1.example.com", "space"),
+        ("derp1.exam\x7fple.com", "control character"),
+        ("derp1\tderp2", "space"),
+        ("2001:db8::5:8443:x", "[address]:port"),
+        ("[2001:db8::5", "[IPv6 address]"),
+        ("[203.0.113.5]:443", "brackets hold an IPv6 address"),
+        ("[::1]x", "[IPv6 address]"),
+        ("fe80::1%eth0", "zones"),
+        ("1.2.3", "neither an IPv4 address"),
+        ("derp..example.com", "not a host name"),
+        ("-derp.example.com", "not a host name"),
+        ("user@derp.example.com", "not a host name"),
+        ("bücher.example", "xn--"),
+        ("ftp://derp.example.com", "only http:// and https://"),
+        ("https://", "empty host"),
+        ("https://user@derp.example.com/derp", "no user, query or fragment"),
+        ("https://derp.example.com/derp?x=1", "no user, query or fragment"),
+        ("https://derp.example.com:99999/derp", "not a port number"),
+        ("https://[::1]x/derp", "[IPv6 address]"),
+        ("HTTP://::1/derp", "needs brackets"),
+        ("unix:run/w.sock", "absolute path"),
+    ],
+)
+def test_mesh_with_refuses_garbage_naming_the_item(item: str, words: str) -> None:
+    with pytest.raises(MeshError) as e:
+        parse_targets(f"derp9.example.com,{item}", tls=True, default_port=443)
+    assert f"--mesh-with {item!r}" in str(e.value) and words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_mesh_with_refuses_one_peer_twice() -> None:
+    with pytest.raises(MeshError, match=r"'a\.example' twice"):
+        parse_targets("a.example,b.example,a.example", tls=True, default_port=443)
+    with pytest.raises(MeshError, match=re.escape("'a.example' and 'a.example:443' are both https://a.example/derp")):
+        parse_targets("a.example,a.example:443", tls=True, default_port=443)
+    # Without TLS a bare host means our own port, so a.example and a.example:443 are two peers.
+    assert len(parse_targets("a.example,a.example:443", tls=False, default_port=3340)) == 2
+    assert parse_targets(" , ,", tls=True, default_port=443) == []
+
+
+_MESH_ALPHABET = st.sampled_from([*"ab1.:/[]%@-_ ,\t", "::1", "10.0.0.5", "https://", "http://", "unix:", "ü"])
+
+
+@given(st.one_of(st.text(), st.lists(_MESH_ALPHABET, max_size=12).map("".join)), st.booleans())
+@settings(max_examples=1000, deadline=None)
+def test_mesh_with_parse_raises_only_mesh_error(spec: str, tls: bool) -> None:
+    try:
+        targets = parse_targets(spec, tls=tls, default_port=3340)
+    except MeshError as e:
+        assert "\n" not in str(e)
+        return
+    for t in targets:
+        if isinstance(t.dial, str):
+            assert t.dial.startswith("/")
+            continue
+        parts = urlsplit(t.url)  # every URL we build is one the client can split
+        assert parts.scheme in ("http", "https") and parts.hostname and 1 <= (parts.port or 443) <= 65535
+        if t.dial is not None:
+            assert t.dial[0] and 1 <= t.dial[1] <= 65535
+
+
+async def test_two_nodes_mesh_with_the_host_port_form(nursery: trio.Nursery) -> None:
+    """derper's `localhost:PORT` form, as `derpd serve --mesh-with` parses it, links two real nodes."""
+    key_a, key_b = NodePrivate.generate(), NodePrivate.generate()
+    b = await start_server(nursery, key_b, mesh_key=MESH_KEY)
+    peers = parse_targets(f"localhost:{b.port}", tls=False, default_port=0)
+    assert [(t.url, t.dial) for t in peers] == [(f"http://localhost:{b.port}/derp", None)]
+    a = await start_server(nursery, key_a, mesh_key=MESH_KEY, mesh_with=peers)
+    on_a = await DerpClient.connect(url_of(a))
+    on_b = await DerpClient.connect(url_of(b))
+    got = await send_until_delivered(on_a, on_b, b"via localhost:port")  # A forwards to B over the link
+    assert got.src == on_a.public_key
+    assert a.relay.mesh_links[f"localhost:{b.port}"] is not None
+    assert a.relay.stats.packets_forwarded_out >= 1 and b.relay.stats.packets_forwarded_in >= 1
+    await on_a.aclose()
+    await on_b.aclose()
 
 
 async def _spawn(tmp_path: Path, name: str, *args: str) -> tuple[trio.Process, int]:
