@@ -58,6 +58,7 @@ class HttpConfig:
     max_head: int = MAX_HEAD
     derp_enabled: bool = True
     https_redirect: str | None = None  # port 80 beside TLS: redirect to https://<this host>
+    write_timeout: float = WRITE_TIMEOUT  # a response not taken within this closes the connection
 
 
 class _Close(Exception):
@@ -254,8 +255,10 @@ class HttpFront:
         if body and not head:
             out += conn.send(h11.Data(data=body))
         out += conn.send(h11.EndOfMessage())
-        with trio.move_on_after(WRITE_TIMEOUT):
+        with trio.move_on_after(self.config.write_timeout) as scope:
             await transport.send_all(out)
+        if scope.cancelled_caught:  # a client that does not read its answers gets no more of them
+            raise _Close
 
     async def _dispatch(self, conn: h11.Connection, transport: Transport, req: h11.Request) -> bool:
         """Answer one request; True when the connection was handed to DERP."""
@@ -267,6 +270,10 @@ class HttpFront:
         length = _header(headers, b"content-length")
         if length is not None and len(length) > MAX_CONTENT_LENGTH_DIGITS:  # Go: must fit an int63
             await self._reject(conn, transport, 400, "bad Content-Length")
+        if length is not None and _header(headers, b"transfer-encoding") is not None and path != b"/derp":
+            # Two framings: a request-smuggling attempt (RFC 9112 §6.1), refused and closed rather than
+            # answered and kept alive. (An upgrade is never framed: its body is ignored, as by derper.)
+            await self._reject(conn, transport, 400, "both Content-Length and Transfer-Encoding")
         if length is not None and int(length) > MAX_BODY and path != b"/derp":
             await self._reject(conn, transport, 413, "request body too large")
         if self.config.https_redirect and path != b"/generate_204":

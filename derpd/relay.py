@@ -529,6 +529,7 @@ DUP_KEY_HEALTH = (
     "(is the same node key in use on more than one device?)"
 )
 CLEAR_HEALTH_FRAME = health_frame("")
+DUP_HEALTH_FANOUT = 8  # connections of one key that each hear about a new duplicate
 
 
 def _touch(conn: ClientConn, touched: list[ClientConn]) -> None:
@@ -775,8 +776,11 @@ class RelayServer:
             log.info("duplicate_client", key=short_key(key), conns=len(entry.conns), conn=conn.conn_id)
             # The reference's TODO (tailscale#2746): tell every connection of the key, so the user
             # sees a DERP health warning instead of silently losing packets on one device.
+            # Beyond a handful (real duplicates are two or three devices) only the newcomer hears it, so
+            # that n logins with one key cost O(n) frames, not O(n²).
             problem = health_frame(DUP_KEY_HEALTH.format(n=len(entry.conns)))
-            for c in entry.conns:
+            told = entry.conns if len(entry.conns) <= DUP_HEALTH_FANOUT else [conn]
+            for c in told:
                 c.ctrl.append(problem)
                 if c is not conn:
                     c.kick()

@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from derpd.client import DerpClient, DerpHTTPError
-from derpd.http import HttpConfig, check_request_line
+from derpd.http import HttpConfig, HttpFront, check_request_line
 from derpd.keys import NodePrivate
 from derpd.protocol import ClientInfo, FrameReader, FrameType, client_info_frame, send_packet_frame
 from derpd.server import DerpServer
+from derpd.transport import SocketTransport
 
 from .conftest import Clients, start_server
 
@@ -370,3 +371,32 @@ async def test_client_brackets_an_ipv6_host_header(nursery: trio.Nursery) -> Non
             while b"\r\n\r\n" not in head:
                 head += await conn.receive_some(4096)
     assert f"\r\nHost: [::1]:{port}\r\n".encode() in head
+
+
+async def test_a_client_that_never_reads_its_answers_is_closed(nursery: trio.Nursery) -> None:
+    """Pipelined requests whose answers are never read: once a response is not taken within the write
+    timeout the connection is closed, instead of waiting out TCP_USER_TIMEOUT response by response."""
+    front = HttpFront(None, NodePrivate.generate().public, HttpConfig(write_timeout=0.3))
+    done = trio.Event()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await front.handle(SocketTransport.from_trio(stream.socket))
+        done.set()
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    nursery.start_soon(trio.serve_listeners, serve, [listener])
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", listener.socket.getsockname()[1]))
+    s.setblocking(False)
+    request = b"GET /robots.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+    with trio.fail_after(10):
+        while not done.is_set():
+            try:
+                s.send(request * 64)
+            except BlockingIOError:
+                await trio.sleep(0.01)
+            except OSError:
+                break  # closed by the server: what the test waits for
+    await done.wait()
+    s.close()

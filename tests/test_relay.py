@@ -36,7 +36,7 @@ from derpd.protocol import (
     pack_header,
     send_packet_frame,
 )
-from derpd.relay import RelayConfig
+from derpd.relay import DUP_HEALTH_FANOUT, RelayConfig
 from derpd.server import DerpServer
 
 from .conftest import Clients, start_server, url_of, wait_for
@@ -285,6 +285,23 @@ async def test_duplicate_key_last_writer_is_active(clients: Clients, server: Der
     assert st.current_dup_client_conns == 0
     # One of two connections leaving is not "gone from the region".
     assert st.peer_gone_disconnected_frames == 0
+
+
+async def test_many_duplicates_of_one_key_tell_only_the_newcomer(clients: Clients, server: DerpServer) -> None:
+    """Up to DUP_HEALTH_FANOUT connections each hear of every new duplicate; beyond that only the
+    newcomer does, so n logins with one key cost O(n) Health frames (an attacker's loop), not O(n²)."""
+    key = NodePrivate.generate()
+    conns = [await clients.connect(key) for _ in range(DUP_HEALTH_FANOUT + 3)]
+    first = conns[0]
+    seen = [(await recv_type(first, HealthMessage)).problem for _ in range(DUP_HEALTH_FANOUT - 1)]  # type: ignore[attr-defined]
+    assert [int(p.split()[4]) for p in seen] == list(range(2, DUP_HEALTH_FANOUT + 1))
+    last = await recv_type(conns[-1], HealthMessage)
+    assert f"{DUP_HEALTH_FANOUT + 3} connections" in last.problem  # type: ignore[attr-defined]
+    await first.ping()  # frames are written in order: whatever came before the pong is queued now
+    with trio.move_on_after(0.1):
+        extra = await first.recv()
+        pytest.fail(f"the first connection heard of duplicates beyond the fan-out: {extra}")
+    assert server.relay.stats.current_dup_client_conns == DUP_HEALTH_FANOUT + 3
 
 
 # --- slow and vanished peers -----------------------------------------------------------------------
