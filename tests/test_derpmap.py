@@ -244,6 +244,12 @@ def test_region_id_warnings() -> None:
     assert err == ""
 
 
+def refusal_over_base(args: list[str]) -> str:
+    """The refusal of a base node (region 900, code home, derp.example.com) with ``args`` on top."""
+    base = {"--region-id": "900", "--region-code": "home", "--hostname": "derp.example.com"}
+    return refusal(*[x for k, v in base.items() if k not in args for x in (k, v)], *args)
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -273,9 +279,7 @@ def test_region_id_warnings() -> None:
     ],
 )
 def test_refuses_operator_mistakes(args: list[str], words: str) -> None:
-    base = {"--region-id": "900", "--region-code": "home", "--hostname": "derp.example.com"}
-    argv = [x for k, v in base.items() if k not in args for x in (k, v)] + args
-    assert words in refusal(*argv)
+    assert words in refusal_over_base(args)
 
 
 def test_node_options_without_hostname() -> None:
@@ -770,9 +774,7 @@ def test_merge_keeps_tiny_floats_exact(tmp_path: Path) -> None:
     ],
 )
 def test_text_options_refuse_what_headscale_cannot_read(args: list[str], words: str) -> None:
-    base = {"--region-id": "900", "--region-code": "home", "--hostname": "derp.example.com"}
-    argv = [x for k, v in base.items() if k not in args for x in (k, v)] + args
-    assert words in refusal(*argv)
+    assert words in refusal_over_base(args)
 
 
 def test_text_options_keep_printable_unicode() -> None:
