@@ -32,6 +32,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import __version__, gojson
+from .gojson import INT64_MAX, INT64_MIN
+from .text import clip
 from .tls import PIN_PREFIX, CertError, cert_name_pin, verify_hostname
 
 DEFAULT_STUN_PORT = 3478  # what STUNPort 0 means
@@ -660,7 +662,10 @@ def yaml_v3_int(text: str) -> int | None:
     octal: ``017`` is 15), then ``ParseUint`` for the rest of the uint64 range."""
     if not text[:1].isdigit() and text[:1] not in "+-":
         return None  # yaml.v3 resolves only scalars that start with a digit or a sign as numbers
-    m = _GO_INT.fullmatch(text.replace("_", ""))
+    plain = text.replace("_", "")
+    if len(plain) > 67:  # a sign, a prefix and 64 binary digits: anything longer overflows uint64
+        return None
+    m = _GO_INT.fullmatch(plain)
     if m is None:
         return None
     sign, digits = m.groups()
@@ -851,6 +856,9 @@ _ESCAPES = {
 }
 
 
+MAX_YAML_DEPTH = 32
+
+
 class _YamlReader:
     """Block mappings and sequences of single-line scalars: the shape of every DERP map file."""
 
@@ -880,6 +888,7 @@ class _YamlReader:
                 continue
             self.lines.append(_Line(no, len(body) - len(stripped), stripped))
         self.i = 0
+        self.depth = 0
 
     @staticmethod
     def error(line: int, msg: str) -> DerpMapError:
@@ -907,6 +916,15 @@ class _YamlReader:
     def block(self, indent: int) -> Any:
         line = self.peek()
         assert line is not None and line.indent == indent
+        self.depth += 1
+        try:
+            return self._block(line, indent)
+        finally:
+            self.depth -= 1
+
+    def _block(self, line: _Line, indent: int) -> Any:
+        if self.depth > MAX_YAML_DEPTH:  # a DERP map nests 5 deep; "- " x 500 must not recurse 500 times
+            raise self.error(line.no, f"nested deeper than {MAX_YAML_DEPTH} levels")
         if self._is_item(line.text):
             return self.sequence(indent)
         if self._split_key(line) is not None:
@@ -1079,13 +1097,13 @@ class _Decoder:
 
     def _fail(self, where: str, expected: str, v: Any) -> DerpMapError:
         if isinstance(v, _Scalar):
-            got = f"{'string' if not v.plain else 'value'} {v.text!r}"
+            got = f"{'string' if not v.plain else 'value'} {clip(v.text)!r}"
         elif isinstance(v, dict):
             got = "a mapping"
         elif isinstance(v, list):
             got = "a list"
         else:
-            got = json.dumps(v)
+            got = clip(json.dumps(v))
         return DerpMapError(f"{where}: expected {expected}, got {got}")
 
     def scalar(self, v: Any, kind: type, where: str) -> Any:
@@ -1154,7 +1172,7 @@ class _Decoder:
                 hint = ""
                 if self.yaml and key.lower() in folded:
                     hint = f"; Headscale's YAML keys are lower-case: {key.lower()}"
-                self.problems.append(f"{self._where(path, obj, key)}: unknown key {key!r} is ignored{hint}")
+                self.problems.append(f"{self._where(path, obj, key)}: unknown key {clip(key)!r} is ignored{hint}")
                 continue
             yield name, value
 
@@ -1195,9 +1213,10 @@ class _Decoder:
         return region
 
     def region_id(self, key: str, where: str) -> int:
-        if re.fullmatch(r"[-+]?[0-9]+", key.strip()):
+        # Go reads a map[int] key with ParseInt(key, 10, 64); the length bound keeps int() cheap.
+        if re.fullmatch(r"[-+]?[0-9]{1,19}", key.strip()) and INT64_MIN <= int(key) <= INT64_MAX:
             return int(key)
-        raise DerpMapError(f"{where}: region key {key!r} is not an integer id")
+        raise DerpMapError(f"{where}: region key is not an integer id")
 
     def derp_map(self, v: Any) -> DerpMap:
         if self._is_null(v) or v is None:
@@ -1219,7 +1238,7 @@ class _Decoder:
                     continue
                 regions = self._mapping(value, self._where(name, top, name))
                 for key, rv in regions.items():
-                    path = f"regions.{key}"
+                    path = f"regions.{clip(str(key))}"
                     rid = self.region_id(str(key), self._where(path, regions, key))
                     if rid in m.regions:
                         raise DerpMapError(f"{self._where(path, regions, key)}: region {rid} appears twice")

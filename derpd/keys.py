@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hmac
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -36,16 +37,25 @@ class KeyFileError(InvalidKeyError):
     """The key file cannot be used (unreadable, malformed, or too permissive)."""
 
 
+_HEX_KEY = re.compile(r"[0-9A-Fa-f]{64}")
+
+
+def hex_key(text: str) -> bytes | None:
+    """32 bytes from exactly 64 hex digits, as Go's ``hex.DecodeString`` reads them; None otherwise.
+    (``bytes.fromhex`` alone would skip spaces between digit pairs and return a short key.)"""
+    return bytes.fromhex(text) if _HEX_KEY.fullmatch(text) else None
+
+
 def _parse_hex_key(text: str, prefix: str) -> bytes:
     if not text.startswith(prefix):
         raise InvalidKeyError(f"key must start with {prefix!r}")
     body = text[len(prefix) :]
     if len(body) != 2 * KEY_LEN:
         raise InvalidKeyError(f"key must be {prefix} followed by {2 * KEY_LEN} hex digits")
-    try:
-        return bytes.fromhex(body)
-    except ValueError:
-        raise InvalidKeyError(f"key is not hexadecimal: {prefix}…") from None
+    key = hex_key(body)
+    if key is None:
+        raise InvalidKeyError(f"key is not hexadecimal: {prefix}…")
+    return key
 
 
 def public_key_text(raw: bytes) -> str:
@@ -228,10 +238,10 @@ def parse_mesh_key(text: str) -> bytes:
     body = text.strip()
     if len(body) != 2 * KEY_LEN:
         raise MeshKeyError("invalid mesh key: must be 64-digit hexadecimal number")
-    try:
-        return bytes.fromhex(body)
-    except ValueError:
-        raise MeshKeyError("invalid mesh key: not hexadecimal") from None
+    key = hex_key(body)
+    if key is None:
+        raise MeshKeyError("invalid mesh key: not hexadecimal")
+    return key
 
 
 def load_mesh_key_file(path: str | os.PathLike[str]) -> bytes:

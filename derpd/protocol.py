@@ -15,7 +15,7 @@ from enum import IntEnum
 from typing import Any
 
 from . import gojson
-from .keys import KEY_LEN, NONCE_LEN, NodePrivate
+from .keys import KEY_LEN, NONCE_LEN, NodePrivate, hex_key
 
 MAGIC = b"DERP\xf0\x9f\x94\x91"  # "DERP🔑"
 PROTOCOL_VERSION = 2
@@ -560,11 +560,7 @@ class ClientInfo:
         f = _go_fields(data, _CLIENT_INFO_FIELDS, "ClientInfo")
         mesh: bytes | None = None
         if f.get("meshKey"):
-            text = f["meshKey"]
-            try:
-                mesh = bytes.fromhex(text) if len(text) == 2 * KEY_LEN else None
-            except ValueError:
-                mesh = None
+            mesh = hex_key(f["meshKey"])
             if mesh is None:
                 raise HandshakeError("ClientInfo: meshKey must be 64 hex digits")
         return cls(

@@ -147,7 +147,7 @@ def parse_meta_certificate(der: bytes) -> bytes | None:
     """
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # bytes from the peer: whatever they are, not a meta cert
         return None
     cn = _common_name(cert)
     if not cn.startswith(META_CN_PREFIX):
@@ -164,7 +164,7 @@ def _common_name(cert: x509.Certificate) -> str:
         with warnings.catch_warnings():  # the meta cert's 71-character CN is over RFC 5280's bound; expected
             warnings.simplefilter("ignore")
             cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: an attribute cryptography cannot type (a BitString value)
         return ""
     value = cns[0].value if cns else ""
     return value if isinstance(value, str) else ""

@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from . import log, sdnotify
-from .keys import NodePrivate
+from .keys import NodePrivate, parse_mesh_key
 from .mesh import MeshTarget
 from .server import ServerSettings, bind_sockets
 from .transport import format_addr
@@ -73,7 +73,7 @@ def configure_worker(settings: ServerSettings, index: int, count: int) -> None:
     key_hex = sys.stdin.readline().strip()
     # Not the region's key (that stays --mesh-psk-file's): a sibling is told apart from another
     # node by the key it presents, and another node's watcher must also hear of siblings' keys.
-    settings.internal_mesh_key = bytes.fromhex(key_hex)
+    settings.internal_mesh_key = parse_mesh_key(key_hex)
     settings.internal_socket = socket_path(workdir, index)
     settings.internal_client_key = NodePrivate.generate()
     settings.internal_peers = [

@@ -828,3 +828,21 @@ def test_yaml_reader_reads_integers_as_yaml_v3(text: str, value: int) -> None:
     doc = f"regions:\n  901:\n    regionid: {text}\n    regioncode: x\n    regionname: x\n    nodes: []\n"
     m, _ = dm.from_headscale_yaml(doc)
     assert m.regions[901] is not None and m.regions[901].region_id == value
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "- " * 500,  # nesting: the reader used to recurse once per level (RecursionError)
+        "regions:\n  " + "9" * 5000 + ": null\n",  # a 5000-digit region key (Python's int-string limit)
+        "regions:\n  900:\n    regionid: " + "9" * 5000 + "\n",
+        '{"Regions": {"' + "9" * 5000 + '": null}}',  # what derpd probe --derp-map URL may fetch
+        '{"Regions": ' + "[" * 3000 + "]" * 3000 + "}",
+    ],
+)
+def test_hostile_maps_are_refused_with_a_short_message(text: str) -> None:
+    """Found by tests/fuzz: each used to escape as RecursionError or ValueError. Now a DerpMapError
+    whose message does not echo the 5000 digits back."""
+    with pytest.raises(dm.DerpMapError) as e:
+        dm.parse(text)
+    assert len(str(e.value)) < 200

@@ -21,6 +21,7 @@ from derpd.keys import (
     load_mesh_key_file,
     load_or_create_key_file,
     mesh_keys_equal,
+    parse_mesh_key,
     parse_public_key,
     public_key_text,
 )
@@ -347,6 +348,22 @@ def test_client_info_json_like_go() -> None:
     assert ClientInfo.from_json(b'{"version":2,"version":null}').version == 2
     # Go folds names with Unicode simple folding: the long s and the Kelvin sign match s and k.
     assert ClientInfo.from_json('{"I\u017fProber":true,"mesh\u212aey":null}'.encode()).is_prober
+
+
+@pytest.mark.parametrize("parse", [parse_public_key, NodePrivate.from_text, parse_mesh_key, "meshKey"])
+def test_hex_keys_with_spaces_are_refused(parse: object) -> None:
+    """bytes.fromhex skips spaces between digit pairs: 64 characters with spaces inside made a 31-byte
+    key. Go's hex.DecodeString refuses them, and so does derpd (found by tests/fuzz)."""
+    spaced = "ab" * 29 + " ab " + "ab"
+    assert len(spaced) == 64
+    if parse == "meshKey":
+        with pytest.raises(HandshakeError, match="meshKey must be 64 hex digits"):
+            ClientInfo.from_json(b'{"meshKey":"' + spaced.encode() + b'"}')
+        return
+    prefix = {parse_public_key: "nodekey:", NodePrivate.from_text: "privkey:"}.get(parse, "")  # type: ignore[call-overload]
+    with pytest.raises(InvalidKeyError):
+        parse(prefix + spaced)  # type: ignore[operator]
+    assert len(bytes.fromhex(spaced)) == 31  # what the old code returned
 
 
 @pytest.mark.parametrize(

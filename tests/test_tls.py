@@ -639,3 +639,11 @@ async def test_pinned_context_checks_blocking_sockets_too(
     assert await trio.to_thread.run_sync(blocking_dial, store.pin) == b"sync"
     with pytest.raises(CertPinError):
         await trio.to_thread.run_sync(blocking_dial, cert_name_pin(b"other"))
+
+
+@pytest.mark.parametrize("seed", ["known-invalid-x509-version", "known-name-attribute-typeerror", "not-der"])
+def test_parse_meta_certificate_never_raises_on_a_peers_bytes(seed: str) -> None:
+    """A peer's certificate chain is hostile input (fast_start_key, the probe): a v8 certificate raised
+    cryptography's InvalidVersion and a BitString name attribute a TypeError (found by tests/fuzz)."""
+    der = (Path(__file__).parent / "fuzz" / "corpus" / "meta_cert" / seed).read_bytes()
+    assert parse_meta_certificate(der) is None
