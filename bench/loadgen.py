@@ -34,8 +34,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 from urllib.parse import urlsplit
 
-from derpd.keys import KEY_LEN, NodePrivate
-from derpd.protocol import (
+from derpd.net.tls import PIN_PREFIX, CertError, fast_start_key, pinned_context
+from derpd.proto.frames import (
     FRAME_HEADER_LEN,
     ClientInfo,
     FrameReader,
@@ -45,7 +45,7 @@ from derpd.protocol import (
     parse_server_key,
     send_packet_frame,
 )
-from derpd.tls import PIN_PREFIX, CertError, fast_start_key, pinned_context
+from derpd.proto.keys import KEY_LEN, NodePrivate
 
 from . import baseline
 
@@ -54,7 +54,7 @@ MIN_SIZE = STAMP.size
 STAMP_OFFSET = FRAME_HEADER_LEN + KEY_LEN  # same offset in SendPacket and RecvPacket frames
 PROBE_FLAG = 1 << 63
 RECV_BUF = 256 * 1024
-_HEADER = struct.Struct(">BI")  # derpd.protocol's frame header, unpacked by offset here
+_HEADER = struct.Struct(">BI")  # derpd.proto.frames's frame header, unpacked by offset here
 _DATA_TYPES = (FrameType.SEND_PACKET, FrameType.RECV_PACKET)  # baseline echoes SendPacket bytes
 _SOFT = (BlockingIOError, InterruptedError)
 # A non-blocking SSLSocket's "try again": not BlockingIOError subclasses. Either one from a
@@ -194,7 +194,7 @@ def client_context(target: Target) -> ssl.SSLContext:
     """The client SSLContext for ``target``: pinned, CA file, system CAs, or no verification.
 
     ALPN ``http/1.1`` as derphttp. A pinned context checks the pin itself when the handshake
-    completes (``derpd.tls.pinned_context``: its socket class runs ``check_pin``).
+    completes (``derpd.net.tls.pinned_context``: its socket class runs ``check_pin``).
     """
     if target.insecure and (target.pinned or target.ca_file):
         raise ValueError("--insecure contradicts a sha256-raw: --cert-name or --ca-file")

@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from derpd.protocol import MAX_PACKET_SIZE
+from derpd.proto.frames import MAX_PACKET_SIZE
 
 from .loadgen import MIN_SIZE, Target, WorkerConfig, hist_lower, hist_percentiles, parse_url, worker_main
 

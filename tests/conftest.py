@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import trio
 
-from derpd.client import DerpClient, ReceivedPacket
-from derpd.keys import NodePrivate
-from derpd.relay import RelayConfig
-from derpd.server import DerpServer, ServerSettings
+from derpd.net.client import DerpClient, ReceivedPacket
+from derpd.proto.keys import NodePrivate
+from derpd.server.node import DerpServer, ServerSettings
+from derpd.server.relay import RelayConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The golden vectors live in the repo (copied from Tailscale-generated ../shared/vectors) so a

@@ -21,7 +21,8 @@ import trio
 import trio.testing
 import trustme
 
-from derpd.admission import (
+from derpd.proto.keys import public_key_text
+from derpd.server.admission import (
     Admission,
     AdmissionError,
     Verdict,
@@ -32,7 +33,6 @@ from derpd.admission import (
     request_body,
     source_bucket,
 )
-from derpd.keys import public_key_text
 
 TIMEOUT = 0.3  # the verify timeout in these tests; only the slow-server tests wait for it
 GUARD = 5.0  # trio.fail_after around anything that talks to a socket

@@ -34,7 +34,7 @@ def _serve(
     """derpd serve on a kernel-chosen loopback port; yields once its log says it is serving."""
     cmd = [sys.executable, "-m", "derpd", "serve", "--addr", "127.0.0.1:0", "--stun-port", "-1", *args]
     cmd += ["--key-file", str(tmp / "derper.key")]
-    log_path = tmp / "derpd.log"
+    log_path = tmp / "derpd.base.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -17,8 +17,9 @@ import trio
 
 from derpd import __version__
 from derpd.cli import serve
-from derpd.client import DerpClient, RestartingMessage
-from derpd.keys import load_key_file, public_key_text
+from derpd.net.client import DerpClient, RestartingMessage
+from derpd.ops.keyfiles import load_key_file
+from derpd.proto.keys import public_key_text
 from stun import codec as stun_codec
 
 DERPD = [sys.executable, "-m", "derpd"]

@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from derpd import derpmap as dm
-from derpd.keys import NodePrivate
-from derpd.tls import CertStore, cert_name_pin, self_signed_ip_certificate
-from derpd.tools import derpmap, probe
+from derpd.cli import derpmap, probe
+from derpd.net.tls import CertStore, cert_name_pin, self_signed_ip_certificate
+from derpd.proto.keys import NodePrivate
+from derpd.tools import derpmap as dm
 
 from .conftest import start_server
 
@@ -33,12 +33,7 @@ yaml = pytest.importorskip("yaml", reason="PyYAML checks the maps; install the t
 
 # Run "derpd ..." with derpmap/probe attached to the main group exactly as derpd.cli will attach them,
 # so the one-line "derpd: error: ..." reporting of derpd.cli.main is what the tests see.
-DERPD = [
-    sys.executable,
-    "-c",
-    "from derpd.cli import cli, main; from derpd.tools import derpmap, probe; "
-    "cli.add_command(derpmap); cli.add_command(probe); main()",
-]
+DERPD = [sys.executable, "-m", "derpd"]
 
 # Headscale's YAML (reference a4, derp-example.yaml): yaml.v3's lower-cased tailcfg field names.
 HS_TOP = {"regions": dict, "omitdefaultregions": bool, "homeparams": dict}

@@ -17,15 +17,15 @@ import pytest
 import trio
 import trustme
 
-from derpd.admission import Admission
-from derpd.client import ConnectionLost, DerpClient, PeerPresentMessage, decode_message
-from derpd.keys import NodePrivate
-from derpd.limits import RateConfig
-from derpd.protocol import ClientInfo, FrameReader, FrameType, client_info_frame
-from derpd.proxyproto import encode_v1, encode_v2, parse_trusted
-from derpd.relay import RelayConfig
-from derpd.server import DerpServer, ServerSettings
-from derpd.tls import CertStore, cert_name_pin
+from derpd.net.client import ConnectionLost, DerpClient, PeerPresentMessage, decode_message
+from derpd.net.tls import CertStore, cert_name_pin
+from derpd.proto.frames import ClientInfo, FrameReader, FrameType, client_info_frame
+from derpd.proto.keys import NodePrivate
+from derpd.proto.proxyproto import encode_v1, encode_v2, parse_trusted
+from derpd.server.admission import Admission
+from derpd.server.limits import RateConfig
+from derpd.server.node import DerpServer, ServerSettings
+from derpd.server.relay import RelayConfig
 
 from .conftest import start_server, url_of, wait_for
 from .test_admission import start_verify_server

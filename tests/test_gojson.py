@@ -1,4 +1,4 @@
-"""derpd.gojson: Go's encoding/json rules for structs, with depth and size bounds."""
+"""derpd.proto.gojson: Go's encoding/json rules for structs, with depth and size bounds."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from derpd import gojson
-from derpd.gojson import GoJSONError, Pairs, decode, fill, fold, nesting_depth, parse
+from derpd.proto import gojson
+from derpd.proto.gojson import GoJSONError, Pairs, decode, fill, fold, nesting_depth, parse
 
 FIELDS = {"Name": str, "Count": int, "On": bool, "Ratio": float}
 

@@ -11,12 +11,12 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from derpd.client import DerpClient, DerpHTTPError
-from derpd.http import HttpConfig, HttpFront, check_request_line
-from derpd.keys import NodePrivate
-from derpd.protocol import ClientInfo, FrameReader, FrameType, client_info_frame, send_packet_frame
-from derpd.server import DerpServer
-from derpd.transport import SocketTransport
+from derpd.net.client import DerpClient, DerpHTTPError
+from derpd.net.transport import SocketTransport
+from derpd.proto.frames import ClientInfo, FrameReader, FrameType, client_info_frame, send_packet_frame
+from derpd.proto.keys import NodePrivate
+from derpd.server.front import HttpConfig, HttpFront, check_request_line
+from derpd.server.node import DerpServer
 
 from .conftest import Clients, start_server
 

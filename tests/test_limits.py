@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from derpd.limits import MIN_RATE_BURST, AcceptLimiter, LimitError, PerIPLimiter, RateConfig, TokenBucket
+from derpd.server.limits import MIN_RATE_BURST, AcceptLimiter, LimitError, PerIPLimiter, RateConfig, TokenBucket
 
 
 def test_token_bucket_try_take_refills_at_rate() -> None:

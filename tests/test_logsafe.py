@@ -1,4 +1,4 @@
-"""Client text in log lines: escaped and clipped (derpd.text and both derpd.log formats)."""
+"""Client text in log lines: escaped and clipped (derpd.base.text and both derpd.base.log formats)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from derpd import log
-from derpd.text import PEER_TEXT_LIMIT, VALUE_LIMIT, Peer, clip, escape
+from derpd.base import log
+from derpd.base.text import PEER_TEXT_LIMIT, VALUE_LIMIT, Peer, clip, escape
 
 
 @pytest.mark.parametrize(

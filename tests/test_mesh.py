@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from derpd.client import DerpClient, PeerGoneMessage, PeerPresentMessage, ReceivedPacket
-from derpd.keys import NodePrivate, parse_public_key
-from derpd.mesh import MeshError, MeshLink, MeshTarget, keep_link, parse_targets
-from derpd.metrics import registry_for
-from derpd.protocol import FrameReader, PeerGoneReason
-from derpd.server import DerpServer
-from derpd.transport import SocketTransport
+from derpd.net.client import DerpClient, PeerGoneMessage, PeerPresentMessage, ReceivedPacket
+from derpd.net.transport import SocketTransport
+from derpd.ops.metrics import registry_for
+from derpd.proto.frames import FrameReader, PeerGoneReason
+from derpd.proto.keys import NodePrivate, parse_public_key
+from derpd.server.mesh import MeshError, MeshLink, MeshTarget, keep_link, parse_targets
+from derpd.server.node import DerpServer
 
 from .conftest import load_vector, send_until_delivered, start_server, url_of, wait_for
 

@@ -30,14 +30,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 import derpd
-from derpd.admission import Admission
-from derpd.client import ConnectionLost, DerpClient, PeerGoneMessage
-from derpd.keys import NodePrivate
-from derpd.limits import RateConfig
-from derpd.metrics import parse_metrics_addr, registry_for, serve_metrics
-from derpd.protocol import DISCO_MAGIC, DISCO_MIN_LEN, HandshakeError
-from derpd.relay import DROP_REASONS, KINDS, RelayConfig
-from derpd.server import DerpServer
+from derpd.net.client import ConnectionLost, DerpClient, PeerGoneMessage
+from derpd.ops.metrics import parse_metrics_addr, registry_for, serve_metrics
+from derpd.proto.frames import DISCO_MAGIC, DISCO_MIN_LEN, HandshakeError
+from derpd.proto.keys import NodePrivate
+from derpd.server.admission import Admission
+from derpd.server.limits import RateConfig
+from derpd.server.node import DerpServer
+from derpd.server.relay import DROP_REASONS, KINDS, RelayConfig
 from stun.codec import binding_request, parse_response
 
 from .conftest import start_server, url_of, wait_for

@@ -17,10 +17,13 @@ import pytest
 import trio
 from click.testing import CliRunner
 
-from derpd import derpmap as dm
-from derpd.admission import Admission
-from derpd.keys import NodePrivate, public_key_text
-from derpd.probe import (
+from derpd.cli import probe
+from derpd.net.tls import CertStore
+from derpd.proto.keys import NodePrivate, public_key_text
+from derpd.server.admission import Admission
+from derpd.server.node import DerpServer
+from derpd.tools import derpmap as dm
+from derpd.tools.probe import (
     FAIL,
     OK,
     SKIP,
@@ -33,18 +36,10 @@ from derpd.probe import (
     probe_url,
     targets_from_map,
 )
-from derpd.server import DerpServer
-from derpd.tls import CertStore
-from derpd.tools import probe
 
 from .conftest import start_server, url_of
 
-DERPD = [
-    sys.executable,
-    "-c",
-    "from derpd.cli import cli, main; from derpd.tools import derpmap, probe; "
-    "cli.add_command(derpmap); cli.add_command(probe); main()",
-]
+DERPD = [sys.executable, "-m", "derpd"]
 OPTS = ProbeOptions(count=4)
 WRONG_PIN = "sha256-raw:" + "00" * 32
 

@@ -10,22 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from derpd.keys import (
-    InvalidKeyError,
-    KeyFileError,
-    KeyFileOrigin,
-    MeshKeyError,
-    NodePrivate,
-    key_file_text,
-    load_key_file,
-    load_mesh_key_file,
-    load_or_create_key_file,
-    mesh_keys_equal,
-    parse_mesh_key,
-    parse_public_key,
-    public_key_text,
-)
-from derpd.protocol import (
+from derpd.ops.keyfiles import KeyFileOrigin, load_key_file, load_mesh_key_file, load_or_create_key_file
+from derpd.proto.frames import (
     CLIENT_FRAME_LIMITS,
     DISCO_MAGIC,
     MAX_CLIENT_INFO_LEN,
@@ -67,6 +53,17 @@ from derpd.protocol import (
     send_packet_frame,
     server_info_frame,
     server_key_frame,
+)
+from derpd.proto.keys import (
+    InvalidKeyError,
+    KeyFileError,
+    MeshKeyError,
+    NodePrivate,
+    key_file_text,
+    mesh_keys_equal,
+    parse_mesh_key,
+    parse_public_key,
+    public_key_text,
 )
 
 keys32 = st.binary(min_size=32, max_size=32)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from derpd.proxyproto import (
+from derpd.proto.proxyproto import (
     PP2_TYPE_ALPN,
     PP2_TYPE_AUTHORITY,
     PP2_TYPE_NOOP,

@@ -12,8 +12,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from derpd import log as derpd_log
-from derpd.client import (
+from derpd.base import log as derpd_log
+from derpd.net.client import (
     ConnectionLost,
     DerpClient,
     HealthMessage,
@@ -22,8 +22,7 @@ from derpd.client import (
     PeerPresentMessage,
     ReceivedPacket,
 )
-from derpd.keys import NodePrivate
-from derpd.protocol import (
+from derpd.proto.frames import (
     DISCO_MAGIC,
     MAX_PACKET_SIZE,
     ClientInfo,
@@ -36,8 +35,9 @@ from derpd.protocol import (
     pack_header,
     send_packet_frame,
 )
-from derpd.relay import DUP_HEALTH_FANOUT, RelayConfig
-from derpd.server import DerpServer
+from derpd.proto.keys import NodePrivate
+from derpd.server.node import DerpServer
+from derpd.server.relay import DUP_HEALTH_FANOUT, RelayConfig
 
 from .conftest import Clients, start_server, url_of, wait_for
 

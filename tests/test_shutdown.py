@@ -9,8 +9,8 @@ import logging
 import pytest
 import trio
 
-from derpd import log
-from derpd.client import ConnectionLost, DerpClient, RestartingMessage
+from derpd.base import log
+from derpd.net.client import ConnectionLost, DerpClient, RestartingMessage
 
 from .conftest import start_server, url_of, wait_for
 

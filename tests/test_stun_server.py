@@ -30,10 +30,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from derpd.cli import _settings, serve
-from derpd.server import DerpServer
+from derpd.server.node import DerpServer
+from derpd.server.stun import StunServer, StunStats
 from stun import codec
 from stun.codec import RequestKind, StunError
-from stun.server import StunServer, StunStats
 
 from .conftest import load_vector
 from .test_stun_codec import (

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from derpd import sdnotify
+from derpd.ops import sdnotify
 
 REPO = Path(__file__).resolve().parents[1]
 SERVICE = REPO / "systemd" / "derpd.service"
@@ -188,7 +188,7 @@ async def test_watchdog_loop_disabled_for_another_pid(tmp_path: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import json, os, socket, sys
-    from derpd import sdnotify
+    from derpd.ops import sdnotify
 
     derp_port, http_port = (int(p) if p != "-" else None for p in sys.argv[1:3])
     count = int(os.environ.get("LISTEN_FDS", "0"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from derpd.client import DerpClient
+from derpd.net.client import DerpClient
 from stun import codec as stun_codec
 
 from .conftest import send_until_delivered

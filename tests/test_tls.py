@@ -1,4 +1,4 @@
-"""derpd.tls over real TLS on loopback: meta cert, certmode manual, self-signed IP certs, pins, reload."""
+"""derpd.net.tls over real TLS on loopback: meta cert, certmode manual, self-signed IP certs, pins, reload."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from derpd.tls import (
+from derpd.net.tls import (
     CertError,
     CertPinError,
     CertStore,

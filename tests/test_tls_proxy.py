@@ -12,8 +12,8 @@ import pytest
 import trio
 import trustme
 
-from derpd.client import DerpClient
-from derpd.server import DerpServer
+from derpd.net.client import DerpClient
+from derpd.server.node import DerpServer
 
 
 async def _pump(src: trio.abc.Stream, dst: trio.abc.Stream) -> None:

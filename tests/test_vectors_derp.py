@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from derpd.keys import NodePrivate, key_file_text, parse_key_file, parse_mesh_key, parse_public_key
-from derpd.protocol import (
+from derpd.proto.frames import (
     MAGIC,
     WATCH_CONNS_FRAME,
     ClientInfo,
@@ -31,6 +30,7 @@ from derpd.protocol import (
     server_info_frame,
     server_key_frame,
 )
+from derpd.proto.keys import NodePrivate, key_file_text, parse_key_file, parse_mesh_key, parse_public_key
 
 from .conftest import load_vector, start_server
 

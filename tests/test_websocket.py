@@ -9,11 +9,11 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
-from derpd.client import DerpClient
-from derpd.keys import NodePrivate
-from derpd.protocol import MAX_PACKET_SIZE, ClientInfo, FrameReader, FrameType, client_info_frame, send_packet_frame
-from derpd.server import DerpServer
-from derpd.websocket import WebSocketError
+from derpd.net.client import DerpClient
+from derpd.net.websocket import WebSocketError
+from derpd.proto.frames import MAX_PACKET_SIZE, ClientInfo, FrameReader, FrameType, client_info_frame, send_packet_frame
+from derpd.proto.keys import NodePrivate
+from derpd.server.node import DerpServer
 
 from .conftest import Clients
 

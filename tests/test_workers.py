@@ -15,9 +15,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from derpd.client import ConnectionLost, DerpClient, PeerGoneMessage
-from derpd.protocol import PeerGoneReason
-from derpd.workers import WorkerError, worker_count
+from derpd.net.client import ConnectionLost, DerpClient, PeerGoneMessage
+from derpd.ops.workers import WorkerError, worker_count
+from derpd.proto.frames import PeerGoneReason
 from stun import codec as stun_codec
 
 from .conftest import send_until_delivered

@@ -43,10 +43,10 @@ def session_streams(name: str, limit: int) -> dict[str, bytes]:
 
 def main() -> None:
     sys.path.insert(0, str(HERE.parents[1]))
-    from derpd import derpmap as dm
-    from derpd import proxyproto as pp
-    from derpd import tls
-    from derpd.keys import NodePrivate, key_file_text
+    from derpd.net import tls
+    from derpd.proto import proxyproto as pp
+    from derpd.proto.keys import NodePrivate, key_file_text
+    from derpd.tools import derpmap as dm
 
     frames = vector("derp-frames.json")
     stun = vector("stun.json")

@@ -98,13 +98,13 @@ def chunked(data: bytes, rng: random.Random) -> list[bytes]:
 
 
 def build_frame_reader() -> OneInput:
-    from derpd import protocol as p
+    from derpd.proto import frames as p
 
     header = struct.Struct(">BI")
     send, key_len = int(p.FrameType.SEND_PACKET), p.KEY_LEN
     handshake = {"max_frame_len": p.MAX_CLIENT_INFO_LEN}  # relay._handshake, before ClientInfo
     login = {"max_frame_len": p.MAX_FRAME_LEN, "limits": p.CLIENT_FRAME_LIMITS, "wanted": p.SERVER_HANDLED}
-    client = {"max_frame_len": p.NONCE_LEN + p.MAX_FRAME_LEN}  # derpd.client and mesh links
+    client = {"max_frame_len": p.NONCE_LEN + p.MAX_FRAME_LEN}  # derpd.net.client and mesh links
     rules = {
         name: (p.FrameReader(**cfg).limit, cfg.get("wanted"))
         for name, cfg in (("handshake", handshake), ("login", login), ("client", client))
@@ -118,7 +118,7 @@ def build_frame_reader() -> OneInput:
         p.FrameType.CLOSE_PEER: p.parse_close_peer,
         p.FrameType.PING: p.parse_ping,
     }
-    from derpd.client import decode_message
+    from derpd.net.client import decode_message
 
     def expect(stream: bytes, first: str, then: str) -> tuple[list[Any], int, bool, bytes | None]:
         """An independent reading of the whole stream: (frames, skipped, error, unread tail or
@@ -253,8 +253,8 @@ def _frames(frames: list[tuple[int, bytes]]) -> str:
 
 
 def build_frame_payloads() -> OneInput:
-    from derpd import protocol as p
-    from derpd.client import decode_message
+    from derpd.net.client import decode_message
+    from derpd.proto import frames as p
 
     parsers = [
         p.parse_server_key,
@@ -308,8 +308,8 @@ def build_frame_payloads() -> OneInput:
 
 
 def build_client_info() -> OneInput:
-    from derpd import protocol as p
-    from derpd.keys import NodePrivate
+    from derpd.proto import frames as p
+    from derpd.proto.keys import NodePrivate
 
     server = NodePrivate(bytes(range(32)))
     client = NodePrivate(bytes(range(32, 64)))
@@ -348,7 +348,7 @@ def build_client_info() -> OneInput:
 
 
 def build_proxyproto() -> OneInput:
-    from derpd import proxyproto as pp
+    from derpd.proto import proxyproto as pp
 
     networks = pp.parse_trusted("10.0.0.0/8,192.0.2.7,::1/128,fd00::/8")
 
@@ -449,7 +449,7 @@ def _not_json(name: str) -> Any:
 
 
 def _build_derpmap(yaml: bool) -> OneInput:
-    from derpd import derpmap as dm
+    from derpd.tools import derpmap as dm
 
     read = dm.from_headscale_yaml if yaml else dm.from_json
 
@@ -505,7 +505,7 @@ def _depth(v: Any) -> int:
 def build_gojson() -> OneInput:
     import inspect
 
-    from derpd import gojson
+    from derpd.proto import gojson
 
     err = gojson.GoJSONError
     max_depth = getattr(gojson, "MAX_DEPTH", None)
@@ -561,7 +561,7 @@ def build_gojson() -> OneInput:
 
 
 def build_admission() -> OneInput:
-    from derpd import admission as a
+    from derpd.server import admission as a
 
     def one_input(data: bytes) -> None:
         data = expand(data)
@@ -581,7 +581,7 @@ def build_admission() -> OneInput:
 
 
 def build_rate_config() -> OneInput:
-    from derpd import limits
+    from derpd.server import limits
 
     def one_input(data: bytes) -> None:
         cfg = only(limits.LimitError, limits.RateConfig.from_json, text_of(data))
@@ -596,7 +596,7 @@ def build_rate_config() -> OneInput:
 
 
 def build_keys() -> OneInput:
-    from derpd import keys
+    from derpd.proto import keys
 
     def one_input(data: bytes) -> None:
         text = text_of(data)
@@ -617,7 +617,7 @@ def build_keys() -> OneInput:
 
 
 def build_meta_cert() -> OneInput:
-    from derpd import tls
+    from derpd.net import tls
 
     def one_input(data: bytes) -> None:
         key = tls.parse_meta_certificate(data)  # a server's certificate: None unless it is a meta cert
@@ -669,7 +669,7 @@ TARGETS = {
         Target(
             "frame_payloads",
             build_frame_payloads,
-            "Every parse_* payload parser and derpd.client.decode_message (first byte is the frame type).",
+            "Every parse_* payload parser and derpd.net.client.decode_message (first byte is the frame type).",
             dict="derp.dict",
         ),
         Target(
@@ -708,9 +708,9 @@ TARGETS = {
         Target(
             "gojson",
             build_gojson,
-            "derpd.gojson: decode/parse (only GoJSONError), checked against the standard json module.",
+            "derpd.proto.gojson: decode/parse (only GoJSONError), checked against the standard json module.",
             max_len=16384,
-            requires="derpd.gojson",
+            requires="derpd.proto.gojson",
             dict="json.dict",
         ),
         Target(

@@ -33,9 +33,9 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from derpd.client import DerpClient
-from derpd.keys import KEY_LEN, NodePrivate
-from derpd.protocol import FRAME_HEADER_LEN, ClientInfo, FrameType, client_info_frame, encode_frame
+from derpd.net.client import DerpClient
+from derpd.proto.frames import FRAME_HEADER_LEN, ClientInfo, FrameType, client_info_frame, encode_frame
+from derpd.proto.keys import KEY_LEN, NodePrivate
 
 PYTHON = [sys.executable]
 DERPD_CMD = [*PYTHON, "-m", "derpd"]

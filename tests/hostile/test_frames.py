@@ -17,9 +17,8 @@ from collections import Counter
 import pytest
 import trio
 
-from derpd.client import DerpClient
-from derpd.keys import KEY_LEN, NodePrivate
-from derpd.protocol import (
+from derpd.net.client import DerpClient
+from derpd.proto.frames import (
     DISCO_MAGIC,
     MAX_CLIENT_INFO_LEN,
     MAX_PACKET_SIZE,
@@ -34,6 +33,7 @@ from derpd.protocol import (
     pong_frame,
     send_packet_frame,
 )
+from derpd.proto.keys import KEY_LEN, NodePrivate
 
 from .conftest import (
     Derpd,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from derpd.keys import NodePrivate
-from derpd.protocol import FrameReader, FrameType
+from derpd.proto.frames import FrameReader, FrameType
+from derpd.proto.keys import NodePrivate
 
 from .conftest import (
     Derpd,

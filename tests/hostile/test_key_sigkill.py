@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from derpd.keys import KeyFileError, load_key_file, load_or_create_key_file
+from derpd.ops.keyfiles import load_key_file, load_or_create_key_file
+from derpd.proto.keys import KeyFileError
 
 from . import conftest
 from .conftest import Derpd

@@ -15,7 +15,7 @@ import time
 import pytest
 import trio
 
-from derpd.keys import short_key
+from derpd.proto.keys import short_key
 
 from .conftest import Derpd, assert_healthy, wait_for_log
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
-from derpd.keys import NodePrivate
+from derpd.proto.keys import NodePrivate
 
 from .conftest import Derpd, assert_healthy, open_tcp, relay_pair, upgrade_to_client_info, valid_client_info
 

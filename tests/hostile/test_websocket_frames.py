@@ -16,8 +16,8 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Request
 
-from derpd.keys import NodePrivate
-from derpd.protocol import FrameReader, FrameType, send_packet_frame
+from derpd.proto.frames import FrameReader, FrameType, send_packet_frame
+from derpd.proto.keys import NodePrivate
 
 from .conftest import Derpd, assert_healthy, open_tcp, read_to_eof, run_bounded, send_quietly, valid_client_info
 

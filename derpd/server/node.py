@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -17,106 +16,18 @@ from functools import partial
 
 import trio
 
-from stun.server import StunServer
-
-from . import log
-from .http import HEAD_TIMEOUT, HttpConfig, HttpFront
-from .keys import NodePrivate, public_key_text
-from .limits import AcceptLimiter, LimitError, PerIPLimiter, RateConfig
-from .mesh import MeshTarget, keep_link
-from .proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
-from .relay import Admitter, RelayConfig, RelayServer
-from .sdnotify import ActivatedSockets
-from .tls import CertStore
-from .transport import SocketTransport, TLSTransport, Transport, format_addr
-
-ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-
-
-class AddressError(ValueError):
-    pass
-
-
-def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces)."""
-    text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise AddressError(f"bad address {text!r}: expected [IPv6]:PORT")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    elif ":" not in text and default_port is not None:
-        host, port_text = text, str(default_port)
-    else:
-        raise AddressError(f"bad address {text!r}: expected HOST:PORT, [IPv6]:PORT or :PORT")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise AddressError(f"bad port in {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise AddressError(f"port out of range in {text!r}")
-    return host, port
-
-
-async def bind_sockets(host: str, port: int, sock_type: int) -> list[trio.socket.SocketType]:
-    """Bind every address ``host`` resolves to; an empty host means dual-stack ``::``."""
-    if host in ("", "*"):
-        targets = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
-        for family, addr in targets:
-            try:
-                s = trio.socket.socket(family, sock_type)
-            except OSError:
-                continue  # no IPv6 on this host: fall back to IPv4
-            try:
-                _prepare(s, sock_type, dual_stack=family == socket.AF_INET6)
-                await s.bind((addr, port))
-            except OSError:
-                s.close()
-                if family == socket.AF_INET6:
-                    continue
-                raise
-            return [s]
-        raise OSError(errno.EAFNOSUPPORT, "no usable address family")
-    infos = await trio.socket.getaddrinfo(host, port, type=sock_type, flags=socket.AI_PASSIVE)
-    socks: list[trio.socket.SocketType] = []
-    seen: set[tuple[int, tuple[object, ...]]] = set()
-    try:
-        for family, stype, proto, _name, sockaddr in infos:
-            if (family, sockaddr) in seen:
-                continue
-            seen.add((family, sockaddr))
-            s = trio.socket.socket(family, stype, proto)
-            socks.append(s)
-            _prepare(s, sock_type, dual_stack=False)
-            await s.bind(sockaddr)
-            if port == 0:  # keep every family on the same ephemeral port
-                port = s.getsockname()[1]
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
-    return socks
-
-
-async def _bind_unix(path: str) -> trio.socket.SocketType:
-    """A listening unix socket at ``path`` (a stale one from a crashed worker is replaced)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await s.bind(path)
-    s.listen(128)
-    return s
-
-
-def _prepare(s: trio.socket.SocketType, sock_type: int, *, dual_stack: bool) -> None:
-    if s.family == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
-    if sock_type == socket.SOCK_STREAM:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+from derpd.base import log
+from derpd.net.addr import ACCEPT_BACKOFF_ERRNOS, bind_sockets, bind_unix
+from derpd.net.tls import CertStore
+from derpd.net.transport import SocketTransport, TLSTransport, Transport, format_addr
+from derpd.ops.sdnotify import ActivatedSockets
+from derpd.proto.keys import NodePrivate, public_key_text
+from derpd.proto.proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
+from derpd.server.front import HEAD_TIMEOUT, HttpConfig, HttpFront
+from derpd.server.limits import AcceptLimiter, LimitError, PerIPLimiter, RateConfig
+from derpd.server.mesh import MeshTarget, keep_link
+from derpd.server.relay import Admitter, RelayConfig, RelayServer
+from derpd.server.stun import StunServer
 
 
 @dataclass
@@ -220,7 +131,7 @@ class DerpServer:
                 for s in side:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_port80, False)
                 if settings.internal_socket:
-                    internal = await _bind_unix(settings.internal_socket)
+                    internal = await bind_unix(settings.internal_socket)
                     side.append(internal)
                     nursery.start_soon(self._accept_loop, internal, nursery, self._serve_internal, False)
                 if settings.internal_peers and settings.internal_mesh_key and settings.internal_client_key:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from . import gojson
-from .keys import KEY_LEN, NONCE_LEN, NodePrivate, hex_key
+from derpd.proto import gojson
+from derpd.proto.keys import KEY_LEN, NONCE_LEN, NodePrivate, hex_key
 
 MAGIC = b"DERP\xf0\x9f\x94\x91"  # "DERP🔑"
 PROTOCOL_VERSION = 2
@@ -510,7 +510,7 @@ def _go_json(obj: Mapping[str, Any]) -> bytes:
 
 
 def _go_fields(data: bytes, fields: Mapping[str, type], what: str) -> dict[str, Any]:
-    """A sealed JSON hello decoded as Go fills the struct (``derpd.gojson``: bounded depth,
+    """A sealed JSON hello decoded as Go fills the struct (``derpd.proto.gojson``: bounded depth,
     case-insensitive names, last duplicate wins); any fault is a HandshakeError."""
     try:
         return gojson.decode(data, fields, what)

@@ -17,8 +17,10 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from .keys import KEY_LEN, NONCE_LEN, NodePrivate
-from .protocol import (
+from derpd.net.tls import fast_start_key, pinned_context
+from derpd.net.transport import StreamTransport
+from derpd.net.websocket import WebSocketTransport
+from derpd.proto.frames import (
     MAX_FRAME_LEN,
     PING_DATA_LEN,
     WATCH_CONNS_FRAME,
@@ -44,9 +46,7 @@ from .protocol import (
     pong_frame,
     send_packet_frame,
 )
-from .tls import fast_start_key, pinned_context
-from .transport import StreamTransport
-from .websocket import WebSocketTransport
+from derpd.proto.keys import KEY_LEN, NONCE_LEN, NodePrivate
 
 RECV_SIZE = 256 * 1024
 

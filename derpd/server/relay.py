@@ -23,10 +23,10 @@ from typing import Protocol
 
 import trio
 
-from . import log
-from .keys import KEY_LEN, NodePrivate, mesh_keys_equal, public_key_text, short_key
-from .limits import RateConfig, TokenBucket
-from .protocol import (
+from derpd.base import log
+from derpd.base.text import Peer
+from derpd.net.transport import Transport, format_addr
+from derpd.proto.frames import (
     CLIENT_FRAME_LIMITS,
     DISCO_MAGIC,
     DISCO_MIN_LEN,
@@ -63,8 +63,8 @@ from .protocol import (
     server_info_frame,
     server_key_frame,
 )
-from .text import Peer
-from .transport import Transport, format_addr
+from derpd.proto.keys import KEY_LEN, NodePrivate, mesh_keys_equal, public_key_text, short_key
+from derpd.server.limits import RateConfig, TokenBucket
 
 DROP_REASONS = (
     "unknown_dest",

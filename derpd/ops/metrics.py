@@ -28,12 +28,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
-from . import __version__, log
-from .relay import DROP_REASONS, KINDS
-from .transport import format_addr
+from derpd import __version__
+from derpd.base import log
+from derpd.net.addr import bind_sockets, parse_hostport
+from derpd.net.transport import format_addr
+from derpd.server.relay import DROP_REASONS, KINDS
 
 if TYPE_CHECKING:
-    from .server import DerpServer
+    from derpd.server.node import DerpServer
 
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
 MAX_HEAD = 8 * 1024  # request line + headers
@@ -325,8 +327,6 @@ def registry_for(server: DerpServer, *, start_time: float | None = None, process
 
 def parse_metrics_addr(text: str) -> tuple[str, int] | None:
     """``--metrics-addr``: ``HOST:PORT``, ``[V6]:PORT`` or ``:PORT``; ``-1`` (or empty) disables."""
-    from .server import parse_hostport  # noqa: PLC0415 (lazy: server.py may import this module)
-
     text = text.strip()
     if text in ("-1", ""):
         return None
@@ -354,8 +354,6 @@ async def serve_metrics(
     Binding errors raise (the operator should hear at start); after that, nothing a scraper
     does (or a bug in one request) ends this task, so it can share the relay's nursery.
     """
-    from .server import bind_sockets  # noqa: PLC0415 (lazy: server.py may import this module)
-
     socks = await bind_sockets(host, port, socket.SOCK_STREAM)
     try:
         for s in socks:

@@ -39,8 +39,10 @@ from typing import Any
 import h11
 import trio
 
-from . import __version__, gojson, log
-from .keys import KEY_LEN, InvalidKeyError, parse_public_key, public_key_text, short_key
+from derpd import __version__
+from derpd.base import log
+from derpd.proto import gojson
+from derpd.proto.keys import KEY_LEN, InvalidKeyError, parse_public_key, public_key_text, short_key
 
 VERIFY_TIMEOUT = 5.0  # derper: context.WithTimeout(5s) around the whole exchange
 CACHE_TTL = 30.0
@@ -201,7 +203,7 @@ def decode_admit_response(body: bytes) -> tuple[bool, str]:
 
     The first JSON value counts (trailing bytes are ignored, as a Decoder does); field names match
     case-insensitively and the last match wins; ``null`` leaves Allow false; any other non-bool
-    Allow is a decode error; nesting and size are bounded (``derpd.gojson``). Returns (allowed,
+    Allow is a decode error; nesting and size are bounded (``derpd.proto.gojson``). Returns (allowed,
     reason) where reason is a short phrase.
     """
     try:

@@ -40,10 +40,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from . import log
-from .files import is_empty_file, write_atomic
-from .keys import KEY_LEN
-from .protocol import PROTOCOL_VERSION
+from derpd.base import log
+from derpd.base.files import is_empty_file, write_atomic
+from derpd.proto.frames import PROTOCOL_VERSION
+from derpd.proto.keys import KEY_LEN
 
 __all__ = [
     "ALPN_PROTOCOLS",
@@ -586,7 +586,7 @@ class CertStore:
         """For an IP hostname, create what is missing of the self-signed pair.
 
         Both missing (or empty): a new pair, the key written first, each file atomically
-        (``derpd.files``), so a crash leaves nothing, the key alone, or both. The key alone (that
+        (``derpd.base.files``), so a crash leaves nothing, the key alone, or both. The key alone (that
         crash, or an operator's key): a certificate is made for it. A certificate without its key is
         left for ``_read`` to refuse: nothing derpd writes can leave that state. An empty file (an
         interrupted write by an older version) counts as missing and is replaced, with a warning.

@@ -3,7 +3,7 @@
 Call sites pass an event name and fields; nothing secret (private keys, mesh key)
 is ever a field. Values with spaces, quotes or ``=`` are quoted.
 
-Every value is escaped (``derpd.text.escape``: non-printable characters as ``\\xNN``) in both
+Every value is escaped (``derpd.base.text.escape``: non-printable characters as ``\\xNN``) in both
 formats, so no byte a client sent can end a line, hide text or drive a terminal. A value
 marked ``text.Peer`` (a string the client chose) is clipped to 64 characters, any other to
 1,024, with a marker saying how much was cut: one hostile login is one short line.
@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from .text import PEER_TEXT_LIMIT, VALUE_LIMIT, Peer, clip
+from derpd.base.text import PEER_TEXT_LIMIT, VALUE_LIMIT, Peer, clip
 
 LOGGER_NAME = "derpd"
 log = logging.getLogger(LOGGER_NAME)

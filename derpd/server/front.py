@@ -18,11 +18,11 @@ from typing import Protocol
 import h11
 import trio
 
-from . import log
-from .protocol import PROTOCOL_VERSION
-from .text import Peer
-from .transport import Transport, format_addr
-from .websocket import WebSocketError, WebSocketTransport, wants_derp
+from derpd.base import log
+from derpd.base.text import Peer
+from derpd.net.transport import Transport, format_addr
+from derpd.net.websocket import WebSocketError, WebSocketTransport, wants_derp
+from derpd.proto.frames import PROTOCOL_VERSION
 
 MAX_HEAD = 8 * 1024
 MAX_BODY = 64 * 1024  # bodies are never used; small ones are drained for keep-alive

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 
 import trio
 
-from . import log
-from .client import ConnectionLost, DerpClient, DerpHTTPError
-from .keys import NodePrivate, short_key
-from .protocol import (
+from derpd.base import log
+from derpd.net.client import ConnectionLost, DerpClient, DerpHTTPError
+from derpd.net.transport import SocketTransport, StreamTransport, Transport
+from derpd.proto.frames import (
     MAX_FRAME_LEN,
     NONCE_LEN,
     ClientInfo,
@@ -34,8 +34,8 @@ from .protocol import (
     parse_ping,
     pong_frame,
 )
-from .relay import ClientConn, ConnectionClosed, RelayServer, _touch
-from .transport import SocketTransport, StreamTransport, Transport
+from derpd.proto.keys import NodePrivate, short_key
+from derpd.server.relay import ClientConn, ConnectionClosed, RelayServer, _touch
 
 LINK_QUEUE_DEPTH = 4096  # ForwardPackets waiting for one peer (all its clients' traffic from us)
 BACKOFF_MIN = 0.5

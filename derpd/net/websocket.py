@@ -2,7 +2,7 @@
 
 Frames need not align with messages in either direction; each write is one message.
 The same class serves both ends: the server wraps an accepted connection after the
-HTTP upgrade, and ``derpd.client`` wraps its dialled stream.
+HTTP upgrade, and ``derpd.net.client`` wraps its dialled stream.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from .transport import Transport
+from derpd.net.transport import Transport
 
 SUBPROTOCOL = "derp"
 POLICY_VIOLATION = 1008  # RFC 6455: "client must speak the derp subprotocol"

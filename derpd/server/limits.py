@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gojson
-from .keys import KEY_LEN
-from .protocol import MAX_PACKET_SIZE
+from derpd.proto import gojson
+from derpd.proto.frames import MAX_PACKET_SIZE
+from derpd.proto.keys import KEY_LEN
 
 MIN_RATE_BURST = MAX_PACKET_SIZE + KEY_LEN  # 65,568: one largest SendPacket payload
 MAX_RATE_CONFIG = 64 * 1024  # bytes; the file is a two-field JSON object

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import trio
 
-from . import log, sdnotify
-from .keys import NodePrivate, parse_mesh_key
-from .mesh import MeshTarget
-from .server import ServerSettings, bind_sockets
-from .transport import format_addr
+from derpd.base import log
+from derpd.net.addr import bind_sockets
+from derpd.net.transport import format_addr
+from derpd.ops import sdnotify
+from derpd.proto.keys import NodePrivate, parse_mesh_key
+from derpd.server.mesh import MeshTarget
+from derpd.server.node import ServerSettings
 
 WORKER_ENV = "DERPD_WORKER"  # "i/N" inside a worker
 DIR_ENV = "DERPD_WORKER_DIR"
@@ -84,8 +86,11 @@ def configure_worker(settings: ServerSettings, index: int, count: int) -> None:
     log.set_context(worker=index)
 
 
-def worker_main() -> None:
-    """Entry point of a worker: put the inherited sockets where LISTEN_FDS says, then serve."""
+def adopt_inherited_sockets() -> None:
+    """In a worker a supervisor started: put the inherited sockets where LISTEN_FDS says, as systemd
+    would have (``derpd/__main__.py`` calls this first; a no-op in any other process)."""
+    if FDS_ENV not in os.environ:
+        return
     fds = [int(x) for x in os.environ.pop(FDS_ENV, "").split(",") if x]
     for i, fd in enumerate(fds):
         os.dup2(fd, 3 + i)
@@ -96,9 +101,6 @@ def worker_main() -> None:
         os.environ["LISTEN_FDS"] = str(len(fds))
         os.environ["LISTEN_FDNAMES"] = os.environ.pop(NAMES_ENV, "")
         os.environ["LISTEN_PID"] = str(os.getpid())
-    from .cli import main  # noqa: PLC0415 (the CLI imports this module)
-
-    main(sys.argv[1:])
 
 
 class Supervisor:
@@ -192,7 +194,7 @@ class Supervisor:
         )
         try:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "derpd.workers", *self.argv],
+                [sys.executable, "-m", "derpd", *self.argv],
                 env=env,
                 pass_fds=high,
                 stdin=subprocess.PIPE,
@@ -270,7 +272,3 @@ async def supervise(count: int, settings: ServerSettings, argv: list[str]) -> No
                 await supervisor.stop(settings.shutdown_timeout + 3.0)
                 nursery.cancel_scope.cancel()
                 break
-
-
-if __name__ == "__main__":
-    worker_main()

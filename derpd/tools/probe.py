@@ -30,15 +30,14 @@ import h11
 import trio
 from cryptography import x509
 
+from derpd import __version__
+from derpd.net.client import ConnectionLost, DerpClient, DerpHTTPError
+from derpd.net.tls import PIN_PREFIX, CertError, cert_name_pin, fast_start_key, parse_meta_certificate, peer_chain_der
+from derpd.net.tls import pinned_context as _pinned_context
+from derpd.proto.frames import HandshakeError, ProtocolError
+from derpd.proto.keys import public_key_text
+from derpd.tools.derpmap import DEFAULT_STUN_PORT, DerpMap, DerpMapError, DerpNode, DerpRegion, load, parse
 from stun.codec import StunError, binding_request, new_txid, parse_response
-
-from . import __version__
-from .client import ConnectionLost, DerpClient, DerpHTTPError
-from .derpmap import DEFAULT_STUN_PORT, DerpMap, DerpMapError, DerpNode, DerpRegion, load, parse
-from .keys import public_key_text
-from .protocol import HandshakeError, ProtocolError
-from .tls import PIN_PREFIX, CertError, cert_name_pin, fast_start_key, parse_meta_certificate, peer_chain_der
-from .tls import pinned_context as _pinned_context
 
 OK, FAIL, SKIP = "ok", "fail", "skip"
 MAX_MAP_BYTES = 4 * 1024 * 1024

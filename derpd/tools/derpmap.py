@@ -31,10 +31,11 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from . import __version__, gojson
-from .gojson import INT64_MAX, INT64_MIN
-from .text import clip
-from .tls import PIN_PREFIX, CertError, cert_name_pin, verify_hostname
+from derpd import __version__
+from derpd.base.text import clip
+from derpd.net.tls import PIN_PREFIX, CertError, cert_name_pin, verify_hostname
+from derpd.proto import gojson
+from derpd.proto.gojson import INT64_MAX, INT64_MIN
 
 DEFAULT_STUN_PORT = 3478  # what STUNPort 0 means
 DEFAULT_DERP_PORT = 443  # what DERPPort 0 means

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from derpd import log
+from derpd.base import log
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first inherited descriptor
 SEND_TIMEOUT = 1.0  # seconds; a wedged service manager must not hold the event loop for long

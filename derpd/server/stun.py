@@ -42,9 +42,8 @@ from typing import Any, Final
 
 import trio
 
-from derpd import log
-
-from .codec import (
+from derpd.base import log
+from stun.codec import (
     MAX_REPLY_RATIO,
     RequestKind,
     StunError,

@@ -1,0 +1,1 @@
+"""Bottom layer: logging, escaping untrusted text, atomic files. Imports nothing else from derpd."""

@@ -1,0 +1,1 @@
+"""Running the node: the runtime loop, key files, metrics, systemd, --workers."""

@@ -1,0 +1,1 @@
+"""A DERP node: relay routing and output, mesh, admission, limits, the HTTP front, STUN, composition."""

@@ -1,0 +1,1 @@
+"""Operator tools: DERP maps (Headscale YAML, Tailscale JSON) and derpd probe."""
