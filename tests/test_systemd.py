@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from derpd.net.addr import InheritedSocket
 from derpd.ops import sdnotify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,8 +370,8 @@ def test_listen_fds_environment_rules() -> None:
         assert bad == {}, "variables are unset even when refused"
 
 
-def _inherited(s: socket.socket, name: str) -> sdnotify.InheritedSocket:
-    return sdnotify.InheritedSocket(s.fileno(), name, s)
+def _inherited(s: socket.socket, name: str) -> InheritedSocket:
+    return InheritedSocket(s.fileno(), name, s)
 
 
 def test_assign_sockets_rules() -> None:

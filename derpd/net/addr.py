@@ -1,14 +1,18 @@
-"""Addresses and listening sockets: ``HOST:PORT`` parsing and binding (dual-stack, every resolved
-address, unix sockets)."""
+"""Addresses and listening sockets: ``HOST:PORT`` parsing, binding (dual-stack, every resolved address,
+unix sockets), and the sockets a service manager hands over instead (``derpd.ops.sdnotify`` finds them)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import socket
+from dataclasses import dataclass, field
 
 import trio
 
+# Names systemd gives descriptors nobody named: "unknown" when $LISTEN_FDNAMES is unset (sd_listen_fds
+# semantics), else the socket unit's file name ("derpd.socket") when it has no FileDescriptorName=.
+UNNAMED = "unknown"
 ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
@@ -96,3 +100,46 @@ def _prepare(s: trio.socket.SocketType, sock_type: int, *, dual_stack: bool) -> 
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
     if sock_type == socket.SOCK_STREAM:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+@dataclass(frozen=True)
+class InheritedSocket:
+    """One descriptor passed by the service manager, wrapped as a stdlib socket."""
+
+    fd: int
+    name: str
+    sock: socket.socket = field(repr=False)
+
+    @property
+    def family(self) -> int:
+        return int(self.sock.family)
+
+    @property
+    def type(self) -> int:
+        """``socket.SOCK_STREAM`` or ``socket.SOCK_DGRAM`` (flags like SOCK_NONBLOCK stripped)."""
+        return int(self.sock.type)
+
+    @property
+    def port(self) -> int | None:
+        """The bound port of an IPv4/IPv6 socket; None for other families."""
+        if self.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        return int(self.sock.getsockname()[1])
+
+    @property
+    def named(self) -> bool:
+        """Whether someone chose the name (FileDescriptorName=) rather than systemd's default."""
+        return self.name != UNNAMED and not self.name.endswith(".socket")
+
+
+@dataclass
+class ActivatedSockets:
+    """Inherited sockets sorted by role; empty lists mean "bind this one yourself" (or it is off)."""
+
+    derp: list[socket.socket] = field(default_factory=list)  # TCP, the DERP (TLS) listener(s)
+    http: list[socket.socket] = field(default_factory=list)  # TCP, the port-80 side listener
+    stun: list[socket.socket] = field(default_factory=list)  # UDP, the STUN responder
+    other: dict[str, list[InheritedSocket]] = field(default_factory=dict)  # other names, e.g. "metrics"
+
+    def __bool__(self) -> bool:
+        return bool(self.derp or self.http or self.stun or self.other)

@@ -21,17 +21,14 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
 
 import trio
 
 from derpd.base import log
+from derpd.net.addr import UNNAMED, ActivatedSockets, InheritedSocket
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first inherited descriptor
 SEND_TIMEOUT = 1.0  # seconds; a wedged service manager must not hold the event loop for long
-# Names systemd gives descriptors nobody named: "unknown" when $LISTEN_FDNAMES is unset (sd_listen_fds
-# semantics), else the socket unit's file name ("derpd.socket") when it has no FileDescriptorName=.
-_UNNAMED = "unknown"
 
 _send_failure_logged = False
 
@@ -159,36 +156,6 @@ class ListenFdsError(ValueError):
     """The inherited descriptors do not fit: malformed variables, or a socket we cannot use."""
 
 
-@dataclass(frozen=True)
-class InheritedSocket:
-    """One descriptor passed by the service manager, wrapped as a stdlib socket."""
-
-    fd: int
-    name: str
-    sock: socket.socket = field(repr=False)
-
-    @property
-    def family(self) -> int:
-        return int(self.sock.family)
-
-    @property
-    def type(self) -> int:
-        """``socket.SOCK_STREAM`` or ``socket.SOCK_DGRAM`` (flags like SOCK_NONBLOCK stripped)."""
-        return int(self.sock.type)
-
-    @property
-    def port(self) -> int | None:
-        """The bound port of an IPv4/IPv6 socket; None for other families."""
-        if self.family not in (socket.AF_INET, socket.AF_INET6):
-            return None
-        return int(self.sock.getsockname()[1])
-
-    @property
-    def named(self) -> bool:
-        """Whether someone chose the name (FileDescriptorName=) rather than systemd's default."""
-        return self.name != _UNNAMED and not self.name.endswith(".socket")
-
-
 def _parse_int(env: Mapping[str, str], key: str) -> int:
     try:
         return int(env[key])
@@ -215,7 +182,7 @@ def listen_fds(env: MutableMapping[str, str] = os.environ, *, unset: bool = True
         if count == 0:
             return []
         raw_names = env.get("LISTEN_FDNAMES")
-        names = raw_names.split(":") if raw_names is not None else [_UNNAMED] * count
+        names = raw_names.split(":") if raw_names is not None else [UNNAMED] * count
         if len(names) != count:
             raise ListenFdsError(f"$LISTEN_FDNAMES has {len(names)} names for {count} descriptors")
         out: list[InheritedSocket] = []
@@ -227,25 +194,12 @@ def listen_fds(env: MutableMapping[str, str] = os.environ, *, unset: bool = True
                 for got in out:  # leave every descriptor as we found it
                     got.sock.detach()
                 raise ListenFdsError(f"inherited fd {fd} ({name}) is not a usable socket: {e.strerror or e}") from None
-            out.append(InheritedSocket(fd, name or _UNNAMED, sock))
+            out.append(InheritedSocket(fd, name or UNNAMED, sock))
         return out
     finally:
         if unset:
             for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
                 env.pop(key, None)
-
-
-@dataclass
-class ActivatedSockets:
-    """Inherited sockets sorted by role; empty lists mean "bind this one yourself" (or it is off)."""
-
-    derp: list[socket.socket] = field(default_factory=list)  # TCP, the DERP (TLS) listener(s)
-    http: list[socket.socket] = field(default_factory=list)  # TCP, the port-80 side listener
-    stun: list[socket.socket] = field(default_factory=list)  # UDP, the STUN responder
-    other: dict[str, list[InheritedSocket]] = field(default_factory=dict)  # other names, e.g. "metrics"
-
-    def __bool__(self) -> bool:
-        return bool(self.derp or self.http or self.stun or self.other)
 
 
 _ROLE_TYPES = {"derp": socket.SOCK_STREAM, "http": socket.SOCK_STREAM, "stun": socket.SOCK_DGRAM}

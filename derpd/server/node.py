@@ -17,10 +17,9 @@ from functools import partial
 import trio
 
 from derpd.base import log
-from derpd.net.addr import ACCEPT_BACKOFF_ERRNOS, bind_sockets, bind_unix
+from derpd.net.addr import ACCEPT_BACKOFF_ERRNOS, ActivatedSockets, bind_sockets, bind_unix
 from derpd.net.tls import CertStore
 from derpd.net.transport import SocketTransport, TLSTransport, Transport, format_addr
-from derpd.ops.sdnotify import ActivatedSockets
 from derpd.proto.keys import NodePrivate, public_key_text
 from derpd.proto.proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
 from derpd.server.front import HEAD_TIMEOUT, HttpConfig, HttpFront
