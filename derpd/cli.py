@@ -9,45 +9,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
-import signal
 import sys
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import click
 import trio
 
-from derpd import __version__
+from derpd import __version__, config
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
-from derpd.base.files import is_empty_file
-from derpd.net.addr import AddressError, parse_hostport
-from derpd.net.tls import PIN_PREFIX, CertError, CertStore, pinned_context
-from derpd.ops import sdnotify
-from derpd.ops.keyfiles import KeyFileOrigin, load_key_file, load_mesh_key_file, load_or_create_key_file, write_key_file
-from derpd.ops.metrics import parse_metrics_addr, registry_for, serve_metrics
-from derpd.ops.workers import READY_LINE, WorkerError, configure_worker, supervise, worker_count, worker_identity
-from derpd.proto.keys import InvalidKeyError, parse_mesh_key, public_key_text
+from derpd.net.tls import PIN_PREFIX, CertError, pinned_context
+from derpd.ops import runtime, sdnotify
+from derpd.ops.keyfiles import load_key_file, load_mesh_key_file, write_key_file
+from derpd.ops.workers import Supervisor, WorkerError, configure_worker, worker_identity
+from derpd.proto.keys import InvalidKeyError, public_key_text
 from derpd.proto.keys import NodePrivate as _NodePrivate
-from derpd.proto.proxyproto import parse_trusted
-from derpd.server.admission import Admission, AdmissionError
-from derpd.server.limits import LimitError, RateConfig
-from derpd.server.mesh import MeshError, parse_targets
-from derpd.server.node import DerpServer, ServerSettings
-from derpd.server.relay import RelayConfig
 from derpd.tools import derpmap as dm
 from derpd.tools.probe import ProbeOptions, ProbeReport, format_table, load_map, probe_map, probe_url, target_from_url
-
-DEV_ADDR = "127.0.0.1:3340"
-DEV_KEY_FILE = ".derpd/derper.key"
-DEFAULT_ADDR = ":3340"
-ROOT_KEY_FILE = "/var/lib/derpd/derper.key"
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -55,15 +35,6 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 class ConfigError(click.UsageError):
     """A bad flag value or file: reported as one line, exit status 2."""
-
-
-def _default_key_file() -> str | None:
-    state = os.environ.get("STATE_DIRECTORY")  # systemd StateDirectory=
-    if state:
-        return str(Path(state.split(":")[0]) / "derper.key")
-    if os.geteuid() == 0:
-        return ROOT_KEY_FILE
-    return None
 
 
 def _key_file_option(help_text: str, *, required: bool) -> Callable[[F], F]:
@@ -102,22 +73,12 @@ class Duration(click.ParamType):
     """Go-style durations as derper takes them: 2s, 500ms, 10m, 1h30m; a bare number is seconds."""
 
     name = "duration"
-    _UNITS: ClassVar[dict[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, int | float):
-            return float(value)
-        text = str(value).strip()
         try:
-            seconds = float(text)
-        except ValueError:
-            parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
-            if not parts or "".join(n + u for n, u in parts) != text:
-                self.fail(f"{value!r} is not a duration like 2s, 500ms, 10m or 1h", param, ctx)
-            seconds = sum(float(n) * self._UNITS[u] for n, u in parts)
-        if seconds < 0:
-            self.fail(f"{value!r} is negative", param, ctx)
-        return seconds
+            return config.parse_duration(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -125,22 +86,16 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     if value is None:
         return None
     try:
-        with open(value, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {value}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {value}: {e}") from None
+        doc = config.read_config_file(value)
+    except ConfigurationError as e:
+        raise ConfigError(str(e)) from None
     options = {p.opts[0][2:]: p for p in ctx.command.params if isinstance(p, click.Option) and p.name != "config"}
     defaults: dict[str, Any] = {}
-    for raw_key, item in doc.items():
-        key = raw_key.replace("_", "-")
+    for key, item in doc.items():
         opt = options.get(key)
-        if opt is None or opt.name == "help":
-            raise ConfigError(f"config file {value}: unknown key {raw_key!r}")
-        if opt.name in defaults:
-            raise ConfigError(f"config file {value}: key {raw_key!r} given twice")
-        defaults[opt.name] = _config_value(ctx, value, raw_key, opt, item)  # type: ignore[index]
+        if opt is None or opt.name is None or opt.name == "help":
+            raise ConfigError(f"config file {value}: unknown key {key!r}")
+        defaults[opt.name] = _config_value(ctx, value, key, opt, item)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -183,7 +138,7 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
 @_opt(
     "--addr",
     f"DERP listen address HOST:PORT, [IPv6]:PORT or :PORT (all interfaces, dual-stack). "
-    f"Default {DEFAULT_ADDR}, or {DEV_ADDR} with --dev.",
+    f"Default {config.DEFAULT_ADDR}, or {config.DEV_ADDR} with --dev.",
     default=None,
 )
 @_opt(
@@ -206,10 +161,15 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
 )
 @_key_file_option(
     f"Server private key in derper's JSON format; created (mode 0600) if missing. "
-    f"Default $STATE_DIRECTORY/derper.key under systemd, {ROOT_KEY_FILE} as root, {DEV_KEY_FILE} with --dev.",
+    f"Default $STATE_DIRECTORY/derper.key under systemd, {config.ROOT_KEY_FILE} as root, "
+    f"{config.DEV_KEY_FILE} with --dev.",
     required=False,
 )
-@_opt("--dev", f"Safe local defaults: DERP on {DEV_ADDR}, STUN on 127.0.0.1, key in {DEV_KEY_FILE}.", is_flag=True)
+@_opt(
+    "--dev",
+    f"Safe local defaults: DERP on {config.DEV_ADDR}, STUN on 127.0.0.1, key in {config.DEV_KEY_FILE}.",
+    is_flag=True,
+)
 @_opt(
     "--mesh-psk-file",
     "File with the region's 64-hex-digit mesh key; clients presenting it may watch "
@@ -346,41 +306,40 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
 @_opt(
     "--log-level",
     "Minimum level of the key=value log lines written to stderr.",
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    type=click.Choice(config.LOG_LEVELS, case_sensitive=False),
     default="info",
 )
 def serve(**opts: Any) -> None:
     """Run the DERP relay and STUN server."""
-    key, settings, notes = _settings(opts)
-    try:
-        metrics_addr = parse_metrics_addr(opts["metrics_addr"])
-    except AddressError as e:
-        raise ConfigError(f"--metrics-addr: {e}") from None
+    cfg = _build(opts)
+    settings = cfg.settings
     try:
         inherited = sdnotify.listen_fds()
         if inherited:
             http_port = settings.http_port if settings.http_port >= 0 else None
             settings.activated = sdnotify.assign_sockets(inherited, derp_port=settings.addr[1], http_port=http_port)
-    except sdnotify.ListenFdsError as e:
+    except ConfigurationError as e:
         raise ConfigError(f"sockets from systemd: {e}") from None
-    count = worker_count(opts["workers"])  # _settings checked it
-    identity = worker_identity()
-    log.setup(opts["log_level"], json_lines=opts["log_format"] == "json")
+    log.setup(cfg.log_level, json_lines=cfg.log_format == "json")
     if settings.activated:
-        notes.append((logging.INFO, "socket_activation", {"sockets": len(inherited)}))
+        cfg.notes.append(config.Note(logging.INFO, "socket_activation", {"sockets": len(inherited)}))
+    identity = worker_identity()
+    metrics_addr = cfg.metrics_addr
     if identity is not None:
         index, count = identity
         configure_worker(settings, index, count)
         if metrics_addr is not None and metrics_addr[1]:
             metrics_addr = (metrics_addr[0], metrics_addr[1] + index)
-        notes = []  # the supervisor said it all
-    for level, event, fields in notes:
-        log.event(level, event, **fields)
+        cfg.notes.clear()  # the supervisor said it all
+    for note in cfg.notes:
+        log.event(note.level, note.event, **note.fields)
+    service: runtime.Service
+    if identity is None and cfg.workers > 1:
+        service = Supervisor(cfg.workers, settings, sys.argv[1:])
+    else:
+        service = runtime.NodeService(cfg.key, settings, metrics_addr, worker=identity is not None)
     try:
-        if identity is None and count > 1:
-            trio.run(supervise, count, settings, sys.argv[1:])
-            return
-        trio.run(_serve, key, settings, metrics_addr)
+        trio.run(runtime.run, service)
     except KeyboardInterrupt:
         pass
     except BaseExceptionGroup as group:
@@ -392,143 +351,22 @@ def serve(**opts: Any) -> None:
         sys.exit(1)
 
 
-def _settings(
-    o: dict[str, Any], *, dry_run: bool = False
-) -> tuple[_NodePrivate, ServerSettings, list[tuple[int, str, dict[str, Any]]]]:
-    """Every flag checked and every file read before anything starts; ConfigError otherwise.
-    ``dry_run`` (check-config) creates nothing: a missing key or IP certificate is only noted."""
-    dev = o["dev"]
-    notes: list[tuple[int, str, dict[str, Any]]] = []
+def _build(opts: dict[str, Any], *, dry_run: bool = False) -> config.Config:
+    """serve's options as typed settings (derpd.config), every problem one ``derpd: error:`` line."""
     try:
-        worker_count(o["workers"])
-    except WorkerError as e:
+        return config.build(config.ServeOptions(**opts), dry_run=dry_run)
+    except ConfigurationError as e:
         raise ConfigError(str(e)) from None
-    try:
-        host, port = parse_hostport(o["addr"] or (DEV_ADDR if dev else DEFAULT_ADDR))
-    except AddressError as e:
-        raise ConfigError(f"--addr: {e}") from None
-    if dev and o["addr"] is None:
-        host = "127.0.0.1"
-    home = o["home"]
-    if home and home != "blank" and not home.startswith(("http://", "https://")):
-        raise ConfigError("--home must be empty, 'blank', or an http:// or https:// URL")
-
-    key_path = o["key_file"] or (DEV_KEY_FILE if dev else _default_key_file())
-    if key_path is None:
-        raise ConfigError("--key-file is required when not running as root, under systemd, or with --dev")
-    try:
-        if dry_run and (not Path(key_path).exists() or is_empty_file(key_path)):
-            key, origin = _NodePrivate.generate(), KeyFileOrigin.LOADED
-            notes.append((logging.INFO, "key_will_be_created", {"path": key_path}))
-        else:
-            key, origin = load_or_create_key_file(key_path)
-    except InvalidKeyError as e:
-        raise ConfigError(str(e)) from None
-    if origin is KeyFileOrigin.CREATED:
-        notes.append((logging.INFO, "key_created", {"path": key_path, "public_key": public_key_text(key.public)}))
-    elif origin is KeyFileOrigin.REPLACED_EMPTY:
-        why = "a 0-byte key file (an interrupted write) holds no key; a new one was written"
-        fields = {"path": key_path, "public_key": public_key_text(key.public), "why": why}
-        notes.append((logging.WARNING, "key_file_empty_replaced", fields))
-
-    mesh_key: bytes | None = None
-    try:
-        if o["mesh_psk_file"]:
-            mesh_key = load_mesh_key_file(o["mesh_psk_file"])
-        elif dev and os.environ.get("TAILSCALE_DERPER_MESH_KEY"):
-            mesh_key = parse_mesh_key(os.environ["TAILSCALE_DERPER_MESH_KEY"])
-    except InvalidKeyError as e:
-        raise ConfigError(str(e)) from None
-
-    stun_host = o["stun_host"]
-    if stun_host is not None:
-        stun_host = stun_host.strip("[]")
-        stun_host = "" if stun_host in ("*", "::") else stun_host
-
-    tls: CertStore | None = None
-    hostname = o["hostname"].strip()
-    if o["certmode"] == "manual":
-        if not hostname:
-            raise ConfigError("--certmode manual needs --hostname (the certificate's name or IP address)")
-        certdir = o["certdir"] or str(Path(key_path).resolve().parent / "certs")
-        tls = CertStore(certdir, hostname, key.public)
-        try:
-            if dry_run and tls.ip is not None and (not tls.cert_path.exists() or is_empty_file(tls.cert_path)):
-                notes.append((logging.INFO, "self_signed_certificate_will_be_created", {"certdir": certdir}))
-            else:
-                tls.load()
-        except CertError as e:
-            raise ConfigError(str(e)) from None
-        if tls.generated or tls.pin:
-            notes.append((logging.INFO, "self_signed_certificate", {"certdir": certdir, "cert_name": tls.pin}))
-            notes.append((logging.INFO, "derp_node", {"json": json.dumps(tls.derp_node(), separators=(",", ":"))}))
-    elif o["certdir"]:
-        raise ConfigError("--certdir only applies with --certmode manual")
-    http_port = o["http_port"]
-    if http_port is None:
-        http_port = 80 if tls is not None else -1
-    try:
-        mesh_with = parse_targets(o["mesh_with"], tls=tls is not None, default_port=port)
-    except MeshError as e:
-        raise ConfigError(str(e)) from None
-    if mesh_with and mesh_key is None:
-        raise ConfigError("--mesh-with needs the region's mesh key (--mesh-psk-file)")
-
-    rate = RateConfig()
-    try:
-        admission = Admission(
-            verify_url=o["verify_client_url"] or None,
-            fail_open=o["verify_client_url_fail_open"],
-            cache_ttl=o["verify_cache_ttl"],
-            allow_keys_file=o["allow_keys"],
-        )
-        admission.load()
-        if o["rate_config"]:
-            rate = RateConfig.load(o["rate_config"])
-        trusted = parse_trusted(o["trusted_proxies"])
-    except (AdmissionError, LimitError, ValueError) as e:
-        raise ConfigError(str(e)) from None
-    if o["proxy_protocol"] and not trusted:
-        raise ConfigError("--proxy-protocol needs --trusted-proxies (the proxies' addresses)")
-    if admission.enabled:
-        notes.append((logging.INFO, "admission", admission.summary()))
-
-    settings = ServerSettings(
-        addr=(host, port),
-        stun_port=o["stun_port"],
-        stun_host=stun_host,
-        stun_generic=o["stun_generic"],
-        home=home,
-        mesh_key=mesh_key,
-        relay=RelayConfig(write_timeout=o["tcp_write_timeout"], rate=rate),
-        tls=tls,
-        hostname=hostname,
-        http_port=http_port,
-        accept_limit=o["accept_connection_limit"],
-        accept_burst=o["accept_connection_burst"],
-        max_conns_per_ip=o["max_conns_per_ip"],
-        proxy_protocol=o["proxy_protocol"],
-        trusted_proxies=trusted,
-        tcp_keepalive=o["tcp_keepalive_time"],
-        tcp_user_timeout=o["tcp_user_timeout"],
-        admission=admission if admission.enabled else None,
-        rate_config_path=o["rate_config"],
-        mesh_with=mesh_with,
-        shutdown_timeout=o["shutdown_timeout"],
-        restart_reconnect_in=o["restart_reconnect_in"],
-        restart_try_for=o["restart_try_for"],
-    )
-    return key, settings, notes
 
 
 def _check_config(**opts: Any) -> None:
     """Validate flags, environment and --config without starting anything; exit 2 on the first problem."""
-    _, settings, notes = _settings(opts, dry_run=True)
-    for _level, event, fields in notes:
-        click.echo(f"note: {event} " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
-    host, port = settings.addr
-    workers = worker_count(opts["workers"])
-    click.echo(f"config OK: derp on {host or '*'}:{port}, tls={'on' if settings.tls else 'off'}, workers={workers}")
+    cfg = _build(opts, dry_run=True)
+    for note in cfg.notes:
+        click.echo(f"note: {note.event} " + " ".join(f"{k}={v}" for k, v in note.fields.items() if v is not None))
+    host, port = cfg.settings.addr
+    tls = "on" if cfg.settings.tls else "off"
+    click.echo(f"config OK: derp on {host or '*'}:{port}, tls={tls}, workers={cfg.workers}")
 
 
 cli.add_command(
@@ -546,36 +384,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for e in group.exceptions:
         out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
     return out
-
-
-async def _serve(key: _NodePrivate, settings: ServerSettings, metrics_addr: tuple[str, int] | None) -> None:
-    server = DerpServer(key, settings)
-
-    def status() -> str:
-        return f"{server.relay.stats.current_connections} clients"
-
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            await nursery.start(server.run)
-            if metrics_addr is not None:
-                await nursery.start(serve_metrics, *metrics_addr, registry_for(server))
-            sdnotify.ready(status=status())  # every listener is up
-            if worker_identity() is not None:  # tell the supervisor instead
-                sys.stdout.buffer.write(READY_LINE)
-                sys.stdout.flush()
-            nursery.start_soon(sdnotify.watchdog_loop, status)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    sdnotify.reloading()
-                    server.reload()
-                    sdnotify.ready(status=status())
-                    continue
-                sdnotify.stopping()
-                log.info("shutting_down", signal=signal.Signals(signum).name)
-                with trio.move_on_after(settings.shutdown_timeout + 1.0):
-                    await server.shutdown()
-                nursery.cancel_scope.cancel()
-                break
 
 
 @cli.command()

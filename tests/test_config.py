@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import click
 import pytest
 
+from derpd import config
+from derpd.base.errors import ConfigurationError
 from derpd.cli import serve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,3 +100,84 @@ def test_shipped_example_names_every_option_and_checks(tmp_path: Path) -> None:
     mine = ("--hostname", "127.0.0.1", "--certdir", str(tmp_path / "certs"), "--key-file", str(tmp_path / "k"))
     out = check("--config", str(EXAMPLE), *mine, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+
+
+# --- derpd.config without the command line ------------------------------------------------------------
+
+
+def test_serve_options_mirror_every_serve_flag() -> None:
+    """ServeOptions has exactly one typed field per serve option (the command builds it from them)."""
+    names = {p.name for p in serve.params if isinstance(p, click.Option) and p.expose_value}
+    assert names == {f.name for f in dataclasses.fields(config.ServeOptions)}
+    ctx = serve.make_context("serve", ["--dev"])
+    assert config.ServeOptions(**ctx.params).dev is True
+
+
+def test_build_from_typed_options(tmp_path: Path) -> None:
+    cfg = config.build(
+        config.ServeOptions(
+            addr="127.0.0.1:0",
+            key_file=str(tmp_path / "k"),
+            stun_host="*",
+            verify_cache_ttl=7.0,
+            metrics_addr="-1",
+            workers="2",
+        )
+    )
+    assert cfg.settings.addr == ("127.0.0.1", 0) and cfg.settings.stun_host == ""
+    assert cfg.metrics_addr is None and cfg.workers == 2 and cfg.settings.tls is None
+    assert [n.event for n in cfg.notes] == ["key_created"] and (tmp_path / "k").exists()
+    dry = config.build(config.ServeOptions(addr=":1", key_file=str(tmp_path / "new")), dry_run=True)
+    assert [n.event for n in dry.notes] == ["key_will_be_created"] and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"addr": "nonsense"}, "--addr: bad address"),
+        ({"metrics_addr": "x:y"}, "--metrics-addr:"),
+        ({"home": "ftp://x"}, "--home must be"),
+        ({"workers": "0"}, "workers"),
+        ({"mesh_with": "a b"}, "--mesh-with"),
+        ({"mesh_with": "peer.example.com"}, "needs the region's mesh key"),
+        ({"certdir": "/tmp"}, "--certdir only applies"),
+        ({"certmode": "manual"}, "needs --hostname"),
+        ({"trusted_proxies": "not-a-cidr"}, "--trusted-proxies"),
+        ({"proxy_protocol": True}, "needs --trusted-proxies"),
+        ({"verify_client_url": "ftp://x"}, "verify-client-url"),
+        ({"rate_config": "/nonexistent/rate.json"}, "cannot read rate config"),
+        ({"mesh_psk_file": "/nonexistent/mesh.key"}, "cannot read mesh key file"),
+    ],
+)
+def test_every_bad_setting_is_one_configuration_error(tmp_path: Path, options: dict[str, object], words: str) -> None:
+    """Every layer's own error (AddressError, MeshError, AdmissionError, LimitError, WorkerError,
+    CertError, key errors) is a ConfigurationError: the command catches that one type."""
+    with pytest.raises(ConfigurationError, match=re.escape(words)) as e:
+        config.build(config.ServeOptions(**{"key_file": str(tmp_path / "k"), **options}), dry_run=True)  # type: ignore[arg-type]
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("2s", 2.0), ("500ms", 0.5), ("1h30m", 5400.0), ("1.5", 1.5), (" 10m ", 600.0), (3, 3.0)]
+)
+def test_parse_duration(text: str | float, seconds: float) -> None:
+    assert config.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "2x", "1s2", "-1s", "-1", "nan", "s"])
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(ValueError):
+        config.parse_duration(text)
+
+
+def test_read_config_file_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stun-port = \n")
+    with pytest.raises(ConfigurationError, match="config file"):
+        config.read_config_file(str(bad))
+    twice = tmp_path / "twice.toml"
+    twice.write_text("stun-port = 1\nstun_port = 2\n")
+    with pytest.raises(ConfigurationError, match="given twice"):
+        config.read_config_file(str(twice))
+    with pytest.raises(ConfigurationError, match="cannot read config file"):
+        config.read_config_file(str(tmp_path / "missing.toml"))

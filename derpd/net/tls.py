@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from derpd.base import log
+from derpd.base.errors import ConfigurationError
 from derpd.base.files import is_empty_file, write_atomic
 from derpd.proto.frames import PROTOCOL_VERSION
 from derpd.proto.keys import KEY_LEN
@@ -74,7 +75,7 @@ _HEX64 = re.compile(r"[0-9A-Fa-f]{64}")
 _PIN_RE = re.compile(r"sha256-raw:[0-9a-f]{64}")
 
 
-class CertError(Exception):
+class CertError(ConfigurationError):
     """A certificate or key cannot be used; the message is one line meant for the operator."""
 
 

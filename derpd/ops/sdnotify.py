@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 import trio
 
 from derpd.base import log
+from derpd.base.errors import ConfigurationError
 from derpd.net.addr import UNNAMED, ActivatedSockets, InheritedSocket
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first inherited descriptor
@@ -152,7 +153,7 @@ async def watchdog_loop(status_fn: Callable[[], str] | None = None, *, env: Mapp
 # -- socket activation ---------------------------------------------------------------------------
 
 
-class ListenFdsError(ValueError):
+class ListenFdsError(ConfigurationError, ValueError):
     """The inherited descriptors do not fit: malformed variables, or a socket we cannot use."""
 
 

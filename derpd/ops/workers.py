@@ -19,13 +19,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from derpd.base import log
+from derpd.base.errors import ConfigurationError
 from derpd.net.addr import bind_sockets
 from derpd.net.transport import format_addr
-from derpd.ops import sdnotify
 from derpd.proto.keys import NodePrivate, parse_mesh_key
 from derpd.server.mesh import MeshTarget
 from derpd.server.node import ServerSettings
@@ -36,10 +37,11 @@ FDS_ENV = "DERPD_WORKER_FDS"
 NAMES_ENV = "DERPD_WORKER_FDNAMES"
 READY_LINE = b"derpd-worker-ready\n"
 RESTART_DELAY = 1.0
+STOP_MARGIN = 3.0  # seconds beyond --shutdown-timeout for workers to exit before they are killed
 
 
-class WorkerError(ValueError):
-    pass
+class WorkerError(ConfigurationError, ValueError):
+    """--workers cannot be used as given (or a worker could not be started)."""
 
 
 def worker_count(text: str) -> int:
@@ -115,6 +117,7 @@ class Supervisor:
         self.procs: dict[int, trio.Process] = {}
         self.ready: set[int] = set()
         self.ready_event = trio.Event()
+        self.all_exited = trio.Event()  # set once stopping and no worker process is left
         self.stopping = False
         self.restarts = 0
         self.workdir = ""
@@ -229,46 +232,37 @@ class Supervisor:
                 with trio.CancelScope(shield=True):
                     await proc.wait()
             self.procs.pop(index, None)
+            if self.stopping and not self.procs:
+                self.all_exited.set()
 
     def signal_all(self, signum: int) -> None:
         for proc in list(self.procs.values()):
             if proc.returncode is None:
                 proc.send_signal(signum)
 
-    async def stop(self, timeout: float) -> None:
-        """Pass SIGTERM on (each worker says goodbye to its clients), then wait, then kill."""
+    # --- the runtime's Service (derpd.ops.runtime.run) --------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.run)
+
+    def status(self) -> str:
+        return f"{len(self.ready)}/{self.count} workers up"
+
+    def reload(self) -> None:
+        self.signal_all(signal.SIGHUP)  # each worker reloads itself
+
+    async def stop(self) -> None:
+        """Pass SIGTERM on (each worker says goodbye to its clients), wait for them, then kill."""
         self.stopping = True
         self.signal_all(signal.SIGTERM)
-        with trio.move_on_after(timeout):
-            while any(p.returncode is None for p in self.procs.values()):
-                await trio.sleep(0.05)
+        with trio.move_on_after(self.settings.shutdown_timeout + STOP_MARGIN):
+            if self.procs:
+                await self.all_exited.wait()
         self.signal_all(signal.SIGKILL)
+
+    def stop_fields(self) -> dict[str, Any]:
+        return {"workers": self.count}
 
 
 def _stdlib(s: trio.socket.SocketType) -> socket.socket:
     return socket.socket(s.family, s.type, s.proto, fileno=s.detach())
-
-
-async def supervise(count: int, settings: ServerSettings, argv: list[str]) -> None:
-    """The supervisor's main loop: READY once every worker is up, signals passed on."""
-    supervisor = Supervisor(count, settings, argv)
-    async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            await nursery.start(supervisor.run)
-
-            def status() -> str:
-                return f"{len(supervisor.ready)}/{count} workers up"
-
-            sdnotify.ready(status=status())
-            nursery.start_soon(sdnotify.watchdog_loop, status)
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    sdnotify.reloading()
-                    supervisor.signal_all(signal.SIGHUP)
-                    sdnotify.ready(status=status())
-                    continue
-                sdnotify.stopping()
-                log.info("shutting_down", signal=signal.Signals(signum).name, workers=count)
-                await supervisor.stop(settings.shutdown_timeout + 3.0)
-                nursery.cancel_scope.cancel()
-                break

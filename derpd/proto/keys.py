@@ -15,6 +15,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.utils import random as nacl_random
 
+from derpd.base.errors import ConfigurationError
 from derpd.proto import gojson
 
 KEY_LEN = 32
@@ -24,7 +25,7 @@ PRIVATE_PREFIX = "privkey:"
 MAX_KEY_FILE = 64 * 1024  # a derper key file is 86 bytes; anything this big is not one
 
 
-class InvalidKeyError(ValueError):
+class InvalidKeyError(ConfigurationError, ValueError):
     """A key in text form or a key file is unusable; the message says why."""
 
 

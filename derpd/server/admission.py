@@ -41,6 +41,7 @@ import trio
 
 from derpd import __version__
 from derpd.base import log
+from derpd.base.errors import ConfigurationError
 from derpd.proto import gojson
 from derpd.proto.keys import KEY_LEN, InvalidKeyError, parse_public_key, public_key_text, short_key
 
@@ -60,7 +61,7 @@ RECV_SIZE = 8 * 1024
 Clock = Callable[[], float]
 
 
-class AdmissionError(Exception):
+class AdmissionError(ConfigurationError):
     """Admission is misconfigured (bad URL, unreadable or malformed allowlist); the message says why."""
 
 

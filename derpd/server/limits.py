@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from derpd.base.errors import ConfigurationError
 from derpd.proto import gojson
 from derpd.proto.frames import MAX_PACKET_SIZE
 from derpd.proto.keys import KEY_LEN
@@ -18,7 +19,7 @@ MIN_RATE_BURST = MAX_PACKET_SIZE + KEY_LEN  # 65,568: one largest SendPacket pay
 MAX_RATE_CONFIG = 64 * 1024  # bytes; the file is a two-field JSON object
 
 
-class LimitError(ValueError):
+class LimitError(ConfigurationError, ValueError):
     """A limit setting or rate-config file is unusable; the message says why."""
 
 

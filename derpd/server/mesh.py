@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import trio
 
 from derpd.base import log
+from derpd.base.errors import ConfigurationError
 from derpd.net.client import ConnectionLost, DerpClient, DerpHTTPError
 from derpd.net.transport import SocketTransport, StreamTransport, Transport
 from derpd.proto.frames import (
@@ -42,7 +43,7 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 5.0  # derper retries every 5 s
 
 
-class MeshError(ValueError):
+class MeshError(ConfigurationError, ValueError):
     """A --mesh-with entry is unusable."""
 
 
