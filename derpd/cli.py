@@ -69,7 +69,7 @@ def _warn(text: str) -> None:
     click.echo(f"derpd: warning: {text}", err=True)
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]  # click >= 8.2: ParamType is generic
     """Go-style durations as derper takes them: 2s, 500ms, 10m, 1h30m; a bare number is seconds."""
 
     name = "duration"
@@ -346,8 +346,9 @@ def serve(**opts: Any) -> None:
         matched, rest = group.split((OSError, WorkerError))
         if matched is None or rest is not None:
             raise
-        for e in _leaves(matched):
-            log.error("startup_failed", reason=f"{e.strerror or e}" if isinstance(e, OSError) else str(e))
+        for leaf in _leaves(matched):
+            reason = f"{leaf.strerror or leaf}" if isinstance(leaf, OSError) else str(leaf)
+            log.error("startup_failed", reason=reason)
         sys.exit(1)
 
 

@@ -36,7 +36,7 @@ import trio
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -102,7 +102,17 @@ def _one_line(text: str) -> str:
 # --- the meta certificate (fast start) ---------------------------------------------------------------
 
 
-def _long_common_name(cn: str) -> x509.NameAttribute:
+# The private keys that can sign a certificate (CertificateIssuerPrivateKeyTypes, as classes).
+_ISSUER_KEY_TYPES = (
+    ec.EllipticCurvePrivateKey,
+    rsa.RSAPrivateKey,
+    dsa.DSAPrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
+
+
+def _long_common_name(cn: str) -> x509.NameAttribute[str]:
     """A CN longer than RFC 5280's 64-character bound, as Go writes without complaint.
 
     ``derpkey`` + 64 hex is 71 characters; cryptography refuses that unless told not to validate
@@ -628,7 +638,7 @@ class CertStore:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise CertError(f"{self.key_path}: not a usable private key: {_one_line(str(e))}") from None
-        if not isinstance(key, CertificateIssuerPrivateKeyTypes):
+        if not isinstance(key, _ISSUER_KEY_TYPES):
             raise CertError(f"{self.key_path}: this kind of key cannot sign a certificate")
         return key
 

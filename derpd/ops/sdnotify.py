@@ -207,7 +207,7 @@ _ROLE_TYPES = {"derp": socket.SOCK_STREAM, "http": socket.SOCK_STREAM, "stun": s
 
 
 def _describe(s: InheritedSocket) -> str:
-    kind = {socket.SOCK_STREAM: "TCP", socket.SOCK_DGRAM: "UDP"}.get(s.type, f"type {s.type}")
+    kind = {int(socket.SOCK_STREAM): "TCP", int(socket.SOCK_DGRAM): "UDP"}.get(s.type, f"type {s.type}")
     return f"fd {s.fd} ({s.name}, {kind} port {s.port})"
 
 

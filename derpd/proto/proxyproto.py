@@ -76,7 +76,7 @@ class ProxyHeader:
     tlvs: tuple[tuple[int, bytes], ...] = ()  # v2 only, in wire order
 
 
-def _preview(data: bytes) -> str:
+def _preview(data: bytes | bytearray) -> str:
     return repr(bytes(data[:16])) + ("..." if len(data) > 16 else "")
 
 
