@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from derpd.net.client import DerpClient, DerpHTTPError
+from derpd.net.httpserver import check_request_line
 from derpd.net.transport import SocketTransport
 from derpd.proto.frames import ClientInfo, FrameReader, FrameType, client_info_frame, send_packet_frame
 from derpd.proto.keys import NodePrivate
-from derpd.server.front import HttpConfig, HttpFront, check_request_line
+from derpd.server.front import HttpConfig, HttpFront
 from derpd.server.node import DerpServer
 
 from .conftest import Clients, start_server

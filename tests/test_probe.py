@@ -29,6 +29,7 @@ from derpd.tools.probe import (
     SKIP,
     ProbeOptions,
     ProbeReport,
+    captive_portal_check,
     format_table,
     load_map,
     percentiles,
@@ -257,6 +258,20 @@ async def test_port_80_check(nursery: trio.Nursery) -> None:
     report = await probe_url(url_of(server), ProbeOptions(count=1, http_port=closed), stun_port=-1, can_port80=True)
     c = checks(report)["port80"]
     assert c.status == FAIL and "connection refused (is port 80 blocked?)" in c.detail
+
+
+async def test_port_80_check_against_a_listener_that_hangs_up(nursery: trio.Nursery) -> None:
+    """A middlebox that takes the connection and closes it unanswered: a failure that says so."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.aclose()
+
+    nursery.start_soon(trio.serve_listeners, hang_up, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    c = await captive_portal_check("127.0.0.1", "derp.example.com", port, 5.0)
+    assert c.status == FAIL and c.detail == f"http://127.0.0.1:{port}/generate_204: no HTTP response"
 
 
 async def test_map_problems_fail_the_report(nursery: trio.Nursery, tmp_path: Path) -> None:

@@ -29,7 +29,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from derpd.cli import _settings, serve
+from derpd import config
+from derpd.cli import serve
 from derpd.server.node import DerpServer
 from derpd.server.stun import StunServer, StunStats
 from stun import codec
@@ -694,7 +695,7 @@ async def test_stun_generic_flag_env_and_file_reach_the_stun_server(
 
     def generic_of(args: list[str]) -> bool:
         params = serve.make_context("serve", [*base, *args]).params
-        _key, settings, _notes = _settings(params, dry_run=True)
+        settings = config.build(config.ServeOptions(**params), dry_run=True).settings
         assert settings.stun_generic is params["stun_generic"]
         return settings.stun_generic
 
@@ -706,7 +707,8 @@ async def test_stun_generic_flag_env_and_file_reach_the_stun_server(
     assert generic_of([]) is False
     assert generic_of(["--stun-generic"]) is True
 
-    key, settings, _ = _settings(serve.make_context("serve", base).params, dry_run=True)
+    cfg = config.build(config.ServeOptions(**serve.make_context("serve", base).params), dry_run=True)
+    key, settings = cfg.key, cfg.settings
     assert not (tmp_path / "k").exists()
     async with trio.open_nursery() as nursery:
         server = DerpServer(key, settings)

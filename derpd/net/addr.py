@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 
 import trio
 
+from derpd.base import log
+
 # Names systemd gives descriptors nobody named: "unknown" when $LISTEN_FDNAMES is unset (sd_listen_fds
 # semantics), else the socket unit's file name ("derpd.socket") when it has no FileDescriptorName=.
 UNNAMED = "unknown"
-ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# What binding "::" raises on a host without IPv6 (no such family; IPv6 disabled by sysctl).
+_NO_IPV6_ERRNOS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 
 
 class AddressError(ValueError):
@@ -43,44 +46,58 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, 
     return host, port
 
 
-async def bind_sockets(host: str, port: int, sock_type: int) -> list[trio.socket.SocketType]:
-    """Bind every address ``host`` resolves to; an empty host means dual-stack ``::``."""
-    if host in ("", "*"):
-        targets = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
-        for family, addr in targets:
-            try:
-                s = trio.socket.socket(family, sock_type)
-            except OSError:
-                continue  # no IPv6 on this host: fall back to IPv4
-            try:
-                _prepare(s, sock_type, dual_stack=family == socket.AF_INET6)
-                await s.bind((addr, port))
-            except OSError:
-                s.close()
-                if family == socket.AF_INET6:
-                    continue
+async def bind_sockets(host: str, port: int, sock_type: int, *, dual_stack_any: bool = False) -> list[socket.socket]:
+    """Bound (not yet listening) sockets of ``sock_type`` for ``host``: the one binding path for the
+    DERP and port-80 listeners, the metrics listener, STUN and the ``--workers`` supervisor.
+
+    ``""`` or ``"*"`` (every interface) is one dual-stack ``[::]`` socket, or ``0.0.0.0`` where the
+    host has no IPv6 (logged); ``dual_stack_any`` makes ``"::"`` one dual-stack socket too (what
+    STUN's ``--stun-host ::`` promises), without the fallback since IPv6 was asked for by name. Any
+    other host binds every address it resolves to, one socket each (IPv6 ones IPv6-only), all on the
+    same port even when ``port`` is 0. Stdlib sockets, so callers pick their own I/O (trio wraps them
+    with ``trio.socket.from_stdlib_socket``; STUN drives them directly; workers pass them on).
+    """
+    if host in ("", "*") or (dual_stack_any and host == "::"):
+        try:
+            return [_bind_one(socket.AF_INET6, ("::", port), sock_type, v6only=False)]
+        except OSError as e:
+            if host == "::" or e.errno not in _NO_IPV6_ERRNOS:
                 raise
-            return [s]
-        raise OSError(errno.EAFNOSUPPORT, "no usable address family")
+            log.info("ipv6_unavailable", port=port, error=e.strerror or str(e), action="binding 0.0.0.0")
+            return [_bind_one(socket.AF_INET, ("0.0.0.0", port), sock_type, v6only=True)]
     infos = await trio.socket.getaddrinfo(host, port, type=sock_type, flags=socket.AI_PASSIVE)
-    socks: list[trio.socket.SocketType] = []
+    socks: list[socket.socket] = []
     seen: set[tuple[int, tuple[object, ...]]] = set()
     try:
-        for family, stype, proto, _name, sockaddr in infos:
+        for family, _type, _proto, _name, sockaddr in infos:
             if (family, sockaddr) in seen:
                 continue
             seen.add((family, sockaddr))
-            s = trio.socket.socket(family, stype, proto)
-            socks.append(s)
-            _prepare(s, sock_type, dual_stack=False)
-            await s.bind(sockaddr)
-            if port == 0:  # keep every family on the same ephemeral port
-                port = s.getsockname()[1]
+            target = sockaddr
+            if socks:  # every address on the first one's port (they would differ when port is 0)
+                target = (sockaddr[0], socks[0].getsockname()[1], *sockaddr[2:])
+            socks.append(_bind_one(family, target, sock_type, v6only=True))
     except BaseException:
         for s in socks:
             s.close()
         raise
+    if not socks:
+        raise OSError(errno.EADDRNOTAVAIL, f"{host!r} resolves to no address")
     return socks
+
+
+def _bind_one(family: int, sockaddr: tuple[object, ...], sock_type: int, *, v6only: bool) -> socket.socket:
+    s = socket.socket(family, sock_type)
+    try:
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
+        if sock_type == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(sockaddr)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 async def bind_unix(path: str) -> trio.socket.SocketType:
@@ -93,13 +110,6 @@ async def bind_unix(path: str) -> trio.socket.SocketType:
     await s.bind(path)
     s.listen(128)
     return s
-
-
-def _prepare(s: trio.socket.SocketType, sock_type: int, *, dual_stack: bool) -> None:
-    if s.family == socket.AF_INET6:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
-    if sock_type == socket.SOCK_STREAM:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
 @dataclass(frozen=True)

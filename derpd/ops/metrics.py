@@ -15,10 +15,10 @@ Integration::
 
 from __future__ import annotations
 
-import errno
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 import h11
@@ -31,7 +31,8 @@ from prometheus_client.registry import Collector
 from derpd import __version__
 from derpd.base import log
 from derpd.net.addr import bind_sockets, parse_hostport
-from derpd.net.transport import format_addr
+from derpd.net.httpserver import HttpServerConnection, Limits, Refused, accept_forever, request_path
+from derpd.net.transport import SocketTransport, format_addr
 from derpd.server.relay import DROP_REASONS, KINDS
 
 if TYPE_CHECKING:
@@ -40,11 +41,10 @@ if TYPE_CHECKING:
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
 MAX_HEAD = 8 * 1024  # request line + headers
 MAX_BODY = 8 * 1024  # GET/HEAD bodies are never used; small ones are drained for keep-alive
-HEAD_TIMEOUT = 10.0  # the whole request must arrive within this, and an idle keep-alive ends
-WRITE_TIMEOUT = 10.0
+HEAD_TIMEOUT = 10.0  # a request head must arrive within this (its body within as long again); idle keep-alive ends
 MAX_CONNECTIONS = 64  # concurrent scrapers; more are closed at once
-ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 INDEX_BODY = b"derpd metrics exporter: Prometheus metrics are at /metrics\n"
+NO_STORE = [(b"Cache-Control", b"no-store")]
 
 
 # --- the collector ------------------------------------------------------------------------------
@@ -336,10 +336,6 @@ def parse_metrics_addr(text: str) -> tuple[str, int] | None:
 # --- the listener -------------------------------------------------------------------------------
 
 
-class _Close(Exception):
-    """End this HTTP connection."""
-
-
 async def serve_metrics(
     host: str,
     port: int,
@@ -354,7 +350,7 @@ async def serve_metrics(
     Binding errors raise (the operator should hear at start); after that, nothing a scraper
     does (or a bug in one request) ends this task, so it can share the relay's nursery.
     """
-    socks = await bind_sockets(host, port, socket.SOCK_STREAM)
+    socks = [trio.socket.from_stdlib_socket(s) for s in await bind_sockets(host, port, socket.SOCK_STREAM)]
     try:
         for s in socks:
             s.listen(128)
@@ -362,7 +358,7 @@ async def serve_metrics(
         server = _MetricsHTTP(registry, head_timeout, max_connections)
         async with trio.open_nursery() as nursery:
             for s in socks:
-                nursery.start_soon(server.accept_loop, trio.SocketListener(s), nursery)
+                nursery.start_soon(server.listen, s, nursery)
             log.info("metrics_serving", addr=",".join(format_addr(s.getsockname()[:2]) for s in socks), path="/metrics")
             task_status.started(bound)
     finally:
@@ -371,144 +367,66 @@ async def serve_metrics(
 
 
 class _MetricsHTTP:
-    """HTTP/1.1 with h11: bounded heads and bodies, a deadline per request, keep-alive."""
+    """The endpoints of the metrics listener over the shared HTTP server core, and its connection cap."""
 
     def __init__(self, registry: CollectorRegistry, head_timeout: float, max_connections: int) -> None:
         self.registry = registry
-        self.head_timeout = head_timeout
+        self.limits = Limits(max_head=MAX_HEAD, max_body=MAX_BODY, head_timeout=head_timeout)
         self.max_connections = max_connections
         self.active = 0
         self.refused = log.Sampled("metrics_connection_refused", 60.0)
 
-    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as e:
-                # Never let the exporter end the relay: back off and keep listening.
-                if e.errno in ACCEPT_BACKOFF_ERRNOS:
-                    log.warning("metrics_accept_failed", reason=e.strerror, action="backing off 100ms")
-                    await trio.sleep(0.1)
-                else:
-                    log.error("metrics_accept_failed", reason=str(e), action="backing off 1s")
-                    await trio.sleep(1.0)
-                continue
-            if self.active >= self.max_connections:
-                self.refused.note(reason="too many metrics connections")
-                await trio.aclose_forcefully(stream)
-                continue
+    async def listen(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        def start(transport: SocketTransport) -> None:
             self.active += 1
-            nursery.start_soon(self.serve_connection, stream)
+            nursery.start_soon(self.serve_connection, transport)
 
-    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        while True:  # never let the exporter end the relay: an error of the listener itself is waited out
+            try:
+                await accept_forever(listener, start, admit=self._admit, event="metrics_accept_failed")
+            except OSError as e:
+                log.error("metrics_accept_failed", reason=str(e), action="backing off 1s")
+                await trio.sleep(1.0)
+
+    def _admit(self) -> bool:
+        if self.active < self.max_connections:
+            return True
+        self.refused.note(reason="too many metrics connections")
+        return False
+
+    async def serve_connection(self, transport: SocketTransport) -> None:
+        http = HttpServerConnection(transport, self.limits)
         try:
-            await self._serve(stream)
-        except _Close:
-            pass
+            await http.serve(partial(self._dispatch, http))
+        except Refused as e:
+            log.debug("metrics_bad_request", status=e.status, reason=e.reason)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError) as e:
             log.debug("metrics_connection_error", reason=str(e))
         except Exception:
             log.exception("metrics_internal_error")  # one connection's bug stays in that connection
         finally:
             self.active -= 1
-            await trio.aclose_forcefully(stream)
+            await transport.aclose()
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        while True:
-            request = await self._read_request(conn, stream)
-            if request is None:
-                return
-            await self._dispatch(conn, stream, request)
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-            else:
-                return
-
-    async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
-        """The next request with its (drained) body, all within ``head_timeout``."""
-        request: h11.Request | None = None
-        body = 0
-        with trio.move_on_after(self.head_timeout):
-            try:
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(MAX_HEAD))
-                    elif isinstance(event, h11.Request):
-                        head = sum(len(k) + len(v) + 4 for k, v in event.headers) + len(event.target) + 16
-                        if head > MAX_HEAD:
-                            raise h11.RemoteProtocolError("request head too long", error_status_hint=431)
-                        request = event
-                    elif isinstance(event, h11.Data):
-                        body += len(event.data)
-                        if body > MAX_BODY:
-                            await self._respond(conn, stream, 413, b"request body too large\n", close=True)
-                            raise _Close
-                    elif isinstance(event, h11.EndOfMessage):
-                        return request
-                    else:  # ConnectionClosed
-                        return None
-            except h11.RemoteProtocolError as e:
-                status = e.error_status_hint
-                if "buffer" in str(e).lower():  # h11's "Receive buffer too long": the head is too big
-                    status = 431
-                log.debug("metrics_bad_request", status=status, reason=str(e))
-                await self._respond(conn, stream, status, f"{status} {e}\n".encode(), close=True)
-                raise _Close from None
-        if conn.their_state is h11.IDLE and not conn.trailing_data[0]:
-            return None  # an idle keep-alive connection: close quietly
-        await self._respond(conn, stream, 408, b"request timeout\n", close=True)
-        return None
-
-    async def _dispatch(self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request) -> None:
+    async def _dispatch(self, http: HttpServerConnection, request: h11.Request) -> bool:
+        await http.drain_body()
         method = request.method
-        head = method == b"HEAD"
         if method not in (b"GET", b"HEAD"):
-            await self._respond(conn, stream, 405, b"method not allowed\n", extra=[(b"Allow", b"GET, HEAD")])
-            return
-        path = request.target.split(b"?", 1)[0]
+            await http.respond(405, [*NO_STORE, (b"Allow", b"GET, HEAD")], b"method not allowed\n")
+            return False
+        head = method == b"HEAD"
+        path = request_path(request.target)
         if path == b"/metrics":
             try:
                 body = generate_latest(self.registry)
             except Exception:
                 log.exception("metrics_collect_failed")
-                await self._respond(conn, stream, 500, b"collecting metrics failed; see the log\n", head=head)
-                return
-            await self._respond(conn, stream, 200, body, content_type=CONTENT_TYPE_PLAIN_0_0_4.encode(), head=head)
+                await http.respond(500, NO_STORE, b"collecting metrics failed; see the log\n", head=head)
+                return False
+            content_type = (b"Content-Type", CONTENT_TYPE_PLAIN_0_0_4.encode())
+            await http.respond(200, [content_type, *NO_STORE], body, head=head)
         elif path == b"/":
-            await self._respond(conn, stream, 200, INDEX_BODY, head=head)
+            await http.respond(200, NO_STORE, INDEX_BODY, head=head)
         else:
-            await self._respond(conn, stream, 404, b"not found; metrics are at /metrics\n", head=head)
-
-    async def _respond(
-        self,
-        conn: h11.Connection,
-        stream: trio.SocketStream,
-        status: int,
-        body: bytes,
-        *,
-        content_type: bytes = b"text/plain; charset=utf-8",
-        extra: list[tuple[bytes, bytes]] | None = None,
-        head: bool = False,
-        close: bool = False,
-    ) -> None:
-        """One whole response; for HEAD the headers say how long the body would be, but none is sent."""
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        headers = [
-            (b"Content-Type", content_type),
-            (b"Content-Length", str(len(body)).encode()),
-            (b"Cache-Control", b"no-store"),
-            *(extra or []),
-        ]
-        if close:
-            headers.append((b"Connection", b"close"))
-        data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-        if body and not head:
-            data += conn.send(h11.Data(data=body)) or b""
-        data += conn.send(h11.EndOfMessage()) or b""
-        with trio.move_on_after(WRITE_TIMEOUT) as scope:
-            await stream.send_all(data)
-        if scope.cancelled_caught:
-            raise _Close
+            await http.respond(404, NO_STORE, b"not found; metrics are at /metrics\n", head=head)
+        return False

@@ -131,19 +131,19 @@ class Supervisor:
         else:
             for s in await bind_sockets(host, port, socket.SOCK_STREAM):
                 s.listen(4096)
-                self.sockets.append(("derp", _stdlib(s)))
+                self.sockets.append(("derp", s))
         if activated and activated.http:
             self.sockets += [("http", s) for s in activated.http]
         elif st.http_port >= 0:
             for s in await bind_sockets(host, st.http_port, socket.SOCK_STREAM):
                 s.listen(1024)
-                self.sockets.append(("http", _stdlib(s)))
+                self.sockets.append(("http", s))
         if activated and activated.stun:
             self.sockets += [("stun", s) for s in activated.stun]
         elif st.stun_port >= 0:
             stun_host = host if st.stun_host is None else st.stun_host
-            for s in await bind_sockets(stun_host, st.stun_port, socket.SOCK_DGRAM):
-                self.sockets.append(("stun", _stdlib(s)))
+            for s in await bind_sockets(stun_host, st.stun_port, socket.SOCK_DGRAM, dual_stack_any=True):
+                self.sockets.append(("stun", s))
 
     async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> None:
         await self.bind()
@@ -262,7 +262,3 @@ class Supervisor:
 
     def stop_fields(self) -> dict[str, Any]:
         return {"workers": self.count}
-
-
-def _stdlib(s: trio.socket.SocketType) -> socket.socket:
-    return socket.socket(s.family, s.type, s.proto, fileno=s.detach())

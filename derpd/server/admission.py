@@ -42,6 +42,7 @@ import trio
 from derpd import __version__
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
+from derpd.net.httpclient import HttpClientConnection, NoResponse, describe_error, open_tcp, start_tls
 from derpd.proto import gojson
 from derpd.proto.keys import KEY_LEN, InvalidKeyError, parse_public_key, public_key_text, short_key
 
@@ -56,7 +57,6 @@ MAX_CONCURRENT = 32  # webhook requests in flight at once (random keys must not 
 MAX_PER_SOURCE_SHARE = 4  # max_concurrent // 4 = 8 of 32
 OVERFLOW_LOG_INTERVAL = 10.0  # seconds between the sampled info lines about overflowing checks
 WARN_INTERVAL = 10.0  # at most one "unreachable" warning per interval; the rest are counted
-RECV_SIZE = 8 * 1024
 
 Clock = Callable[[], float]
 
@@ -257,31 +257,7 @@ def read_allowlist(path: str) -> frozenset[bytes]:
 # --- the HTTP exchange --------------------------------------------------------------------------
 
 
-class _NoResponse(Exception):
-    """The server closed or spoke nonsense before a response head arrived."""
-
-
-_TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError, _NoResponse)
-
-
-def describe_error(exc: BaseException) -> str:
-    """A short, log-friendly description of a transport failure."""
-    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    if isinstance(exc, OSError) and isinstance(exc.__cause__, BaseExceptionGroup) and exc.__cause__.exceptions:
-        causes = exc.__cause__.exceptions  # trio.open_tcp_stream: one error per address tried
-        if all(isinstance(c, ConnectionRefusedError) for c in causes):
-            return "connection refused"
-        exc = causes[-1]
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+_TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError, NoResponse)
 
 
 @dataclass
@@ -289,14 +265,6 @@ class _Response:
     status: int | None = None
     body: bytearray = field(default_factory=bytearray)
     body_error: str = ""
-
-
-async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(await stream.receive_some(RECV_SIZE))  # b"" tells h11 about EOF
 
 
 @dataclass
@@ -571,7 +539,7 @@ class Admission:
             return Verdict(False, f"verify-url: HTTP {resp.status}", detail=detail), "denied", False
         if error and not resp.body_error:
             resp.body_error = error
-        allowed, reason = decode_admit_response(bytes(resp.body[:MAX_RESPONSE_BODY]))
+        allowed, reason = decode_admit_response(bytes(resp.body))
         detail = f"body cut short: {resp.body_error}" if resp.body_error and not allowed else ""
         log.debug("admission_verify_answer", key=short_key(key), source=ip, allowed=allowed, reason=reason)
         return Verdict(allowed, reason, detail=detail), "allowed" if allowed else "denied", True
@@ -584,43 +552,28 @@ class Admission:
         """
         url = self.url
         assert url is not None
-        stream: trio.abc.Stream = await trio.open_tcp_stream(url.host, url.port)
-        try:
-            if url.scheme == "https":
-                assert self._ssl_context is not None
-                stream = trio.SSLStream(stream, self._ssl_context, server_hostname=url.host, https_compatible=True)
-                await stream.do_handshake()
-            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-            headers = [
-                ("Host", url.host_header),
-                ("User-Agent", f"derpd/{__version__}"),
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("Connection", "close"),
-            ]
-            if url.authorization:
-                headers.append(("Authorization", url.authorization))
-            request = h11.Request(method="POST", target=url.target, headers=headers)
-            await stream.send_all(conn.send(request) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-            while True:
-                event = await _next_event(conn, stream)
-                if isinstance(event, h11.Response):
-                    break
-                if not isinstance(event, h11.InformationalResponse):
-                    raise _NoResponse("connection closed before the response")
-            resp.status = event.status_code
+        stream: trio.abc.Stream = await open_tcp(url.host, url.port)
+        if url.scheme == "https":
+            assert self._ssl_context is not None
+            stream = await start_tls(stream, self._ssl_context, url.host)
+        headers = [
+            ("Host", url.host_header),
+            ("User-Agent", f"derpd/{__version__}"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+        if url.authorization:
+            headers.append(("Authorization", url.authorization))
+        async with HttpClientConnection(stream, max_head=MAX_RESPONSE_HEAD) as http:
+            await http.send_request("POST", url.target, headers, body)
+            resp.status = (await http.read_response()).status_code
             if resp.status != 200:
                 return
             try:
-                while len(resp.body) < MAX_RESPONSE_BODY:
-                    event = await _next_event(conn, stream)
-                    if not isinstance(event, h11.Data):
-                        break
-                    resp.body += event.data
+                await http.receive_body(resp.body, MAX_RESPONSE_BODY)
             except _TRANSPORT_ERRORS as e:
                 resp.body_error = describe_error(e)
-        finally:
-            await trio.aclose_forcefully(stream)
 
     def _warn_unreachable(self, key: bytes, ip: str, error: str) -> None:
         """One warning per WARN_INTERVAL while the webhook is down; a storm must not flood the log."""

@@ -6,7 +6,6 @@ own module and knows nothing of the others.
 
 from __future__ import annotations
 
-import errno
 import math
 import socket
 import ssl
@@ -17,12 +16,13 @@ from functools import partial
 import trio
 
 from derpd.base import log
-from derpd.net.addr import ACCEPT_BACKOFF_ERRNOS, ActivatedSockets, bind_sockets, bind_unix
+from derpd.net.addr import ActivatedSockets, bind_sockets, bind_unix
+from derpd.net.httpserver import HEAD_TIMEOUT, accept_forever
 from derpd.net.tls import CertStore
 from derpd.net.transport import SocketTransport, TLSTransport, Transport, format_addr
 from derpd.proto.keys import NodePrivate, public_key_text
 from derpd.proto.proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
-from derpd.server.front import HEAD_TIMEOUT, HttpConfig, HttpFront
+from derpd.server.front import HttpConfig, HttpFront
 from derpd.server.limits import AcceptLimiter, LimitError, PerIPLimiter, RateConfig
 from derpd.server.mesh import MeshTarget, keep_link
 from derpd.server.relay import Admitter, RelayConfig, RelayServer
@@ -107,22 +107,20 @@ class DerpServer:
         settings = self.settings
         host, port = settings.addr
         activated = settings.activated or ActivatedSockets()
-        if activated.derp:  # socket activation: systemd holds the sockets across restarts
-            listeners = [trio.socket.from_stdlib_socket(s) for s in activated.derp]
-        else:
-            listeners = await bind_sockets(host, port, socket.SOCK_STREAM)
+        # Socket activation: systemd holds the sockets across restarts.
+        listeners = _trio_sockets(activated.derp or await bind_sockets(host, port, socket.SOCK_STREAM))
         side: list[trio.socket.SocketType] = []
         try:
             if activated.http:
-                side = [trio.socket.from_stdlib_socket(s) for s in activated.http]
+                side = _trio_sockets(activated.http)
             elif settings.http_port >= 0:
-                side = await bind_sockets(host, settings.http_port, socket.SOCK_STREAM)
+                side = _trio_sockets(await bind_sockets(host, settings.http_port, socket.SOCK_STREAM))
             for s in listeners:
                 s.listen(4096)
-                self.derp_addrs.append(tuple(s.getsockname()[:2]))  # type: ignore[arg-type]
+                self.derp_addrs.append(tuple(s.getsockname()[:2]))
             for s in side:
                 s.listen(1024)
-                self.http_addrs.append(tuple(s.getsockname()[:2]))  # type: ignore[arg-type]
+                self.http_addrs.append(tuple(s.getsockname()[:2]))
             self._listeners = listeners + side
             async with trio.open_nursery() as nursery:
                 for s in listeners:
@@ -214,40 +212,21 @@ class DerpServer:
         serve: Callable[[SocketTransport], Awaitable[None]],
         limited: bool,
     ) -> None:
+        def start(transport: SocketTransport) -> None:
+            self._tune(transport.sock)
+            nursery.start_soon(serve, transport)
+
         scope = trio.CancelScope()
         self._accept_scopes.append(scope)
         with scope:
-            await self._accept_forever(lsock, nursery, serve, limited)
+            await accept_forever(lsock, start, admit=self._admit if limited else None)
 
-    async def _accept_forever(
-        self,
-        lsock: trio.socket.SocketType,
-        nursery: trio.Nursery,
-        serve: Callable[[SocketTransport], Awaitable[None]],
-        limited: bool,
-    ) -> None:
-        while True:
-            try:
-                sock, _addr = await lsock.accept()
-            except OSError as e:
-                if e.errno in ACCEPT_BACKOFF_ERRNOS:
-                    log.warning("accept_failed", reason=e.strerror, action="backing off 100ms")
-                    await trio.sleep(0.1)
-                    continue
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                raise
-            if limited and not self.accept_limiter.allow(trio.current_time()):
-                sock.close()  # over --accept-connection-limit: closed at once, as derper does
-                self._refused.note(reason="accept limit")
-                continue
-            try:
-                transport = SocketTransport.from_trio(sock)
-                self._tune(transport.sock)
-            except OSError:
-                sock.close()
-                continue
-            nursery.start_soon(serve, transport)
+    def _admit(self) -> bool:
+        """--accept-connection-limit: over it, a connection is closed at once, as derper does."""
+        if self.accept_limiter.allow(trio.current_time()):
+            return True
+        self._refused.note(reason="accept limit")
+        return False
 
     def _tune(self, sock: socket.socket) -> None:
         """TCP keepalive and TCP_USER_TIMEOUT, as derper sets them on accepted sockets."""
@@ -355,3 +334,7 @@ class DerpServer:
         version = tls.version() or "unknown"
         self.tls_versions[version] = self.tls_versions.get(version, 0) + 1
         return tls
+
+
+def _trio_sockets(socks: list[socket.socket]) -> list[trio.socket.SocketType]:
+    return [trio.socket.from_stdlib_socket(s) for s in socks]

@@ -30,7 +30,6 @@ Dropped datagrams are logged at debug, and at most once a minute at info with a 
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
@@ -43,6 +42,7 @@ from typing import Any, Final
 import trio
 
 from derpd.base import log
+from derpd.net.addr import bind_sockets
 from stun.codec import (
     MAX_REPLY_RATIO,
     RequestKind,
@@ -164,7 +164,9 @@ class StunServer:
     caller's to close. ``pktinfo`` None means "reply from the datagram's destination
     address when bound to a wildcard on Linux". ``generic`` False answers only Tailscale
     requests (``--no-stun-generic``). ``max_reply_ratio`` caps every reply's size relative
-    to its request's. Binding happens in :meth:`serve`, so construction does no I/O.
+    to its request's. Binding happens in :meth:`serve` (``derpd.net.addr.bind_sockets``, the
+    one binding path, which the ``--workers`` supervisor uses for STUN too), so construction
+    does no I/O.
     """
 
     def __init__(
@@ -225,48 +227,6 @@ class StunServer:
             raise RuntimeError("STUN server is not bound yet")
         return int(self._socks[0].getsockname()[1])
 
-    async def _bind(self) -> list[socket.socket]:
-        host, port = self.host, self.requested_port
-        if host in ("", "*", "::"):
-            try:
-                return [self._bind_one(socket.AF_INET6, ("::", port), v6only=False)]
-            except OSError as exc:
-                if host == "::" or exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                    raise
-                log.info("stun_no_ipv6", error=str(exc))
-                return [self._bind_one(socket.AF_INET, ("0.0.0.0", port), v6only=True)]
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-        socks: list[socket.socket] = []
-        seen: set[tuple[int, Any]] = set()
-        try:
-            for family, _type, _proto, _name, sockaddr in infos:
-                if (family, sockaddr) in seen:
-                    continue
-                seen.add((family, sockaddr))
-                target = sockaddr
-                if port == 0 and socks:  # every address on the same ephemeral port
-                    target = (sockaddr[0], socks[0].getsockname()[1], *sockaddr[2:])
-                socks.append(self._bind_one(family, target, v6only=True))
-        except BaseException:
-            for sock in socks:
-                sock.close()
-            raise
-        if not socks:
-            raise OSError(f"cannot resolve STUN listen host {host!r}")
-        return socks
-
-    @staticmethod
-    def _bind_one(family: int, sockaddr: Any, *, v6only: bool) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
-            sock.bind(sockaddr)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
     def _enable_pktinfo(self, sock: socket.socket) -> bool:
         wanted = self._pktinfo_wanted
         if wanted is None:
@@ -291,7 +251,7 @@ class StunServer:
         are closed on the way out.
         """
         if not self._socks:
-            self._socks = await self._bind()
+            self._socks = await bind_sockets(self.host, self.requested_port, socket.SOCK_DGRAM, dual_stack_any=True)
         socks = list(self._socks)
         try:
             async with trio.open_nursery() as nursery:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-import re
 import socket
 import ssl
 import urllib.request
@@ -32,6 +31,7 @@ from cryptography import x509
 
 from derpd import __version__
 from derpd.net.client import ConnectionLost, DerpClient, DerpHTTPError
+from derpd.net.httpclient import HttpClientConnection, NoResponse, describe_error, open_tcp, start_tls
 from derpd.net.tls import PIN_PREFIX, CertError, cert_name_pin, fast_start_key, parse_meta_certificate, peer_chain_der
 from derpd.net.tls import pinned_context as _pinned_context
 from derpd.proto.frames import HandshakeError, ProtocolError
@@ -156,28 +156,6 @@ def _fmt_ms(v: float) -> str:
     return f"{v:.1f} ms" if v >= 1 else f"{v:.2f} ms"
 
 
-def describe_error(e: BaseException) -> str:
-    """One line that says what went wrong, without a traceback."""
-    if isinstance(e, trio.BrokenResourceError) and e.__cause__ is not None:
-        e = e.__cause__
-    if isinstance(e, trio.TooSlowError):
-        return "timed out"
-    if type(e) is ssl.SSLCertVerificationError and e.verify_message:
-        return f"certificate verify failed: {e.verify_message}"
-    if isinstance(e, ssl.SSLError) and type(e).__module__ == "ssl":  # OpenSSL's own, not derpd's CertPinError
-        text = re.sub(r"\s*\(_ssl\.c:\d+\)", "", str(e))
-        if e.reason == "WRONG_VERSION_NUMBER":
-            text += " (plain HTTP on this port? then probe http://...)"
-        return text
-    if isinstance(e, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(e, OSError):
-        return e.strerror or str(e) or type(e).__name__
-    if isinstance(e, DerpHTTPError):
-        return f"HTTP upgrade refused: HTTP {e.status} {e.body[:80].decode('utf-8', 'replace').strip()}".rstrip()
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 _NET_ERRORS = (
     OSError,
     ssl.SSLError,
@@ -253,7 +231,7 @@ def targets_from_map(m: DerpMap, region: str | None = None) -> list[Target]:
 def _fetch(url: str, timeout: float) -> str:
     req = urllib.request.Request(url, headers={"User-Agent": f"derpd-probe/{__version__}"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        data = resp.read(MAX_MAP_BYTES + 1)
+        data: bytes = resp.read(MAX_MAP_BYTES + 1)
     if len(data) > MAX_MAP_BYTES:
         raise DerpMapError(f"{url}: more than {MAX_MAP_BYTES} bytes; not a DERP map")
     return data.decode("utf-8")
@@ -313,20 +291,6 @@ async def addresses(node: DerpNode, version: int, *, for_stun: bool = False) -> 
         if addr not in found:
             found.append(addr)
     return found, "" if found else f"skipped: no {label} address for {node.host_name}"
-
-
-async def open_tcp(addr: str, port: int) -> trio.SocketStream:
-    """Connect to an IP literal (so the error is the socket's own, e.g. 'connection refused')."""
-    ip = _ip(addr)
-    if ip is None:
-        return await trio.open_tcp_stream(addr, port)
-    sock = trio.socket.socket(socket.AF_INET if ip.version == 4 else socket.AF_INET6, socket.SOCK_STREAM)
-    try:
-        await sock.connect((addr, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
 
 
 # --- TLS ---------------------------------------------------------------------------------------------
@@ -411,19 +375,19 @@ async def _connect_check(target: Target, version: int, addrs: list[str], opts: P
     ctx, server_name = tls_context(target, opts)
     cert_name = opts.cert_name if opts.cert_name is not None else target.node.cert_name
     pin = cert_name if cert_name.startswith(PIN_PREFIX) else ""
-    tls = trio.SSLStream(stream, ctx, server_hostname=server_name, https_compatible=True)
     t0 = trio.current_time()
     try:
         with trio.fail_after(opts.timeout):
-            await tls.do_handshake()
-        data, notes = _cert_facts(tls, pin)
+            tls = await start_tls(stream, ctx, server_name)
+        try:
+            data, notes = _cert_facts(tls, pin)
+        finally:
+            await trio.aclose_forcefully(tls)
     except _NET_ERRORS as e:
         why = describe_error(e)
         if "self-signed" in why or "self signed" in why:
             why += " (pin it: --cert-name sha256-raw:<hex>, or CertName in the map; --insecure shows the pin)"
         return [tcp, Check(f"tls v{version}", FAIL, f"handshake with {where}: {why}")]
-    finally:
-        await trio.aclose_forcefully(tls)
     status = OK
     if pin and not data.get("pin_match", False):
         status = FAIL if not opts.insecure else OK
@@ -454,7 +418,10 @@ async def _login(target: Target, dial: str, opts: ProbeOptions) -> DerpClient:
 
 
 def _login_failure(e: BaseException) -> str:
-    text = describe_error(e)
+    if isinstance(e, DerpHTTPError):
+        text = f"HTTP upgrade refused: HTTP {e.status} {e.body[:80].decode('utf-8', 'replace').strip()}".rstrip()
+    else:
+        text = describe_error(e)
     if isinstance(e, ConnectionLost):
         text += " (during login: admission control refusing the probe's key? try --mesh-psk-file)"
     return text
@@ -623,7 +590,6 @@ async def captive_portal_check(addr: str, host: str, port: int, timeout: float) 
     name = "port80"
     challenge = "ts_" + os.urandom(6).hex()
     url = f"http://{_host_in_url(addr)}:{port}/generate_204"
-    conn = h11.Connection(h11.CLIENT)
     headers = [
         ("Host", _host_in_url(host) if port == 80 else f"{_host_in_url(host)}:{port}"),
         ("User-Agent", f"derpd-probe/{__version__}"),
@@ -634,25 +600,13 @@ async def captive_portal_check(addr: str, host: str, port: int, timeout: float) 
     t0 = trio.current_time()
     try:
         with trio.fail_after(timeout):
-            stream = await open_tcp(addr, port)
-            async with stream:
-                await stream.send_all(conn.send(h11.Request(method="GET", target="/generate_204", headers=headers)))
-                await stream.send_all(conn.send(h11.EndOfMessage()))
-                response: h11.Response | None = None
-                for _ in range(1000):  # a handful of reads in practice
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await stream.receive_some(65536))
-                        continue
-                    if isinstance(event, h11.Response):
-                        response = event
-                        break
-                    if isinstance(event, h11.ConnectionClosed):
-                        break
+            async with HttpClientConnection(await open_tcp(addr, port)) as http:
+                await http.send_request("GET", "/generate_204", headers)
+                response = await http.read_response()
+    except NoResponse:
+        return Check(name, FAIL, f"{url}: no HTTP response", data={"url": url})
     except _NET_ERRORS as e:
         return Check(name, FAIL, f"{url}: {describe_error(e)} (is port 80 blocked?)", data={"url": url})
-    if response is None:
-        return Check(name, FAIL, f"{url}: no HTTP response", data={"url": url})
     answer = dict((k.lower(), v) for k, v in response.headers).get(b"x-tailscale-response", b"").decode("latin-1")
     data = {"url": url, "status": response.status_code, "challenge_ok": answer == f"response {challenge}"}
     if response.status_code != 204:
