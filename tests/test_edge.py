@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 import trustme
 
 from derpd.net.client import ConnectionLost, DerpClient, PeerPresentMessage, decode_message
@@ -287,7 +288,7 @@ async def test_a_hung_webhook_under_a_login_flood_stalls_no_login(
     async def flood_login() -> None:
         with trio.move_on_after(30):
             try:
-                flooders.append(await DerpClient.connect(url, timeout=30))
+                flooders.append(await DerpClient.connect(url))
             except (ConnectionLost, OSError, trio.BrokenResourceError):
                 pass  # refused (fail-closed)
 
@@ -302,11 +303,12 @@ async def test_a_hung_webhook_under_a_login_flood_stalls_no_login(
     start = trio.current_time()
     legit = NodePrivate.generate()
     if fail_open:
-        client = await DerpClient.connect(url, legit, local_address="127.0.0.2", timeout=10)
+        with trio.fail_after(10):
+            client = await DerpClient.connect(url, legit, local_address="127.0.0.2")
         await client.aclose()
     else:
-        with pytest.raises(ConnectionLost):
-            await DerpClient.connect(url, legit, local_address="127.0.0.2", timeout=10)
+        with pytest.raises(ConnectionLost), trio.fail_after(10):
+            await DerpClient.connect(url, legit, local_address="127.0.0.2")
     took = trio.current_time() - start
     assert took < timeout + 2.0, f"a login waited {took:.1f}s behind the flood"
     with trio.fail_after(20):
@@ -347,8 +349,8 @@ async def test_allowlist_and_mesh_peers(nursery: trio.Nursery, tmp_path: Path) -
 async def test_accept_burst_is_enforced(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, accept_limit=0.001, accept_burst=2)
     clients = [await DerpClient.connect(url_of(server)) for _ in range(2)]
-    with pytest.raises((ConnectionLost, OSError, trio.BrokenResourceError)):
-        await DerpClient.connect(url_of(server), timeout=5)
+    with pytest.raises((ConnectionLost, OSError, trio.BrokenResourceError)), trio.fail_after(5):
+        await DerpClient.connect(url_of(server))
     assert (server.accept_limiter.accepted, server.accept_limiter.rejected) == (2, 1)
     for c in clients:
         await c.ping()
@@ -359,8 +361,8 @@ async def test_per_ip_cap(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, max_conns_per_ip=2)
     a = await DerpClient.connect(url_of(server))
     b = await DerpClient.connect(url_of(server))
-    with pytest.raises((ConnectionLost, OSError, trio.BrokenResourceError)):
-        await DerpClient.connect(url_of(server), timeout=5)
+    with pytest.raises((ConnectionLost, OSError, trio.BrokenResourceError)), trio.fail_after(5):
+        await DerpClient.connect(url_of(server))
     await a.aclose()
     await wait_for(lambda: server.per_ip.active.get("127.0.0.1") == 1, what="the slot to be released")
     c = await DerpClient.connect(url_of(server))
@@ -390,7 +392,7 @@ async def test_rate_config_throttles_one_sender_not_another(nursery: trio.Nurser
         inner.start_soon(drain, sink_l, 5, "light")
         with trio.fail_after(30):
             await heavy.send_many([(sink_h.public_key, b"h" * 60_000)] * n)  # 720 kB at 200 kB/s
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             for _ in range(5):
                 await light.send(sink_l.public_key, b"small")
     assert order == ["light", "heavy"]  # the light sender was never held behind the heavy one

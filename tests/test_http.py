@@ -363,7 +363,8 @@ async def test_client_brackets_an_ipv6_host_header(nursery: trio.Nursery) -> Non
 
     async def dial() -> None:
         with pytest.raises((ConnectionError, OSError, trio.BrokenResourceError, DerpHTTPError)):
-            await DerpClient.connect(f"http://[::1]:{port}/derp", timeout=5)
+            with trio.fail_after(5):
+                await DerpClient.connect(f"http://[::1]:{port}/derp")
 
     nursery.start_soon(dial)
     async with listener, await listener.accept() as conn:

@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from derpd.net.client import DerpClient, PeerGoneMessage, PeerPresentMessage, ReceivedPacket
 from derpd.net.transport import SocketTransport
 from derpd.ops.metrics import registry_for
-from derpd.proto.frames import FrameReader, PeerGoneReason
+from derpd.proto.connection import NEED_DATA, DerpConnection, Role, ServerHello
+from derpd.proto.frames import ClientInfo, PeerGoneReason, ServerInfo, server_info_frame, server_key_frame
 from derpd.proto.keys import NodePrivate, parse_public_key
 from derpd.server.mesh import MeshError, MeshLink, MeshTarget, keep_link, parse_targets
 from derpd.server.node import DerpServer
@@ -211,11 +212,11 @@ async def test_recorded_watcher_stream_builds_routes(nursery: trio.Nursery) -> N
     after_login = frames[2]["offset"]  # past the 101, ServerKey and ServerInfo
     server = await start_server(nursery)
     ours, theirs = socket.socketpair()
-    link = MeshLink(server.relay, SocketTransport(ours), os.urandom(32), -1, "recorded")
+    link = MeshLink(server.relay, SocketTransport(ours), logged_in(), "recorded")
     theirs.sendall(s2c[after_login:])
     theirs.shutdown(socket.SHUT_WR)
     with trio.fail_after(5):
-        await link.run(FrameReader())  # reads to the end of the recording
+        await link.run()  # reads to the end of the recording
     present = [parse_public_key(f["peer_key"]) for f in frames if f["name"] == "PeerPresent"]
     gone = [parse_public_key(f["peer_key"]) for f in frames if f["name"] == "PeerGone"]
     assert len(present) == 5 and len(gone) == 2  # A, B, the watcher itself; then C and D
@@ -223,7 +224,20 @@ async def test_recorded_watcher_stream_builds_routes(nursery: trio.Nursery) -> N
     server.relay.remove_link(link)  # the link broke: every route through it goes
     assert not server.relay.forwarders
     theirs.close()
-    await link.transport.aclose()
+    await link.conn.transport.aclose()
+
+
+def logged_in() -> DerpConnection:
+    """A client-role connection past its login with a made-up peer (the recording's watcher key
+    is not in the vector, so its own login cannot be replayed)."""
+    peer, me = NodePrivate.generate(), NodePrivate.generate()
+    derp = DerpConnection(Role.CLIENT, me, client_info=ClientInfo(version=2))
+    derp.receive_data(server_key_frame(peer.public))
+    assert derp.next_event() is NEED_DATA
+    assert derp.data_to_send()  # ClientInfo
+    derp.receive_data(server_info_frame(peer, me.public, ServerInfo()))
+    assert derp.next_event() == ServerHello(peer.public, ServerInfo())
+    return derp
 
 
 def test_mesh_with_parsing() -> None:

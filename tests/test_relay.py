@@ -17,7 +17,6 @@ from derpd.net.client import (
     ConnectionLost,
     DerpClient,
     HealthMessage,
-    KeepAliveMessage,
     PeerGoneMessage,
     PeerPresentMessage,
     ReceivedPacket,
@@ -243,13 +242,6 @@ async def test_unknown_frames_of_any_size_are_skipped(clients: Clients, server: 
         await a.send_raw(b"\xaa" * (256 << 10))
     await assert_relays(a, b)
     assert server.relay.stats.unknown_frames == 1 and server.relay.stats.protocol_errors == 0
-
-
-async def test_keepalive_is_sent(nursery: trio.Nursery) -> None:
-    server = await start_server(nursery, relay=RelayConfig(keepalive=0.05))
-    c = await DerpClient.connect(url_of(server))
-    async with c:
-        assert isinstance(await recv_type(c, KeepAliveMessage), KeepAliveMessage)
 
 
 async def test_fast_start_path(clients: Clients, server: DerpServer) -> None:
@@ -568,7 +560,7 @@ async def test_queue_overflow_drops_oldest(clients: Clients, server: DerpServer)
     assert st.dropped_packets[("queue_head", "other")] > 0
     assert st.dropped_bytes[("queue_head", "other")] == 60000 * st.dropped_packets[("queue_head", "other")]
     conn = server.relay.clients[key.public]
-    assert len(conn.q_other) <= 32
+    assert len(conn.outbox.q_other) <= 32
     stuck.close()
 
 

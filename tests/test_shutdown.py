@@ -40,7 +40,8 @@ async def test_shutdown_tells_every_client_flushes_and_closes(nursery: trio.Nurs
     assert restarting == [RestartingMessage(500, 10_000)] * 2
     assert got == [i.to_bytes(2, "big") * 500 for i in range(20)]  # queued packets were still delivered
     with pytest.raises(OSError):
-        await DerpClient.connect(url, timeout=5)  # no longer accepting
+        with trio.fail_after(5):
+            await DerpClient.connect(url)  # no longer accepting
     await wait_for(lambda: server.relay.stats.current_connections == 0, what="every client to be closed")
     await a.aclose()
     await b.aclose()

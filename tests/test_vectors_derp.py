@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 import trio
 
+from derpd.proto.connection import NEED_DATA, ClientHello, DerpConnection, Role, ServerHello
 from derpd.proto.frames import (
     MAGIC,
+    PROTOCOL_VERSION,
     WATCH_CONNS_FRAME,
     ClientInfo,
     FrameReader,
@@ -95,6 +97,26 @@ def test_sealed_boxes_open_and_reseal(box: dict[str, Any]) -> None:
         info = open_server_info(CLIENT, SERVER.public, bytes.fromhex(box["frame_payload_hex"]))
         assert info.to_json() == plaintext
         assert server_info_frame(SERVER, CLIENT.public, info, nonce).hex() == box["frame_hex"]
+
+
+def test_connection_object_speaks_gos_login_both_ways() -> None:
+    """derpd.proto.connection against Go's bytes: the server role writes Go's ServerKey, opens Go's
+    ClientInfo and, with Go's nonce, writes Go's ServerInfo; the client role takes both from Go."""
+    go_client_info = next(e for e in FRAMES["client_frames"] if e["call"].startswith("derp.NewClient"))
+    go_server_info = next(b for b in FRAMES["sealed"] if b["name"] == "server_info_fixed_nonce")
+    server = DerpConnection(Role.SERVER, SERVER)
+    assert server.data_to_send().hex() == FRAMES["server_key_frame_hex"]
+    server.receive_data(bytes.fromhex(go_client_info["frame_hex"]))
+    assert server.next_event() == ClientHello(CLIENT.public, ClientInfo(version=2, can_ack_pings=True))
+    frame = server.accept(ServerInfo(), nonce=bytes.fromhex(go_server_info["nonce_hex"]))
+    assert frame.hex() == go_server_info["frame_hex"]
+
+    client = DerpConnection(Role.CLIENT, CLIENT, client_info=ClientInfo(version=PROTOCOL_VERSION, can_ack_pings=True))
+    client.receive_data(bytes.fromhex(FRAMES["server_key_frame_hex"]))
+    assert client.next_event() is NEED_DATA
+    assert open_client_info(SERVER, client.data_to_send()[5:]) == (CLIENT.public, ClientInfo(2, can_ack_pings=True))
+    client.receive_data(bytes.fromhex(go_server_info["frame_hex"]))
+    assert client.next_event() == ServerHello(SERVER.public, ServerInfo(version=2))
 
 
 def test_mesh_key_json_in_client_info() -> None:

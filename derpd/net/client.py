@@ -1,8 +1,10 @@
-"""A trio DERP client: connect, handshake, send, receive, ping.
+"""A trio DERP client: dial, upgrade, log in, then send frames and receive events.
 
-Used by the tests, the bench and (later) the mesh. It speaks exactly what
-Tailscale's ``derphttp`` client speaks: ``GET /derp`` with ``Upgrade: DERP`` over
-plain HTTP or TLS (or fast start when the server key is known), then frames.
+It speaks what Tailscale's ``derphttp`` client speaks: ``GET /derp`` with ``Upgrade: DERP`` over
+plain HTTP or TLS (fast start when the server key is known from derper's meta certificate, no
+101 then), or DERP inside WebSocket. The protocol itself, login and decoding, is the client role
+of ``derpd.proto.connection``; this module moves its bytes. Used by the mesh links, ``derpd
+probe``, the tests and the bench.
 """
 
 from __future__ import annotations
@@ -11,44 +13,49 @@ import os
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import h11
 import trio
 
-from derpd.net.tls import fast_start_key, pinned_context
-from derpd.net.transport import StreamTransport
+from derpd.net.tls import PIN_PREFIX, fast_start_key, pinned_context
+from derpd.net.transport import RECV_SIZE, StreamTransport
 from derpd.net.websocket import WebSocketTransport
+from derpd.proto.connection import (
+    NEED_DATA,
+    ClientHello,
+    DerpConnection,
+    Health,
+    KeepAlive,
+    PeerGone,
+    Ping,
+    Pong,
+    ReceivedPacket,
+    Restarting,
+    Role,
+    ServerEvent,
+    ServerHello,
+    Unknown,
+    decode_server_frame,
+)
 from derpd.proto.frames import (
-    MAX_FRAME_LEN,
     PING_DATA_LEN,
+    PROTOCOL_VERSION,
     WATCH_CONNS_FRAME,
     ClientInfo,
-    FrameReader,
-    FrameType,
-    HandshakeError,
     PeerPresent,
     ProtocolError,
     ServerInfo,
-    client_info_frame,
     close_peer_frame,
     forward_packet_frame,
     note_preferred_frame,
-    open_server_info,
-    parse_peer_gone,
-    parse_peer_present,
-    parse_pong,
-    parse_recv_packet,
-    parse_restarting,
-    parse_server_key,
     ping_frame,
     pong_frame,
     send_packet_frame,
 )
-from derpd.proto.keys import KEY_LEN, NONCE_LEN, NodePrivate
+from derpd.proto.keys import KEY_LEN, NodePrivate
 
-RECV_SIZE = 256 * 1024
+CONNECT_TIMEOUT = 10.0  # seconds derphttp gives a whole connect; callers put it in their cancel scope
 
 
 class DerpHTTPError(Exception):
@@ -64,92 +71,17 @@ class ConnectionLost(Exception):
     """The server closed the connection."""
 
 
-# --- what recv() yields ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedPacket:
-    src: bytes
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PeerGoneMessage:
-    peer: bytes
-    reason: int
-
-
-@dataclass(frozen=True, slots=True)
-class PeerPresentMessage:
-    present: PeerPresent
-
-
-@dataclass(frozen=True, slots=True)
-class KeepAliveMessage:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class PingMessage:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PongMessage:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class HealthMessage:
-    problem: str
-
-
-@dataclass(frozen=True, slots=True)
-class RestartingMessage:
-    reconnect_in_ms: int
-    try_for_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class UnknownFrame:
-    frame_type: int
-    payload: bytes
-
-
-Message = (
-    ReceivedPacket
-    | PeerGoneMessage
-    | PeerPresentMessage
-    | KeepAliveMessage
-    | PingMessage
-    | PongMessage
-    | HealthMessage
-    | RestartingMessage
-    | UnknownFrame
-)
-
-
-def decode_message(ftype: int, payload: bytes) -> Message:
-    """One server frame as a message object (the client's side of the protocol)."""
-    if ftype == FrameType.RECV_PACKET:
-        src, data = parse_recv_packet(payload)
-        return ReceivedPacket(src, data)
-    if ftype == FrameType.PEER_GONE:
-        peer, reason = parse_peer_gone(payload)
-        return PeerGoneMessage(peer, reason)
-    if ftype == FrameType.PEER_PRESENT:
-        return PeerPresentMessage(parse_peer_present(payload))
-    if ftype == FrameType.KEEP_ALIVE:
-        return KeepAliveMessage()
-    if ftype == FrameType.PING:
-        return PingMessage(parse_pong(payload))
-    if ftype == FrameType.PONG:
-        return PongMessage(parse_pong(payload))
-    if ftype == FrameType.HEALTH:
-        return HealthMessage(payload.decode("utf-8", "replace"))
-    if ftype == FrameType.RESTARTING:
-        return RestartingMessage(*parse_restarting(payload))
-    return UnknownFrame(ftype, payload)
+# What recv() yields: derpd.proto.connection's events, under the names this module gave them first.
+Message = ServerEvent
+PeerGoneMessage = PeerGone
+PeerPresentMessage = PeerPresent
+KeepAliveMessage = KeepAlive
+PingMessage = Ping
+PongMessage = Pong
+HealthMessage = Health
+RestartingMessage = Restarting
+UnknownFrame = Unknown
+decode_message = decode_server_frame
 
 
 async def _tls_connect(
@@ -158,12 +90,12 @@ async def _tls_connect(
     """TLS with ALPN http/1.1, verifying the CertName pin or name when the DERP map gives one."""
     if ssl_context is not None:
         ctx = ssl_context
-    elif cert_name and cert_name.startswith("sha256-raw:"):
+    elif cert_name and cert_name.startswith(PIN_PREFIX):
         ctx = pinned_context(cert_name)
     else:
         ctx = ssl.create_default_context()
     ctx.set_alpn_protocols(["http/1.1"])
-    server_name = cert_name if cert_name and not cert_name.startswith("sha256-raw:") else host
+    server_name = cert_name if cert_name and not cert_name.startswith(PIN_PREFIX) else host
     tls = trio.SSLStream(stream, ctx, server_hostname=server_name, https_compatible=True)
     try:
         await tls.do_handshake()
@@ -185,17 +117,16 @@ def _split_url(url: str) -> tuple[str, str, int, str]:
 class DerpClient:
     """One DERP connection. Create with ``await DerpClient.connect(url)``."""
 
-    def __init__(self, stream: trio.abc.Stream, key: NodePrivate, can_ack_pings: bool) -> None:
+    def __init__(self, stream: trio.abc.Stream, derp: DerpConnection, can_ack_pings: bool) -> None:
         self.stream = stream
-        self.key = key
-        self.public_key = key.public
+        self.derp = derp  # the protocol state (client role)
+        self.key = derp.key
+        self.public_key = derp.key.public
         self.can_ack_pings = can_ack_pings
         self.server_key: bytes = b""
         self.server_info = ServerInfo()
         self.http_response: h11.InformationalResponse | None = None
-        self.fast_start = False  # whether the login skipped the 101 (derper's meta certificate)
-        self._reader = FrameReader(max_frame_len=NONCE_LEN + MAX_FRAME_LEN)
-        self._frames: deque[tuple[int, bytes]] = deque()
+        self.fast_start = derp.fast_start  # whether the login skipped the 101 (derper's meta certificate)
         self._pending: deque[Message] = deque()  # read by ping() while waiting for its pong
         self._pings: dict[bytes, trio.Event] = {}
         self._receiving = False
@@ -222,10 +153,11 @@ class DerpClient:
         websocket: bool = False,
         dial: tuple[str, int] | str | None = None,
         local_address: str | None = None,
-        timeout: float = 10.0,
     ) -> DerpClient:
-        """Dial, upgrade and handshake, as Tailscale's derphttp client does.
+        """Dial, upgrade and log in, as Tailscale's derphttp client does.
 
+        It has no deadline of its own: the caller's cancel scope bounds it (derphttp uses 10 s,
+        ``CONNECT_TIMEOUT``).
         ``fast_start``: None (the default) takes the fast path when a TLS 1.3 server sends
         derper's meta certificate; True forces it (needs ``server_key`` or the meta cert);
         False never. ``cert_name`` is a DERP node's CertName: a ``sha256-raw:<hex>`` pin of a
@@ -236,86 +168,70 @@ class DerpClient:
         ``local_address`` is the source IP to connect from (e.g. another loopback address)."""
         scheme, host, port, path = _split_url(url)
         key = key or NodePrivate.generate()
-        with trio.fail_after(timeout):
-            stream: trio.abc.Stream
-            if isinstance(dial, str):
-                stream = await trio.open_unix_socket(dial)
-            else:
-                stream = await trio.open_tcp_stream(*(dial or (host, port)), local_address=local_address)
-            try:
-                if scheme == "https":
-                    tls = await _tls_connect(stream, host, cert_name, ssl_context)
-                    stream = tls
-                    if fast_start is not False and not websocket:
-                        meta_key = fast_start_key(tls)
-                        if meta_key is not None:
-                            server_key = server_key or meta_key
-                            fast_start = True
-                if fast_start and server_key is None:
-                    raise ValueError("fast start needs the server's public key (or its meta certificate)")
-                if websocket:
-                    stream = await WebSocketTransport.connect(StreamTransport(stream, None), host, path)  # type: ignore[assignment]
-                client = cls(stream, key, can_ack_pings)
-                client.fast_start = bool(fast_start) and not websocket
-                info = ClientInfo(
-                    version=2,
-                    mesh_key=mesh_key,
-                    can_ack_pings=can_ack_pings,
-                    is_prober=is_prober,
-                    app_name=app_name,
-                )
-                if websocket:
-                    await client._login(False, server_key, info)
-                else:
-                    await client._upgrade(host, port, path, headers, client.fast_start, server_key, info)
-            except BaseException:
-                await trio.aclose_forcefully(stream)
-                raise
+        stream: trio.abc.Stream
+        if isinstance(dial, str):
+            stream = await trio.open_unix_socket(dial)
+        else:
+            stream = await trio.open_tcp_stream(*(dial or (host, port)), local_address=local_address)
+        try:
+            if scheme == "https":
+                tls = await _tls_connect(stream, host, cert_name, ssl_context)
+                stream = tls
+                if fast_start is not False and not websocket:
+                    meta_key = fast_start_key(tls)
+                    if meta_key is not None:
+                        server_key = server_key or meta_key
+                        fast_start = True
+            if fast_start and server_key is None:
+                raise ValueError("fast start needs the server's public key (or its meta certificate)")
+            if websocket:
+                stream = await WebSocketTransport.connect(StreamTransport(stream, None), host, path)  # type: ignore[assignment]
+            info = ClientInfo(
+                version=PROTOCOL_VERSION,
+                mesh_key=mesh_key,
+                can_ack_pings=can_ack_pings,
+                is_prober=is_prober,
+                app_name=app_name,
+            )
+            fast = bool(fast_start) and not websocket
+            derp = DerpConnection(Role.CLIENT, key, client_info=info, server_key=server_key if fast else None)
+            client = cls(stream, derp, can_ack_pings)
+            if not websocket:
+                await client._upgrade(host, port, path, headers)
+            await client._login()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
         return client
 
-    async def _upgrade(
-        self,
-        host: str,
-        port: int,
-        path: str,
-        headers: Iterable[tuple[str, str]],
-        fast_start: bool,
-        server_key: bytes | None,
-        info: ClientInfo,
-    ) -> None:
+    async def _upgrade(self, host: str, port: int, path: str, headers: Iterable[tuple[str, str]]) -> None:
         http = h11.Connection(h11.CLIENT)
         shown = f"[{host}]" if ":" in host else host  # an IPv6 literal is bracketed in Host (RFC 9110 §7.2)
         hdrs = [("Host", shown if port in (80, 443) else f"{shown}:{port}")]
         hdrs += [("User-Agent", "derpd-client"), ("Connection", "Upgrade"), ("Upgrade", "DERP")]
-        if fast_start:
+        if self.fast_start:
             hdrs.append(("Derp-Fast-Start", "1"))
         hdrs += list(headers)
         request = http.send(h11.Request(method="GET", target=path, headers=hdrs))
         request += http.send(h11.EndOfMessage())
-        if fast_start:
-            assert server_key is not None
-            # The whole login in one flight; the ServerKey frame arrives anyway and is checked below.
-            await self.stream.send_all(request + client_info_frame(self.key, server_key, info))
+        if self.fast_start:
+            # The whole login in one flight; the ServerKey frame arrives anyway and is checked.
+            await self.stream.send_all(request + self.derp.data_to_send())
         else:
             await self.stream.send_all(request)
             await self._read_101(http)
-        await self._login(fast_start, server_key, info)
 
-    async def _login(self, fast_start: bool, server_key: bytes | None, info: ClientInfo) -> None:
+    async def _login(self) -> None:
         """ServerKey, ClientInfo (already sent on the fast path), ServerInfo."""
-        ftype, payload = await self._next_frame()
-        if ftype != FrameType.SERVER_KEY:
-            raise HandshakeError(f"expected ServerKey, got frame type 0x{ftype:02x}")
-        self.server_key = parse_server_key(payload)
-        if fast_start:
-            if self.server_key != server_key:
-                raise HandshakeError("server key differs from the expected one")
-        else:
-            await self.stream.send_all(client_info_frame(self.key, self.server_key, info))
-        ftype, payload = await self._next_frame()
-        if ftype != FrameType.SERVER_INFO:
-            raise HandshakeError(f"expected ServerInfo, got frame type 0x{ftype:02x}")
-        self.server_info = open_server_info(self.key, self.server_key, payload)
+        derp = self.derp
+        while (event := derp.next_event()) is NEED_DATA:
+            out = derp.data_to_send()
+            if out:
+                await self.stream.send_all(out)
+            await self._receive()
+        assert isinstance(event, ServerHello)  # the only event a client's login ends with
+        self.server_key = event.key
+        self.server_info = event.info
 
     async def _read_101(self, http: h11.Connection) -> None:
         body = b""
@@ -335,7 +251,7 @@ class DerpClient:
                 self.http_response = event
                 rest, _ = http.trailing_data
                 if rest:
-                    self._reader.feed(bytes(rest))
+                    self.derp.receive_data(bytes(rest))
                 return
             if isinstance(event, h11.Response):
                 status = event.status_code
@@ -348,20 +264,15 @@ class DerpClient:
 
     # --- frames ------------------------------------------------------------------------
 
-    async def _next_frame(self) -> tuple[int, bytes]:
-        while not self._frames:
-            frames = self._reader.read_frames()
-            if frames:
-                self._frames.extend(frames)
-                break
-            try:
-                data = await self.stream.receive_some(RECV_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise ConnectionLost(str(e)) from None
-            if not data:
-                raise ConnectionLost("server closed the connection")
-            self._reader.feed(data)
-        return self._frames.popleft()
+    async def _receive(self) -> None:
+        """Wait for bytes from the server and hand them to the protocol state."""
+        try:
+            data = await self.stream.receive_some(RECV_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise ConnectionLost(str(e)) from None
+        if not data:
+            raise ConnectionLost("server closed the connection")
+        self.derp.receive_data(data)
 
     async def _send(self, data: bytes) -> None:
         async with self._send_lock:
@@ -405,18 +316,19 @@ class DerpClient:
     async def _recv_one(self) -> Message | None:
         self._receiving = True
         try:
-            ftype, payload = await self._next_frame()
+            while (event := self.derp.next_event()) is NEED_DATA:
+                await self._receive()
         finally:
             self._receiving = False
-        msg = decode_message(ftype, payload)
-        if isinstance(msg, PongMessage):
-            event = self._pings.pop(msg.data, None)
-            if event is not None:
-                event.set()
+        assert not isinstance(event, ClientHello | ServerHello)  # the login's, over by now
+        if isinstance(event, Pong):
+            waiter = self._pings.pop(event.data, None)
+            if waiter is not None:
+                waiter.set()
                 return None
-        elif isinstance(msg, PingMessage) and self.can_ack_pings:
-            await self.send_pong(msg.data)
-        return msg
+        elif isinstance(event, Ping) and self.can_ack_pings:
+            await self.send_pong(event.data)
+        return event
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iterate()
@@ -450,16 +362,13 @@ class DerpClient:
                 self._pending.append(msg)
         return data
 
-    def detach(self) -> tuple[trio.abc.Stream, list[tuple[int, bytes]], bytes]:
-        """Give up the connection to another reader: the stream, frames already parsed,
-        and bytes received but not yet parsed (the mesh takes links over this way)."""
-        frames = list(self._frames)
-        self._frames.clear()
-        pending = self._pending
-        if pending:
+    def detach(self) -> tuple[trio.abc.Stream, DerpConnection]:
+        """Give up the connection to another reader: the stream, and the protocol state with
+        whatever it has received and not yet decoded (the mesh takes links over this way)."""
+        if self._pending:
             raise RuntimeError("cannot detach a client holding decoded messages")
         self._closed = True
-        return self.stream, frames, self._reader.take_buffered()
+        return self.stream, self.derp
 
     async def aclose(self) -> None:
         if not self._closed:

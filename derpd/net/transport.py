@@ -44,7 +44,7 @@ class Transport(Protocol):
         """Some bytes (at most ``max_bytes``), or b"" at end of stream."""
         ...
 
-    def try_send(self, data: bytes | memoryview) -> int:
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Write what the kernel takes right now without waiting; 0 if nothing."""
         ...
 
@@ -53,7 +53,7 @@ class Transport(Protocol):
         """Bytes try_send accepted that are not on the wire yet (send_all(b"") flushes them)."""
         ...
 
-    async def send_all(self, data: bytes | memoryview) -> None: ...
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -104,13 +104,13 @@ class SocketTransport:
         await trio.lowlevel.checkpoint()
         return data
 
-    def try_send(self, data: bytes | memoryview) -> int:
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
         try:
             return self.sock.send(data)
         except _SOFT_ERRORS:
             return 0
 
-    async def send_all(self, data: bytes | memoryview) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         sock = self.sock
         sent = 0
@@ -224,7 +224,7 @@ class TLSTransport:
             if self._incoming.eof or not await self._fill():
                 return b""
 
-    def try_send(self, data: bytes | memoryview) -> int:
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Encrypt all of ``data`` and send what the kernel takes now; the rest is backlog."""
         if self._backlog or self._closed:
             return 0  # keep the byte order: the writer flushes the backlog first
@@ -238,7 +238,7 @@ class TLSTransport:
             self._backlog += memoryview(cipher)[sent:]
         return len(data)
 
-    async def send_all(self, data: bytes | memoryview) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if data:
             self.ssl.write(data)
         await self._flush()
@@ -289,12 +289,12 @@ class StreamTransport:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 
-    def try_send(self, data: bytes | memoryview) -> int:
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
         return 0
 
     has_backlog = False
 
-    async def send_all(self, data: bytes | memoryview) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
 
     async def aclose(self) -> None:

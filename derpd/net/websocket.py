@@ -127,12 +127,12 @@ class WebSocketTransport:
                 self._closed = True
                 return b""
 
-    def try_send(self, data: bytes | memoryview) -> int:
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
         return 0  # every write is a WebSocket message built by the writer task
 
     has_backlog = False
 
-    async def send_all(self, data: bytes | memoryview) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise trio.ClosedResourceError("WebSocket closed")
         await self._send_raw(self.ws.send(BytesMessage(data=bytes(data))))

@@ -1,8 +1,11 @@
-"""The DERP wire protocol, sans I/O: frames, limits, and the sealed handshake.
+"""The DERP wire format, sans I/O: frame types, limits, the frame reader, encoders, payload
+parsers, and the sealed ClientInfo/ServerInfo of the login.
 
-Nothing here touches a socket, a clock or trio. A frame is one type byte, a
-big-endian u32 payload length, and the payload (``derp/derp.go``). Frames are plain
-``(type, payload)`` tuples so the relay's hot path allocates as little as possible.
+Nothing here touches a socket, a clock or trio. A frame is one type byte, a big-endian u32
+payload length, and the payload (``derp/derp.go``). Frames are plain ``(type, payload)`` tuples,
+and the relay reads spans of one immutable buffer (``FrameReader.read_spans``), so that its hot
+path allocates as little as possible. The login's order of frames, for either side, and the
+decoding of a server's frames into events are ``derpd.proto.connection``'s.
 """
 
 from __future__ import annotations
@@ -251,7 +254,7 @@ class FrameReader:
         table = self._table
         unpack = _unpack_header
         run: list[int] = []  # header offsets of the pending run of SendPackets
-        run_key = b""
+        run_key: bytes | bytearray = b""  # bytes: buf is by now
         run_start = run_stop = 0
         send, disco_min, disco_magic = _SEND, _DISCO_SEND_MIN, DISCO_MAGIC
         while end - pos >= FRAME_HEADER_LEN:
@@ -466,10 +469,25 @@ def parse_peer_gone(payload: bytes) -> tuple[bytes, int]:
 
 @dataclass(frozen=True, slots=True)
 class PeerPresent:
+    """A PeerPresent frame's payload (and the event ``derpd.proto.connection`` makes of one)."""
+
     key: bytes
-    ip16: bytes | None = None  # 16 bytes, IPv4 as v4-mapped
+    ip16: bytes | None = None  # 16 bytes, IPv4 as v4-mapped; None in the 32-byte legacy form
     port: int = 0
     flags: int = 0  # 0 = an old server that sent no flags
+
+    @property
+    def present(self) -> PeerPresent:
+        """The record itself: what ``derpd.net.client.PeerPresentMessage.present`` used to hold."""
+        return self
+
+    def payload(self) -> bytes:
+        """The payload again, in the form it came in: the key alone, with the IP and port, or
+        with the flags too (``peer_present_frame`` always writes derper's 51 bytes)."""
+        if self.ip16 is None:
+            return self.key
+        tail = bytes((self.flags,)) if self.flags else b""
+        return self.key + self.ip16 + self.port.to_bytes(2, "big") + tail
 
 
 def parse_peer_present(payload: bytes) -> PeerPresent:

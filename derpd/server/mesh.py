@@ -1,10 +1,12 @@
 """The regional mesh: this node watches its peers' clients and forwards packets to them.
 
-For every ``--mesh-with`` peer a task keeps one outbound DERP connection presenting the
-mesh key: it sends WatchConns, learns from the PeerPresent/PeerGone stream which keys the
-peer serves (the relay's forwarders), and carries ForwardPacket frames to it. This is
-Tailscale's own mesh protocol, so derpd meshes with Go derper nodes too. Forwarding is
-one hop: packets a peer forwards to us are only delivered locally (the relay's rule).
+For every ``--mesh-with`` peer (and, with ``--workers``, every sibling worker) a task keeps one
+outbound DERP connection presenting the mesh key: it logs in with ``derpd.net.client``, sends
+WatchConns, learns from the PeerPresent/PeerGone stream which keys the peer serves (the relay's
+forwarders; the stream is decoded by the client role of ``derpd.proto.connection``), and carries
+ForwardPacket frames to it through an ``Outbox``. This is Tailscale's own mesh protocol, so derpd
+meshes with Go derper nodes too. Forwarding is one hop: packets a peer forwards to us are only
+delivered locally (the relay's rule).
 """
 
 from __future__ import annotations
@@ -20,23 +22,13 @@ import trio
 
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
-from derpd.net.client import ConnectionLost, DerpClient, DerpHTTPError
+from derpd.net.client import CONNECT_TIMEOUT, ConnectionLost, DerpClient, DerpHTTPError
 from derpd.net.transport import SocketTransport, StreamTransport, Transport
-from derpd.proto.frames import (
-    MAX_FRAME_LEN,
-    NONCE_LEN,
-    ClientInfo,
-    FrameReader,
-    FrameType,
-    HandshakeError,
-    ProtocolError,
-    parse_peer_gone,
-    parse_peer_present,
-    parse_ping,
-    pong_frame,
-)
+from derpd.proto.connection import NEED_DATA, DerpConnection, Health, PeerGone, PeerPresent, Ping, Restarting
+from derpd.proto.frames import ClientInfo, HandshakeError, ProtocolError, pong_frame
 from derpd.proto.keys import NodePrivate, short_key
-from derpd.server.relay import ClientConn, ConnectionClosed, RelayServer, _touch
+from derpd.server.outbox import ConnectionClosed, Outbox
+from derpd.server.relay import ClientConn, RelayServer
 
 LINK_QUEUE_DEPTH = 4096  # ForwardPackets waiting for one peer (all its clients' traffic from us)
 BACKOFF_MIN = 0.5
@@ -191,77 +183,97 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-class MeshLink(ClientConn):
+class MeshLink:
     """The outbound connection to one peer: ForwardPackets out, PeerPresent/PeerGone in.
 
-    It reuses ClientConn's queue, direct-write and writer-task machinery for the outgoing
-    side; only what it reads differs (a server's frames, not a client's).
+    Composed of the relay's own pieces: a ClientConn (``conn``) runs it, with the write deadline
+    of a mesh peer, no keepalives (the peer's server sends them) and sent packets not counted
+    again (they were counted as forwarded when routed); its Outbox (``outbox``) carries the
+    ForwardPackets; and the logged-in client side of the protocol (``derp``) decodes what the
+    peer's server sends.
     """
 
-    SENDS_KEEPALIVES = False
-    __slots__ = ("name", "parsed")
+    __slots__ = ("conn", "derp", "name", "outbox")
 
     def __init__(
         self,
-        server: RelayServer,
+        relay: RelayServer,
         transport: Transport,
-        peer_key: bytes,
-        conn_id: int,
+        derp: DerpConnection,
         name: str,
         *,
         internal: bool = False,
     ) -> None:
-        super().__init__(
-            server, transport, peer_key, ClientInfo(), conn_id, can_mesh=True, not_ideal=False, internal=internal
+        self.conn = ClientConn(
+            relay,
+            transport,
+            derp.peer_key,
+            ClientInfo(),
+            -1,
+            can_mesh=True,
+            not_ideal=False,
+            internal=internal,
+            outbound=True,
         )
+        self.outbox = self.conn.outbox
+        self.derp = derp
         self.name = name
-        self.parsed: list[tuple[int, bytes]] = []  # frames the handshake already read
 
-    def forward(self, frame: bytes, disco: bool, touched: list[ClientConn]) -> None:
+    def __repr__(self) -> str:
+        return f"<MeshLink {self.name} {short_key(self.key)}>"
+
+    @property
+    def key(self) -> bytes:
+        """The peer's server key."""
+        return self.conn.key
+
+    @property
+    def internal(self) -> bool:
+        """The peer is a sibling worker of this node (--workers), not another node."""
+        return self.conn.internal
+
+    def forward(self, frame: bytes, disco: bool, touched: list[Outbox]) -> None:
         """Queue one ForwardPacket (the relay calls this while routing a read)."""
-        q = self.q_other
+        out = self.outbox
+        q = out.q_other
         if len(q) >= LINK_QUEUE_DEPTH:
-            if not self.writing:
-                self.kick()
+            if not out.writing:
+                out.kick()
             if len(q) >= LINK_QUEUE_DEPTH:
-                self.server.stats.drop("queue_head", False, len(q.popleft()))
+                self.conn.server.stats.drop("queue_head", False, len(q.popleft()))
         q.append(frame)
-        _touch(self, touched)
+        out.touch(touched)
 
-    def _batch_done(self, nbytes: int) -> None:
-        self.flight = (0, 0, 0, 0)  # forwarded packets were counted when routed
-        self.bytes_out += nbytes
+    async def run(self) -> None:
+        """Until the link breaks (the reason is in ``conn.close_reason``) or is cancelled."""
+        await self.conn.run(self._read_loop)
 
-    async def _read_loop(self, reader: FrameReader) -> None:
-        relay = self.server
+    async def _read_loop(self) -> None:
+        relay = self.conn.server
         own = relay.public_key
-        receive = self.transport.receive_some
-        frames = self.parsed
-        self.parsed = []
+        receive = self.conn.transport.receive_some
+        derp = self.derp
+        out = self.outbox
         while True:
-            frames += reader.read_frames()
-            for ftype, payload in frames:
-                if ftype == FrameType.PEER_PRESENT:
-                    key = parse_peer_present(payload).key
-                    if key != own:  # our own link, as the peer sees it
-                        relay.add_forwarder(key, self, payload)
-                elif ftype == FrameType.PEER_GONE:
-                    key, _reason = parse_peer_gone(payload)
-                    relay.remove_forwarder(key, self)
-                elif ftype == FrameType.PING:
-                    if self.pong is None:
-                        self.pong = pong_frame(parse_ping(payload))
-                        self.kick()
-                elif ftype == FrameType.RESTARTING:
+            while (event := derp.next_event()) is not NEED_DATA:
+                if isinstance(event, PeerPresent):
+                    if event.key != own:  # our own link, as the peer sees it
+                        relay.add_forwarder(event.key, self, event)
+                elif isinstance(event, PeerGone):
+                    relay.remove_forwarder(event.peer, self)
+                elif isinstance(event, Ping):
+                    if out.pong is None:
+                        out.pong = pong_frame(event.data)
+                        out.kick()
+                elif isinstance(event, Restarting):
                     log.info("mesh_peer_restarting", peer=self.name)
-                elif ftype == FrameType.HEALTH and payload:
-                    log.warning("mesh_peer_health", peer=self.name, problem=payload.decode("utf-8", "replace"))
-            frames = []
+                elif isinstance(event, Health) and event.problem:
+                    log.warning("mesh_peer_health", peer=self.name, problem=event.problem)
             data = await receive()
             if not data:
                 raise ConnectionClosed("mesh peer closed the connection")
-            self.bytes_in += len(data)
-            reader.feed(data)
+            self.conn.bytes_in += len(data)
+            derp.receive_data(data)
 
 
 class SelfPeer(Exception):
@@ -276,28 +288,28 @@ async def connect_link(
     mesh_key: bytes,
     ssl_context: ssl.SSLContext | None,
     internal: bool = False,
-    timeout: float = 10.0,
-) -> tuple[MeshLink, FrameReader]:
+) -> MeshLink:
     """Dial, log in with the mesh key, WatchConns, and turn the connection into a MeshLink.
-    ``internal``: the peer is a sibling worker, which shares our server key."""
-    client = await DerpClient.connect(
-        target.url,
-        client_key,
-        mesh_key=mesh_key,
-        can_ack_pings=True,
-        ssl_context=ssl_context,
-        dial=target.dial,
-        fast_start=False,
-        timeout=timeout,
-    )
-    try:
-        if client.server_key == relay.public_key and not internal:
-            raise SelfPeer
-        await client.watch_conns()
-    except BaseException:
-        await client.aclose()
-        raise
-    stream, frames, leftover = client.detach()
+    ``internal``: the peer is a sibling worker, which shares our server key. The whole connect
+    is bounded as derphttp bounds it (CONNECT_TIMEOUT, 10 s)."""
+    with trio.fail_after(CONNECT_TIMEOUT):
+        client = await DerpClient.connect(
+            target.url,
+            client_key,
+            mesh_key=mesh_key,
+            can_ack_pings=True,
+            ssl_context=ssl_context,
+            dial=target.dial,
+            fast_start=False,
+        )
+        try:
+            if client.server_key == relay.public_key and not internal:
+                raise SelfPeer
+            await client.watch_conns()
+        except BaseException:
+            await client.aclose()
+            raise
+    stream, derp = client.detach()
     transport: Transport
     if isinstance(stream, trio.SocketStream):
         remote = _peer_of(stream)
@@ -305,11 +317,7 @@ async def connect_link(
         transport.remote = remote
     else:
         transport = StreamTransport(stream, None)
-    reader = FrameReader(max_frame_len=NONCE_LEN + MAX_FRAME_LEN)
-    reader.feed(leftover)
-    link = MeshLink(relay, transport, client.server_key, -1, target.label, internal=internal)
-    link.parsed = frames
-    return link, reader
+    return MeshLink(relay, transport, derp, target.label, internal=internal)
 
 
 def _peer_of(stream: trio.SocketStream) -> tuple[str, int] | None:
@@ -335,7 +343,7 @@ async def keep_link(
     relay.mesh_links[target.label] = None
     while True:
         try:
-            link, reader = await connect_link(
+            link = await connect_link(
                 relay, target, client_key=client_key, mesh_key=mesh_key, ssl_context=ssl_context, internal=internal
             )
         except SelfPeer:
@@ -358,16 +366,15 @@ async def keep_link(
             backoff = BACKOFF_MIN
             relay.mesh_links[target.label] = link
             relay.stats.mesh_connects += 1
-            log.info(
-                "mesh_connected", peer=target.label, key=short_key(link.key), remote=link.remote and link.remote[0]
-            )
+            remote = link.conn.remote
+            log.info("mesh_connected", peer=target.label, key=short_key(link.key), remote=remote and remote[0])
             try:
-                await link.run(reader)
+                await link.run()
             finally:
                 relay.remove_link(link)  # derper's MeshConnBroke: routes come back with the next flood
                 relay.mesh_links[target.label] = None
                 with trio.CancelScope(shield=True):
-                    await link.transport.aclose()
-                log.info("mesh_disconnected", peer=target.label, reason=link.close_reason or "server shutdown")
+                    await link.conn.transport.aclose()
+                log.info("mesh_disconnected", peer=target.label, reason=link.conn.close_reason or "server shutdown")
         await trio.sleep(backoff)
         backoff = min(backoff * 2, BACKOFF_MAX)

@@ -1,12 +1,13 @@
-"""The relay core: who is connected, where packets go, and how they get written.
+"""The relay core: who is connected, where packets go, and the relay's side of each connection.
 
-Knows nothing of HTTP or TLS: it is handed a ``Transport`` that already carries
-DERP frames. The hot path is one reader task per client that reads big chunks,
-decodes every whole frame, routes each into the destination's bounded queues, and
-then, once per chunk, asks each touched destination to write everything it has
-queued in one non-blocking ``send``. A destination whose kernel buffer is full is
-handed to its own writer task, which waits (with the write deadline) so that no
-reader ever waits for a slow receiver.
+Knows nothing of HTTP or TLS: it is handed a ``Transport`` that already carries DERP frames.
+The login is ``derpd.proto.connection``'s (server role); after it, the hot path is one reader
+task per client that reads big chunks, takes every whole frame as spans of one buffer
+(``FrameReader.read_spans``), routes each into the destination's ``Outbox``, and then, once per
+chunk, asks each touched destination to write everything it has queued in one non-blocking
+``send``. A destination whose kernel buffer is full is handed to its own writer task
+(``derpd.server.outbox``), which waits (with the write deadline) so that no reader ever waits
+for a slow receiver.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import ipaddress
 import math
 import random
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import count
 from typing import Protocol
 
@@ -26,30 +27,27 @@ import trio
 from derpd.base import log
 from derpd.base.text import Peer
 from derpd.net.transport import Transport, format_addr
+from derpd.proto.connection import NEED_DATA, ClientHello, DerpConnection, Event, NeedData, Role
 from derpd.proto.frames import (
-    CLIENT_FRAME_LIMITS,
     DISCO_MAGIC,
     DISCO_MIN_LEN,
     FRAME_HEADER_LEN,
-    KEEP_ALIVE_FRAME,
     KEEPALIVE_SECONDS,
-    MAX_CLIENT_INFO_LEN,
-    MAX_FRAME_LEN,
-    SERVER_HANDLED,
     ClientInfo,
     FrameReader,
     FrameType,
     HandshakeError,
     MalformedFrame,
     PeerGoneReason,
+    PeerPresent,
     PeerPresentFlags,
     ProtocolError,
     ServerInfo,
     Span,
+    encode_frame,
     forward_packet_frame,
     health_frame,
     is_disco,
-    open_client_info,
     pack_header,
     parse_close_peer,
     parse_forward_packet,
@@ -60,11 +58,11 @@ from derpd.proto.frames import (
     peer_present_frame,
     pong_frame,
     restarting_frame,
-    server_info_frame,
-    server_key_frame,
 )
 from derpd.proto.keys import KEY_LEN, NodePrivate, mesh_keys_equal, public_key_text, short_key
+from derpd.server.admission import Verdict
 from derpd.server.limits import RateConfig, TokenBucket
+from derpd.server.outbox import RECV_PREFIX_LEN, ConnectionClosed, Outbox, WriteTimeout
 
 DROP_REASONS = (
     "unknown_dest",
@@ -88,16 +86,7 @@ CLOSE_PEER = FrameType.CLOSE_PEER
 HANDSHAKE_TIMEOUT = 10.0
 SAMPLED_LOG_INTERVAL = 10.0  # seconds between info lines for failed handshakes and refused keys
 MESH_WRITE_TIMEOUT = 30.0
-WRITE_SLICE = 64 * 1024  # each slice of a batch must be accepted within the write timeout
-RECV_PREFIX_LEN = 5 + KEY_LEN
-
-
-class ConnectionClosed(Exception):
-    """A client connection ends; the message is the reason logged."""
-
-
-class WriteTimeout(ConnectionClosed):
-    pass
+KEEPALIVE_JITTER = 5.0  # derper: a fixed random extra in [0, 5 s) per connection
 
 
 @dataclass
@@ -112,21 +101,20 @@ class RelayConfig:
     rate: RateConfig = field(default_factory=RateConfig)  # per-client receive limit; mesh peers exempt
 
 
-class Verdict(Protocol):
-    allowed: bool
-    reason: str
-
-
 class Forwarder(Protocol):
-    """A link to another node of the region (derpd.mesh.MeshLink) that can carry ForwardPackets."""
+    """A link to another node of the region (derpd.server.mesh.MeshLink) that carries ForwardPackets."""
 
-    internal: bool  # a sibling worker of this node, not another node
+    @property
+    def internal(self) -> bool:
+        """A sibling worker of this node, not another node."""
+        ...
 
-    def forward(self, frame: bytes, disco: bool, touched: list[ClientConn]) -> None: ...
+    def forward(self, frame: bytes, disco: bool, touched: list[Outbox]) -> None: ...
 
 
 class Admitter(Protocol):
-    """Decides whether a (non-mesh) client key may use the relay; see derpd.admission."""
+    """Decides whether a (non-mesh) client key may use the relay: derpd.server.admission.Admission, kept
+    behind this protocol so that the relay needs none of admission's machinery (HTTP, caches) to run."""
 
     @property
     def enabled(self) -> bool: ...
@@ -207,37 +195,28 @@ class _KeyConns:
 
 
 class ClientConn:
-    """One authenticated DERP client connection: its queues, its writer, its state."""
+    """One logged-in DERP connection as the relay sees it: who it is, what routing knows of it,
+    its reader (``read_loop``) and its output (``outbox``, with the writer task).
 
-    SENDS_KEEPALIVES = True  # a server keeps its clients' read deadlines alive; a mesh link does not
+    ``outbound``: the connection this node opened to a mesh peer (a MeshLink's): it sends no
+    keepalives (the peer's server does) and its ForwardPackets were counted when routed.
+    """
 
     __slots__ = (
-        "_lot",
         "bucket",
         "bytes_in",
-        "bytes_out",
         "can_mesh",
         "cancel_scope",
         "close_reason",
-        "closed",
         "conn_id",
         "connected_at",
-        "ctrl",
-        "dirty",
-        "express",
-        "express_bytes",
-        "express_pkts",
-        "flight",
         "info",
         "internal",
         "is_dup",
         "key",
         "not_ideal",
-        "pending",
-        "pong",
+        "outbox",
         "preferred",
-        "q_disco",
-        "q_other",
         "recv_prefixes",
         "remote",
         "saw_src",
@@ -245,8 +224,6 @@ class ClientConn:
         "tokens",
         "tokens_at",
         "transport",
-        "write_timeout",
-        "writing",
     )
 
     def __init__(
@@ -260,7 +237,10 @@ class ClientConn:
         can_mesh: bool,
         not_ideal: bool,
         internal: bool = False,
+        outbound: bool = False,
     ) -> None:
+        config = server.config
+        # Fixed at login.
         self.server = server
         self.transport = transport
         self.key = key
@@ -271,35 +251,34 @@ class ClientConn:
         self.internal = internal  # a sibling worker's mesh connection (--workers)
         self.not_ideal = not_ideal
         self.connected_at = server.clock()
-        self.write_timeout = MESH_WRITE_TIMEOUT if can_mesh else server.config.write_timeout
-        self.q_other: deque[bytes] = deque()
-        self.q_disco: deque[bytes] = deque()
-        # RecvPacket runs written straight through for a client that is keeping up.
-        self.express: list[bytes | bytearray] = []
-        self.express_pkts = 0
-        self.express_bytes = 0
-        self.ctrl: list[bytes] = []  # PeerGone, PeerPresent, KeepAlive, ServerInfo: never dropped
-        self.pong: bytes | None = None  # one pending pong, as the reference's 1-slot channel
-        self.pending: memoryview | None = None  # unsent tail of the batch being written
-        self.flight = (0, 0, 0, 0)  # packets/bytes (disco, other) in the batch being written
-        self.writing = False  # the writer task owns the socket's output
-        self.dirty = False  # touched in the current read batch
-        self.closed = False
-        self.close_reason = ""
-        self.cancel_scope: trio.CancelScope | None = None
+        self.outbox = Outbox(
+            transport,
+            server.stats,
+            self.close,
+            write_timeout=MESH_WRITE_TIMEOUT if can_mesh else config.write_timeout,
+            keepalive=math.inf if outbound else config.keepalive + random.uniform(0.0, KEEPALIVE_JITTER),
+            counts_sent=not outbound,
+        )
+        # Routing state, changed by the task routing a batch (any client's reader task).
+        self.is_dup = False  # another connection has the same key
+        self.saw_src: set[bytes] = set()  # keys this connection received from (they owe it a PeerGone)
+        # This connection's own reader task: what it sent.
         self.preferred = False
-        self.is_dup = False
-        self.saw_src: set[bytes] = set()
         self.recv_prefixes: dict[int, bytes] = {}  # RecvPacket header + our key, by payload size
         self.tokens = 3.0  # PeerGone(NotHere) limiter: 1/s, burst 3
         self.tokens_at = self.connected_at
         self.bytes_in = 0
-        self.bytes_out = 0
-        self.bucket: TokenBucket | None = None  # the receive rate limit, when configured
-        self._lot = trio.lowlevel.ParkingLot()
+        self.bucket: TokenBucket | None = None  # the receive rate limit, when configured (set_rate too)
+        # Lifecycle: run() sets the scope, close() (any task) cancels it once, with the reason.
+        self.close_reason = ""
+        self.cancel_scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
         return f"<ClientConn {self.conn_id} {short_key(self.key)} {format_addr(self.remote)}>"
+
+    @property
+    def closed(self) -> bool:
+        return self.outbox.closed
 
     @property
     def present_flags(self) -> int:
@@ -312,138 +291,11 @@ class ClientConn:
             f |= PeerPresentFlags.NOT_IDEAL
         return f or PeerPresentFlags.IS_REGULAR
 
-    # --- output -----------------------------------------------------------------
-
-    def _take_batch(self) -> bytes | bytearray | None:
-        """Everything waiting for this client as one buffer: control frames, the pong,
-        disco packets, packets written straight through, then the queue, in that order."""
-        qd = self.q_disco
-        qo = self.q_other
-        express = self.express
-        if not (express or self.ctrl or self.pong or qd or qo):
-            return None
-        nd = len(qd)
-        no = len(qo) + self.express_pkts
-        bd = sum(map(len, qd)) - nd * RECV_PREFIX_LEN if nd else 0
-        bo = self.express_bytes + (sum(map(len, qo)) - len(qo) * RECV_PREFIX_LEN if qo else 0)
-        self.flight = (nd, bd, no, bo)
-        if len(express) == 1 and not (self.ctrl or self.pong or qd or qo):
-            data: bytes | bytearray = express[0]  # the common case: one run, no copy
-        else:
-            parts: list[bytes | bytearray] = self.ctrl
-            self.ctrl = []
-            if self.pong is not None:
-                parts.append(self.pong)
-                self.pong = None
-                self.server.stats.sent_pong += 1
-            parts.extend(qd)
-            parts.extend(express)
-            parts.extend(qo)
-            data = b"".join(parts)
-            qd.clear()
-            qo.clear()
-        express.clear()
-        self.express_pkts = self.express_bytes = 0
-        return data
-
-    def has_output(self) -> bool:
-        """Anything still to be written (queued, or a batch in flight)."""
-        return bool(self.writing or self.ctrl or self.pong or self.q_disco or self.q_other or self.express)
-
-    def _batch_done(self, nbytes: int) -> None:
-        nd, bd, no, bo = self.flight
-        if nd or no:
-            st = self.server.stats
-            st.packets_sent += nd + no
-            st.bytes_sent += bd + bo
-            self.flight = (0, 0, 0, 0)
-        self.bytes_out += nbytes
-
-    def _batch_failed(self, reason: str = "write_error") -> None:
-        nd, bd, no, bo = self.flight
-        st = self.server.stats
-        if nd:
-            st.drop(reason, True, bd, nd)
-        if no:
-            st.drop(reason, False, bo, no)
-        self.flight = (0, 0, 0, 0)
-
-    def kick(self) -> None:
-        """Write what is queued now, without waiting; leave the rest to the writer task."""
-        if self.writing or self.closed:
-            return
-        data = self._take_batch()
-        if data is None:
-            return
-        try:
-            n = self.transport.try_send(data)
-        except OSError as e:
-            self._batch_failed()
-            self.close(f"write error: {e.strerror or e}")
-            return
-        if n == len(data) and not self.transport.has_backlog:
-            self._batch_done(n)
-            return
-        # The kernel is full: the writer task finishes this batch (and any TLS backlog).
-        self.bytes_out += n
-        self.pending = memoryview(data)[n:]
-        self.writing = True
-        self._lot.unpark()
-
-    async def _send(self, data: bytes | memoryview) -> None:
-        timeout = self.write_timeout
-        view = memoryview(data)
-        send_all = self.transport.send_all
-        for start in range(0, max(len(view), 1), WRITE_SLICE):  # an empty write flushes a backlog
-            piece = view[start : start + WRITE_SLICE]
-            if timeout > 0:
-                with trio.move_on_after(timeout) as scope:
-                    await send_all(piece)
-                if scope.cancelled_caught:
-                    raise WriteTimeout(f"write timeout after {timeout:g}s")
-            else:
-                await send_all(piece)
-
-    async def _write_loop(self) -> None:
-        jitter = random.uniform(0.0, 5.0)
-        interval = self.server.config.keepalive + jitter if self.SENDS_KEEPALIVES else math.inf
-        next_keepalive = trio.current_time() + interval
-        lot = self._lot
-        while True:
-            if not self.writing:
-                with trio.move_on_at(next_keepalive):
-                    await lot.park()
-                now = trio.current_time()
-                if now >= next_keepalive:
-                    next_keepalive = now + interval
-                    self.ctrl.append(KEEP_ALIVE_FRAME)
-                    if not self.writing:
-                        self.writing = True
-                if not self.writing:
-                    continue
-            try:
-                while True:
-                    data = self.pending
-                    self.pending = None
-                    if data is None:
-                        data = self._take_batch()
-                        if data is None:
-                            break
-                    await self._send(data)
-                    self._batch_done(len(data))
-            except trio.Cancelled:
-                self._batch_failed("gone_disconnected")
-                raise
-            except BaseException:
-                self._batch_failed()
-                raise
-            self.writing = False
-
     def close(self, reason: str) -> None:
         """Ask this connection to end (from any task); cleanup runs in its own task."""
-        if self.closed:
+        if self.outbox.closed:
             return
-        self.closed = True
+        self.outbox.close()
         self.close_reason = reason
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
@@ -456,24 +308,26 @@ class ClientConn:
         if self.tokens < 1.0:
             return False
         self.tokens -= 1.0
-        self.ctrl.append(peer_gone_frame(dst, PeerGoneReason.NOT_HERE))
+        self.outbox.ctrl.append(peer_gone_frame(dst, PeerGoneReason.NOT_HERE))
         self.server.stats.peer_gone_not_here_frames += 1
         return True
 
     # --- lifecycle ----------------------------------------------------------------
 
-    async def run(self, reader: FrameReader) -> None:
+    async def run(self, read_loop: Callable[[], Awaitable[None]]) -> None:
+        """Run ``read_loop`` (this connection's reader) and the outbox's writer task until
+        either ends or close() is called; the reason is in ``close_reason``."""
         async with trio.open_nursery() as nursery:
             self.cancel_scope = nursery.cancel_scope
             if self.closed:
                 nursery.cancel_scope.cancel()
-            nursery.start_soon(self._guard, self._write_loop())
-            await self._guard(self._read_loop(reader))
+            nursery.start_soon(self._guard, self.outbox.run)
+            await self._guard(read_loop)
             nursery.cancel_scope.cancel()
 
-    async def _guard(self, coro: object) -> None:
+    async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
         try:
-            await coro  # type: ignore[misc]
+            await task()
         except WriteTimeout as e:
             self.server.stats.sclient_write_timeouts += 1
             self.close(str(e))
@@ -487,7 +341,8 @@ class ClientConn:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self.close(f"connection broken: {e.__cause__ or e or 'closed'}")
 
-    async def _read_loop(self, reader: FrameReader) -> None:
+    async def read_loop(self, reader: FrameReader) -> None:
+        """A client's reader task: read big, route every whole frame (the hot path)."""
         receive = self.transport.receive_some
         handle = self.server.handle_frames
         wait = 0.0
@@ -532,13 +387,6 @@ CLEAR_HEALTH_FRAME = health_frame("")
 DUP_HEALTH_FANOUT = 8  # connections of one key that each hear about a new duplicate
 
 
-def _touch(conn: ClientConn, touched: list[ClientConn]) -> None:
-    """Mark ``conn`` to be written once the current batch is routed."""
-    if not conn.dirty:
-        conn.dirty = True
-        touched.append(conn)
-
-
 class RelayServer:
     """Registry, routing and peer presence for one DERP node."""
 
@@ -558,7 +406,6 @@ class RelayServer:
         self.keys: dict[bytes, _KeyConns] = {}
         self.watchers: set[ClientConn] = set()
         self.seen_by: dict[bytes, set[ClientConn]] = {}  # src key -> receivers it sent to
-        self.server_key_frame = server_key_frame(self.public_key)
         self.admission: Admitter | None = None
         self.closing = False  # shutting down: no new logins
         # Keys connected to other nodes of the region, and the mesh links (first announcer first)
@@ -592,7 +439,7 @@ class RelayServer:
         remote = format_addr(transport.remote)
         try:
             try:
-                key, info, reader = await self._handshake(transport, initial, preamble)
+                login, hello = await self._login(transport, initial, preamble)
             except (
                 HandshakeError,
                 ProtocolError,
@@ -605,6 +452,7 @@ class RelayServer:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 self._handshake_failed.note(conn=conn_id, remote=remote, reason=reason)
                 return
+            key, info = hello.key, hello.info
             internal = mesh_keys_equal(self.config.internal_mesh_key, info.mesh_key)
             can_mesh = internal or mesh_keys_equal(self.config.mesh_key, info.mesh_key)
             if not can_mesh and not await self._admit(key, transport, conn_id):
@@ -622,7 +470,7 @@ class RelayServer:
                 server_info = ServerInfo(
                     token_bucket_bytes_per_second=rate.bytes_per_second, token_bucket_bytes_burst=rate.burst_bytes
                 )
-            conn.ctrl.append(server_info_frame(self.private_key, key, server_info))
+            conn.outbox.ctrl.append(login.accept(server_info))
             self._register(conn)
             log.info(
                 "client_connected",
@@ -633,8 +481,8 @@ class RelayServer:
                 app=Peer(info.app_name) if info.app_name else None,
             )
             try:
-                conn.kick()
-                await conn.run(reader)
+                conn.outbox.kick()
+                await conn.run(partial(conn.read_loop, login.take_reader()))
             finally:
                 self._unregister(conn)
                 log.info(
@@ -645,7 +493,7 @@ class RelayServer:
                     reason=conn.close_reason or "server shutdown",
                     duration=f"{self.clock() - conn.connected_at:.1f}s",
                     bytes_in=conn.bytes_in,
-                    bytes_out=conn.bytes_out,
+                    bytes_out=conn.outbox.bytes_out,
                 )
         finally:
             with trio.CancelScope(shield=True):
@@ -664,36 +512,36 @@ class RelayServer:
         self._rejected.note(conn=conn_id, key=public_key_text(key), source=source, reason=verdict.reason)
         return False
 
-    async def close_all(self, restarting: tuple[float, float] | None = None, timeout: float = 5.0) -> None:
+    async def close_all(self, restarting: tuple[float, float] | None = None, grace: float = 5.0) -> None:
         """Graceful shutdown: refuse new logins, tell every client (Restarting frame: reconnect in,
-        try for, in seconds), give writers up to ``timeout`` to flush what is queued, then close."""
+        try for, in seconds), give writers up to ``grace`` seconds to flush what is queued, then
+        close every connection (after the grace period as well: it bounds the flush, not this call)."""
         self.closing = True
         conns = [c for entry in self.keys.values() for c in entry.conns]
         if restarting is not None:
             reconnect_in, try_for = restarting
             frame = restarting_frame(int(reconnect_in * 1000), int(try_for * 1000))
             for c in conns:
-                c.ctrl.append(frame)
-                c.kick()
-        with trio.move_on_after(timeout):
-            while any(c.has_output() for c in conns if not c.closed):
-                await trio.sleep(0.01)
+                c.outbox.control(frame)
+        with trio.move_on_after(grace):
+            for c in conns:  # every writer flushes at once; this waits for the slowest
+                await c.outbox.flushed()
         for c in conns:
             c.close("server shutting down")
         log.info("clients_closed", count=len(conns), restarting=restarting is not None)
 
     # --- the mesh: keys on other nodes of the region -------------------------------------------
 
-    def add_forwarder(self, key: bytes, link: Forwarder, present: bytes = b"") -> None:
-        """A mesh peer announced ``key`` (PeerPresent; ``present`` is that frame's payload)."""
+    def add_forwarder(self, key: bytes, link: Forwarder, present: PeerPresent | None = None) -> None:
+        """A mesh peer announced ``key`` (``present``: what its PeerPresent said)."""
         links = self.forwarders.get(key)
         if links is None:
             self.forwarders[key] = [link]
         elif link not in links:
             links.append(link)
         if link.internal and key not in self.sibling_present:
-            present = present or key  # the 32-byte legacy form, when the caller has no more
-            frame = pack_header(FrameType.PEER_PRESENT, len(present)) + present
+            # As the sibling said it (the 32-byte legacy form when the caller has no more).
+            frame = encode_frame(FrameType.PEER_PRESENT, key if present is None else present.payload())
             self.sibling_present[key] = frame
             if key not in self.keys:  # new on this node: tell the other nodes' watchers
                 self._tell_node_watchers(frame)
@@ -727,32 +575,28 @@ class RelayServer:
             for conn in entry.conns:
                 conn.bucket = None if conn.can_mesh else rate.bucket(now)
 
-    async def _handshake(
-        self, transport: Transport, initial: bytes, preamble: bytes
-    ) -> tuple[bytes, ClientInfo, FrameReader]:
+    async def _login(self, transport: Transport, initial: bytes, preamble: bytes) -> tuple[DerpConnection, ClientHello]:
+        """The server's side of the login, up to the opened ClientInfo (``derpd.proto.connection``):
+        ServerKey out (after ``preamble``, the 101), then ClientInfo in, each within the
+        handshake timeout. ``initial``: bytes that came with the HTTP request (fast start)."""
         timeout = self.config.handshake_timeout
+        login = DerpConnection(Role.SERVER, self.private_key)
         with trio.move_on_after(timeout) as scope:
-            await transport.send_all(preamble + self.server_key_frame)
+            await transport.send_all(preamble + login.data_to_send())
         if scope.cancelled_caught:
             raise ConnectionClosed(f"timed out writing ServerKey after {timeout:g}s")
-        reader = FrameReader(max_frame_len=MAX_CLIENT_INFO_LEN)
         if initial:
-            reader.feed(initial)
-        frame = None
-        with trio.move_on_after(timeout) as scope:
-            while (frame := reader.read_frame()) is None:
+            login.receive_data(initial)
+        event: Event | NeedData = NEED_DATA
+        with trio.move_on_after(timeout):
+            while (event := login.next_event()) is NEED_DATA:
                 data = await transport.receive_some()
                 if not data:
                     raise ConnectionClosed("client closed before sending ClientInfo")
-                reader.feed(data)
-        if frame is None:
+                login.receive_data(data)
+        if not isinstance(event, ClientHello):
             raise ConnectionClosed(f"no ClientInfo within {timeout:g}s")
-        ftype, payload = frame
-        if ftype != FrameType.CLIENT_INFO:
-            raise HandshakeError(f"first frame is type 0x{ftype:02x}, want ClientInfo")
-        key, info = open_client_info(self.private_key, payload)
-        reader.configure(max_frame_len=MAX_FRAME_LEN, limits=CLIENT_FRAME_LIMITS, wanted=SERVER_HANDLED)
-        return key, info, reader
+        return login, event
 
     def _register(self, conn: ClientConn) -> None:
         st = self.stats
@@ -781,9 +625,10 @@ class RelayServer:
             problem = health_frame(DUP_KEY_HEALTH.format(n=len(entry.conns)))
             told = entry.conns if len(entry.conns) <= DUP_HEALTH_FANOUT else [conn]
             for c in told:
-                c.ctrl.append(problem)
-                if c is not conn:
-                    c.kick()
+                if c is conn:  # the newcomer's writes start with its ServerInfo
+                    c.outbox.ctrl.append(problem)
+                else:
+                    c.outbox.control(problem)
         self.clients[key] = conn
         st.current_connections += 1
         if conn.not_ideal:
@@ -794,23 +639,13 @@ class RelayServer:
             on_sibling = key in self.sibling_present  # other nodes know it through us already
             for w in self.watchers:
                 if w.internal or not on_sibling:
-                    w.ctrl.append(frame)
-                    w.kick()
+                    w.outbox.control(frame)
 
     def _unregister(self, conn: ClientConn) -> None:
         st = self.stats
-        conn.closed = True
         key = conn.key
-        # Packets still queued for this connection will never be written.
-        for q, disco in ((conn.q_disco, True), (conn.q_other, False)):
-            if q:
-                st.drop("gone_disconnected", disco, sum(map(len, q)) - len(q) * RECV_PREFIX_LEN, len(q))
-                q.clear()
-        if conn.express_pkts:
-            st.drop("gone_disconnected", False, conn.express_bytes, conn.express_pkts)
-            conn.express.clear()
-            conn.express_pkts = conn.express_bytes = 0
-        conn.ctrl.clear()
+        conn.outbox.close()
+        conn.outbox.discard("gone_disconnected")  # packets still queued will never be written
         for src in conn.saw_src:
             receivers = self.seen_by.get(src)
             if receivers is not None:
@@ -854,8 +689,7 @@ class RelayServer:
             remain.is_dup = False
             entry.last = remain
             entry.history = []
-            remain.ctrl.append(CLEAR_HEALTH_FRAME)  # the warning no longer applies
-            remain.kick()
+            remain.outbox.control(CLEAR_HEALTH_FRAME)  # the warning no longer applies
         if entry.last is not None:
             self.clients[key] = entry.last
         else:
@@ -870,9 +704,8 @@ class RelayServer:
             for r in receivers:
                 r.saw_src.discard(key)
                 if not r.closed:
-                    r.ctrl.append(frame)
                     st.peer_gone_disconnected_frames += 1
-                    r.kick()
+                    r.outbox.control(frame)
 
     def _tell_watchers_gone(self, key: bytes) -> None:
         """Mesh watchers track our local clients: the last local connection of ``key`` left
@@ -882,18 +715,16 @@ class RelayServer:
             on_sibling = key in self.sibling_present
             for w in self.watchers:
                 if w.internal or not on_sibling:
-                    w.ctrl.append(frame)
                     self.stats.peer_gone_disconnected_frames += 1
-                    w.kick()
+                    w.outbox.control(frame)
 
     def _tell_node_watchers(self, frame: bytes) -> None:
         """A key appeared on or left a sibling worker: only other nodes' watchers care."""
         for w in self.watchers:
             if not w.internal:
-                w.ctrl.append(frame)
                 if frame[0] == FrameType.PEER_GONE:
                     self.stats.peer_gone_disconnected_frames += 1
-                w.kick()
+                w.outbox.control(frame)
 
     def _note_activity(self, conn: ClientConn) -> None:
         """Last writer is active: a duplicate that speaks gets the key's packets."""
@@ -929,7 +760,7 @@ class RelayServer:
         if conn.is_dup:
             self._note_activity(conn)
         clients = self.clients
-        touched: list[ClientConn] = []
+        touched: list[Outbox] = []
         n_pkts = n_bytes = n_disco = 0
         try:
             for ftype, start, stop, run in spans:
@@ -950,8 +781,8 @@ class RelayServer:
                         frames = [start - FRAME_HEADER_LEN]
                     dst = buf[start : start + KEY_LEN]
                     d = clients.get(dst)
-                    if d is not None and not d.closed and not d.writing and not d.q_other:
-                        self._emit_run(d, conn.key, buf, frames, stop, touched)
+                    if d is not None and not (o := d.outbox).closed and not o.writing and not o.q_other:
+                        self._emit_run(d, o, conn.key, buf, frames, stop, touched)
                     elif d is None and (links := self.forwarders.get(dst)) and dst not in self.keys:
                         self._forward_run(links[0], conn.key, buf, frames, touched)
                     else:
@@ -963,9 +794,10 @@ class RelayServer:
                 if ftype == PING:
                     self.stats.got_ping += 1
                     data = parse_ping(payload)
-                    if conn.pong is None:  # one pending pong; pings beyond it are ignored
-                        conn.pong = pong_frame(data)
-                        _touch(conn, touched)
+                    out = conn.outbox
+                    if out.pong is None:  # one pending pong; pings beyond it are ignored
+                        out.pong = pong_frame(data)
+                        out.touch(touched)
                 elif ftype == NOTE_PREFERRED:
                     self._set_preferred(conn, parse_note_preferred(payload))
                 elif ftype == FORWARD:
@@ -984,14 +816,15 @@ class RelayServer:
             st.packets_received += n_pkts
             st.bytes_received += n_bytes
             st.packets_received_disco += n_disco
-            for d in touched:
-                d.dirty = False
-                d.kick()
+            for o in touched:
+                o.dirty = False
+                o.kick()
 
     def _emit_run(
-        self, d: ClientConn, src: bytes, buf: bytes, run: list[int], stop: int, touched: list[ClientConn]
+        self, d: ClientConn, o: Outbox, src: bytes, buf: bytes, run: list[int], stop: int, touched: list[Outbox]
     ) -> None:
-        """Turn adjacent SendPackets (header offsets ``run``) into RecvPackets from ``src`` for ``d``."""
+        """Turn adjacent SendPackets (header offsets ``run``) into RecvPackets from ``src`` for ``d``,
+        written straight through its outbox ``o``."""
         base = run[0]
         seg = bytearray(buf[base:stop])
         for offset in run:
@@ -999,16 +832,16 @@ class RelayServer:
             seg[at] = RECV
             seg[at + FRAME_HEADER_LEN : at + RECV_PREFIX_LEN] = src
         n = len(run)
-        d.express.append(seg)
-        d.express_pkts += n
-        d.express_bytes += len(seg) - n * RECV_PREFIX_LEN
+        o.express.append(seg)
+        o.express_pkts += n
+        o.express_bytes += len(seg) - n * RECV_PREFIX_LEN
         if src not in d.saw_src:
             self._note_seen(d, src)
-        if not d.dirty:
-            d.dirty = True
-            touched.append(d)
+        if not o.dirty:
+            o.dirty = True
+            touched.append(o)
 
-    def _forward_run(self, link: Forwarder, src: bytes, buf: bytes, run: list[int], touched: list[ClientConn]) -> None:
+    def _forward_run(self, link: Forwarder, src: bytes, buf: bytes, run: list[int], touched: list[Outbox]) -> None:
         """SendPackets (header offsets ``run``) to a key on another node: ForwardPackets on the link
         that reaches it, found once for the run. (_send_one does the same for one packet.)"""
         for at in run:
@@ -1017,7 +850,7 @@ class RelayServer:
             link.forward(pack_header(FORWARD, KEY_LEN + end - body) + src + buf[body:end], False, touched)
         self.stats.packets_forwarded_out += len(run)
 
-    def _send_one(self, conn: ClientConn, payload: bytes, disco: bool, touched: list[ClientConn]) -> None:
+    def _send_one(self, conn: ClientConn, payload: bytes, disco: bool, touched: list[Outbox]) -> None:
         """One SendPacket payload through the destination's queue, a mesh peer, or a counted drop."""
         dst = payload[:KEY_LEN]
         d = self.clients.get(dst)
@@ -1027,7 +860,7 @@ class RelayServer:
                 self.stats.packets_forwarded_out += 1
                 links[0].forward(forward_packet_frame(conn.key, dst, payload[KEY_LEN:]), disco, touched)
                 return
-        if d is None or d.closed:
+        if d is None or d.outbox.closed:
             self._drop_undeliverable(conn, dst, len(payload) - KEY_LEN, disco, d, "unknown_dest", touched)
             return
         src = conn.key
@@ -1036,25 +869,23 @@ class RelayServer:
             prefix = _cache_prefix(conn.recv_prefixes, len(payload), src)
         self._deliver(d, prefix + payload[KEY_LEN:], disco, src, touched)
 
-    def _deliver(self, d: ClientConn, frame: bytes, disco: bool, src: bytes, touched: list[ClientConn]) -> None:
-        """Queue a RecvPacket frame for ``d``, evicting the oldest packet when the queue is full.
-
-        (handle_frames inlines this for non-disco SendPackets; keep the two in step.)
-        """
-        q = d.q_disco if disco else d.q_other
+    def _deliver(self, d: ClientConn, frame: bytes, disco: bool, src: bytes, touched: list[Outbox]) -> None:
+        """Queue a RecvPacket frame for ``d``, evicting the oldest packet when the queue is full."""
+        o = d.outbox
+        q = o.q_disco if disco else o.q_other
         if len(q) >= self.config.queue_depth:
-            if not d.writing:
+            if not o.writing:
                 # A full queue within one read is no reason to drop: the receiver's socket
                 # may take it all now. Only a receiver that is already behind loses packets.
-                d.kick()
+                o.kick()
             if len(q) >= self.config.queue_depth:
                 self.stats.drop("queue_head", disco, len(q.popleft()) - RECV_PREFIX_LEN)
         q.append(frame)
         if src not in d.saw_src:
             self._note_seen(d, src)
-        if not d.dirty:
-            d.dirty = True
-            touched.append(d)
+        if not o.dirty:
+            o.dirty = True
+            touched.append(o)
 
     def _note_seen(self, d: ClientConn, src: bytes) -> None:
         """``d`` received from ``src``, so it hears PeerGone when ``src`` leaves the region."""
@@ -1073,7 +904,7 @@ class RelayServer:
         disco: bool,
         d: ClientConn | None,
         unknown_reason: str,
-        touched: list[ClientConn],
+        touched: list[Outbox],
     ) -> None:
         if d is not None:  # closing, not yet unregistered
             self.stats.drop("gone_disconnected", disco, size)
@@ -1084,9 +915,9 @@ class RelayServer:
             return
         self.stats.drop(unknown_reason, disco, size)
         if disco and conn.note_not_here(dst):
-            _touch(conn, touched)
+            conn.outbox.touch(touched)
 
-    def _handle_forward(self, conn: ClientConn, payload: bytes, touched: list[ClientConn]) -> None:
+    def _handle_forward(self, conn: ClientConn, payload: bytes, touched: list[Outbox]) -> None:
         if not conn.can_mesh:
             raise ProtocolError("insufficient permissions for ForwardPacket")
         src, dst, packet = parse_forward_packet(payload)
@@ -1100,7 +931,7 @@ class RelayServer:
                     self.stats.packets_forwarded_out += 1
                     link.forward(pack_header(FORWARD, len(payload)) + payload, disco, touched)
                     return
-        if d is None or d.closed:
+        if d is None or d.outbox.closed:
             self._drop_undeliverable(conn, dst, len(packet), disco, d, "unknown_dest_on_fwd", touched)
         else:  # delivered locally only, never forwarded to another node
             self._deliver(d, pack_header(RECV, KEY_LEN + len(packet)) + src + packet, disco, src, touched)
@@ -1123,12 +954,13 @@ class RelayServer:
             raise ProtocolError("insufficient permissions for WatchConns")
         if conn.key == self.public_key:
             return  # a mesh client that is ourselves
+        ctrl = conn.outbox.ctrl
         for key, c in self.clients.items():
             if not c.internal:
                 ip16, port = ip16_of(c.remote)
-                conn.ctrl.append(peer_present_frame(key, ip16, port, c.present_flags))
+                ctrl.append(peer_present_frame(key, ip16, port, c.present_flags))
         if not conn.internal:
-            conn.ctrl.extend(frame for key, frame in self.sibling_present.items() if key not in self.clients)
+            ctrl.extend(frame for key, frame in self.sibling_present.items() if key not in self.clients)
         self.watchers.add(conn)
         log.info("watcher_added", key=short_key(conn.key), peers=len(self.clients))
-        conn.kick()
+        conn.outbox.kick()
