@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from derpd.cli import derpmap, probe
 from derpd.net.tls import CertStore, cert_name_pin, self_signed_ip_certificate
 from derpd.proto.keys import NodePrivate
+from derpd.tools import blockyaml
 from derpd.tools import derpmap as dm
 
 from .conftest import start_server
@@ -415,7 +416,7 @@ def _plain(tree: Any) -> Any:
 
 @pytest.mark.parametrize("text", YAML_DOCS)
 def test_yaml_reader_agrees_with_pyyaml(text: str) -> None:
-    assert _plain(dm._parse_yaml(text)) == yaml.load(text, Loader=yaml.BaseLoader)
+    assert _plain(blockyaml.read(text)) == yaml.load(text, Loader=yaml.BaseLoader)
     m, problems = dm.from_headscale_yaml(text)
     assert [p for p in problems if "no nodes" not in p and "pin must be" not in p] == []
     assert all(node.region_id == rid for rid, r in m.regions.items() if r for node in r.nodes)
@@ -428,7 +429,7 @@ def test_generated_yaml_reads_back_identically() -> None:
     m = dm.DerpMap(regions={950: region, 2: None}, omit_default_regions=True, region_score={950: 0.5})
     text = dm.to_headscale_yaml(m)
     assert dm.from_headscale_yaml(text) == (m, [])
-    assert _plain(dm._parse_yaml(text)) == yaml.load(text, Loader=yaml.BaseLoader)
+    assert _plain(blockyaml.read(text)) == yaml.load(text, Loader=yaml.BaseLoader)
     assert dm.from_json(dm.to_json(m)) == (m, [])
 
 
@@ -582,7 +583,7 @@ def raw_problem(text: str) -> str | None:
     ],
 )
 def test_yaml_str_escapes_what_yaml_readers_take_wrongly(value: str, written: str) -> None:
-    assert dm.yaml_str(value) == written
+    assert blockyaml.write_str(value) == written
     assert yaml.safe_load(f"v: {written}")["v"] == value
     assert raw_problem(written) is None
     assert "\\uD8" not in written.upper() and "\\uDC" not in written.upper()  # no surrogate escapes: yaml.v3 refuses
@@ -676,7 +677,7 @@ YAML_V3_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?
     ],
 )
 def test_floats_are_written_shortest_and_exact(value: float, written: str) -> None:
-    assert dm.yaml_float(value) == written
+    assert blockyaml.write_float(value) == written
 
 
 def _same_float(a: Any, b: float) -> bool:
@@ -686,7 +687,7 @@ def _same_float(a: Any, b: float) -> bool:
 @given(st.floats(allow_nan=False, allow_infinity=False), st.floats(allow_nan=False, allow_infinity=False))
 @settings(max_examples=500, deadline=None)
 def test_every_written_float_reads_back_exactly(latitude: float, score: float) -> None:
-    text = dm.yaml_float(latitude)
+    text = blockyaml.write_float(latitude)
     assert YAML_V3_FLOAT.fullmatch(text), text  # yaml.v3 resolves it as a float
     assert _same_float(yaml.safe_load(f"v: {text}")["v"], latitude), text  # and so does YAML 1.1 (PyYAML)
     region = dm.DerpRegion(900, "x", "x", latitude=latitude, longitude=-latitude, nodes=[])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from derpd.net.addr import InheritedSocket
 from derpd.ops import sdnotify
@@ -125,61 +126,107 @@ def _drain(s: socket.socket) -> int:
         n += 1
 
 
-async def test_watchdog_loop_pings_until_cancelled(tmp_path: Path) -> None:
+# The watchdog in virtual time: trio's MockClock (the autojump_clock fixture) jumps to the next
+# deadline whenever every task waits, so the shipped WatchdogSec is tested to the exact second, in
+# milliseconds, over a real unix datagram socket (send and receive happen in this process).
+SHIPPED_WATCHDOG_SEC = int(re.search(r"^WatchdogSec=(\d+)$", SERVICE.read_text(), re.M).group(1))  # type: ignore[union-attr]
+
+
+async def _pings_until(sock: socket.socket, t0: float, until: float, out: list[tuple[float, bytes]]) -> None:
+    """(seconds after ``t0``, datagram) for each datagram on ``sock`` until virtual time ``until``."""
+    with trio.move_on_at(until):
+        while True:
+            data = await _recv(sock)
+            out.append((trio.current_time() - t0, data))
+
+
+def _watchdog_env(path: Path, usec: int, **extra: str) -> dict[str, str]:
+    return {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": str(usec), **extra}
+
+
+async def test_watchdog_pings_at_half_the_shipped_interval(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """WatchdogSec=30 (systemd/derpd.service): WATCHDOG=1 at once, then every 15 s exactly, with the
+    status as it is at each ping; none after cancellation, however long we wait."""
+    assert SHIPPED_WATCHDOG_SEC == 30
     with _notify_listener(tmp_path / "notify") as sock:
-        env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}
+        env = _watchdog_env(tmp_path / "notify", SHIPPED_WATCHDOG_SEC * 1_000_000, WATCHDOG_PID=str(os.getpid()))
         clients = 0
 
         def status() -> str:
             return f"{clients} clients"
 
+        t0 = trio.current_time()
+        got: list[tuple[float, bytes]] = []
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pings_until, sock, t0, t0 + 100, got)
             nursery.start_soon(lambda: sdnotify.watchdog_loop(status, env=env))
-            with trio.fail_after(5):
-                assert await _recv(sock) == b"WATCHDOG=1\nSTATUS=0 clients"
-                clients = 7
-                assert await _recv(sock) == b"WATCHDOG=1\nSTATUS=7 clients"
+            await trio.sleep(20)
+            clients = 7
+            await trio.sleep(80)  # t0 + 100: pings at 0, 15, ... 90
             nursery.cancel_scope.cancel()
-        _drain(sock)  # anything sent before the cancellation landed
-        await trio.sleep(0.5)  # several periods of 0.1 s
+        assert got == [(0.0, b"WATCHDOG=1\nSTATUS=0 clients"), (15.0, b"WATCHDOG=1\nSTATUS=0 clients")] + [
+            (15.0 * k, b"WATCHDOG=1\nSTATUS=7 clients") for k in range(2, 7)
+        ]
+        await trio.sleep(3600)
         assert _drain(sock) == 0, "watchdog_loop kept pinging after cancellation"
 
 
-async def test_watchdog_loop_without_status(tmp_path: Path) -> None:
+@pytest.mark.parametrize("usec", [200_000, 3_000_000, 90_000_000])
+async def test_watchdog_period_follows_watchdog_usec(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, usec: int
+) -> None:
+    """Without a status: plain WATCHDOG=1, every WATCHDOG_USEC / 2, as many as fit."""
     with _notify_listener(tmp_path / "notify") as sock:
-        env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
+        period = usec / 2_000_000
+        t0 = trio.current_time()
+        got: list[tuple[float, bytes]] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: sdnotify.watchdog_loop(env=env))
-            with trio.fail_after(5):
-                for _ in range(3):
-                    assert await _recv(sock) == b"WATCHDOG=1"
+            nursery.start_soon(_pings_until, sock, t0, t0 + 10.5 * period, got)
+            nursery.start_soon(lambda: sdnotify.watchdog_loop(env=_watchdog_env(tmp_path / "notify", usec)))
+            await trio.sleep(10.5 * period)
             nursery.cancel_scope.cancel()
+        assert [data for _, data in got] == [b"WATCHDOG=1"] * 11
+        assert [t for t, _ in got] == pytest.approx([k * period for k in range(11)], abs=1e-9)
 
 
-async def test_watchdog_loop_survives_a_failing_status(tmp_path: Path) -> None:
+async def test_watchdog_loop_survives_a_failing_status(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A status function that raises costs the status, not the pings: WATCHDOG=1 every 15 s, and
+    one warning, not one per ping."""
     with _notify_listener(tmp_path / "notify") as sock:
-        env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
 
         def broken() -> str:
             raise RuntimeError("bug")
 
+        t0 = trio.current_time()
+        got: list[tuple[float, bytes]] = []
+        env = _watchdog_env(tmp_path / "notify", SHIPPED_WATCHDOG_SEC * 1_000_000)
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pings_until, sock, t0, t0 + 50, got)
             nursery.start_soon(lambda: sdnotify.watchdog_loop(broken, env=env))
-            with trio.fail_after(5):
-                for _ in range(2):
-                    assert await _recv(sock) == b"WATCHDOG=1"
+            await trio.sleep(50)
             nursery.cancel_scope.cancel()
+        assert got == [(15.0 * k, b"WATCHDOG=1") for k in range(4)]
+        assert sum("sd_status_failed" in r.getMessage() for r in caplog.records) == 1
 
 
-async def test_watchdog_loop_disabled_for_another_pid(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "watchdog",
+    [{"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getppid())}, {}],
+    ids=["for-another-pid", "no-watchdog-usec"],
+)
+async def test_watchdog_loop_off_returns_at_once(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, watchdog: dict[str, str]
+) -> None:
+    """Off (meant for another process, or not asked for): returns without waiting, pings never."""
     with _notify_listener(tmp_path / "notify") as sock:
-        env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getppid())}
-        with trio.fail_after(1):
-            await sdnotify.watchdog_loop(env=env)  # returns at once
-        await trio.sleep(0.3)
-        assert _drain(sock) == 0
-        with trio.fail_after(1):
-            await sdnotify.watchdog_loop(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})  # no WATCHDOG_USEC
+        t0 = trio.current_time()
+        await sdnotify.watchdog_loop(env={"NOTIFY_SOCKET": str(tmp_path / "notify"), **watchdog})
+        assert trio.current_time() == t0
+        await trio.sleep(3600)
         assert _drain(sock) == 0
 
 

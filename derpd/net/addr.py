@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import trio
 
 from derpd.base import log
+from derpd.base.errors import ConfigurationError
 
 # Names systemd gives descriptors nobody named: "unknown" when $LISTEN_FDNAMES is unset (sd_listen_fds
 # semantics), else the socket unit's file name ("derpd.socket") when it has no FileDescriptorName=.
@@ -19,8 +20,8 @@ UNNAMED = "unknown"
 _NO_IPV6_ERRNOS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 
 
-class AddressError(ValueError):
-    pass
+class AddressError(ConfigurationError, ValueError):
+    """A HOST:PORT that cannot be used; the message says why."""
 
 
 def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:

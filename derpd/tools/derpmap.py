@@ -10,9 +10,9 @@ with two encodings:
 Reading is strict where the Go decoders are (a quoted ``"443"`` for an int is an error in both) and
 louder than them where they are silent: a key they would ignore (``RegionID`` in YAML, a typo) is
 reported as a problem, because an ignored ``regionid`` is exactly the node-without-RegionID mistake
-that breaks clients (tailscale#9526). The YAML reader is a small block-style subset (what DERP maps
-use) so that no YAML library is needed at run time; anything outside the subset is refused with its
-line number rather than guessed at.
+that breaks clients (tailscale#9526). YAML syntax itself (the block-style subset DERP maps use, read
+and written scalar by scalar as yaml.v3 does) is :mod:`derpd.tools.blockyaml`; this module decides
+what the keys and values mean, and lays out the document it writes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,10 +32,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from derpd import __version__
+from derpd.base.errors import ConfigurationError
 from derpd.base.text import clip
 from derpd.net.tls import PIN_PREFIX, CertError, cert_name_pin, verify_hostname
 from derpd.proto import gojson
 from derpd.proto.gojson import INT64_MAX, INT64_MIN
+from derpd.tools import blockyaml
 
 DEFAULT_STUN_PORT = 3478  # what STUNPort 0 means
 DEFAULT_DERP_PORT = 443  # what DERPPort 0 means
@@ -53,7 +55,7 @@ _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _SPACE = " \t\r\n"
 
 
-class DerpMapError(ValueError):
+class DerpMapError(ConfigurationError, ValueError):
     """A map that cannot be built or read; the message is one line for the operator."""
 
 
@@ -593,24 +595,6 @@ def to_json(m: DerpMap) -> str:
 
 # --- Headscale YAML (writing) ------------------------------------------------------------------------
 
-_YAML_SAFE_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
-# Words YAML 1.1 or 1.2 resolvers read as booleans or null when unquoted.
-_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
-
-
-# Escaped inside quotes: every character Python does not call printable (controls, separators,
-# format characters, unassigned code points), and by name the ones some YAML reader takes wrongly
-# when raw (all non-printable to Python as well): yaml.v3 refuses a raw C1 control, DEL or
-# U+FFFE/U+FFFF in the file ("control characters are not allowed") and reads a raw NEL as a line
-# break (a space inside quotes); NEL, U+2028 and U+2029 are line breaks to YAML 1.1 readers; a raw
-# U+FEFF is a byte order mark to some. Written as \uXXXX, which yaml.v3, PyYAML and derpd's reader
-# turn back into the same character.
-_YAML_ESCAPED = frozenset("\x85\u2028\u2029\ufeff\ufffe\uffff")
-
-
-def _needs_escape(c: str) -> bool:
-    return c in _YAML_ESCAPED or not c.isprintable()
-
 
 def _surrogate_problem(value: str) -> str | None:
     for c in value:
@@ -622,88 +606,15 @@ def _surrogate_problem(value: str) -> str | None:
     return None
 
 
-def yaml_str(value: str) -> str:
-    """A YAML scalar that yaml.v3, PyYAML and derpd's own reader all take as exactly this string.
-
-    Plain only when clearly a word (``derp.example.com``); anything else (IP addresses, names starting
-    with a digit, ``yes``/``no``/``null``, colons, ``#``) is double-quoted. Inside the quotes ``\\``
-    and ``"`` are backslash-escaped and every non-printable character (see ``_YAML_ESCAPED``) is a
-    ``\\uXXXX`` (``\\UXXXXXXXX`` above U+FFFF) escape; printable characters, astral ones included,
-    stay raw UTF-8. Not json.dumps: with ensure_ascii it writes astral characters as surrogate-pair
-    escapes, which yaml.v3 refuses, and without it C1 controls, DEL and NEL stay raw. A lone surrogate
-    cannot be written at all (:class:`DerpMapError`).
-    """
-    problem = _surrogate_problem(value)
-    if problem:
-        raise DerpMapError(problem)
-    if _YAML_SAFE_PLAIN.fullmatch(value) and value.lower() not in _YAML_WORDS:
-        return value
-    out = ['"']
-    for c in value:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif _needs_escape(c):
-            n = ord(c)
-            out.append(f"\\u{n:04X}" if n <= 0xFFFF else f"\\U{n:08X}")
-        else:
-            out.append(c)
-    out.append('"')
-    return "".join(out)
-
-
-# yaml.v3's float syntax (resolve.go, yamlStyleFloat); PyYAML (YAML 1.1) also wants a '.' and a
-# signed exponent, which yaml_float always writes.
-_YAML_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
-_GO_INT = re.compile(r"([-+]?)(0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+|0[0-7]*|[1-9][0-9]*)")
-
-
-def yaml_v3_int(text: str) -> int | None:
-    """A plain scalar as yaml.v3 resolves an integer: underscores dropped, then Go's
-    ``strconv.ParseInt(plain, 0, 64)`` (``0x``/``0o``/``0b`` prefixes, and a bare leading 0 is
-    octal: ``017`` is 15), then ``ParseUint`` for the rest of the uint64 range."""
-    if not text[:1].isdigit() and text[:1] not in "+-":
-        return None  # yaml.v3 resolves only scalars that start with a digit or a sign as numbers
-    plain = text.replace("_", "")
-    if len(plain) > 67:  # a sign, a prefix and 64 binary digits: anything longer overflows uint64
-        return None
-    m = _GO_INT.fullmatch(plain)
-    if m is None:
-        return None
-    sign, digits = m.groups()
-    base = {"x": 16, "o": 8, "b": 2}.get(digits[1:2].lower(), 8 if digits[0] == "0" else 10)
-    body = digits[2:] if base in (16, 2) or digits[1:2] in ("o", "O") else digits
-    n = int(body, base) if body else 0
-    n = -n if sign == "-" else n
-    if -(1 << 63) <= n < 1 << 63 or (sign != "-" and n < 1 << 64):
-        return n
-    return None
-
-
-def yaml_float(value: float) -> str:
-    """The shortest text that reads back as exactly ``value``, as a float, in yaml.v3 and YAML 1.1.
-
-    Python's repr gives the shortest digits that round-trip (``1e-13``, ``0.1``, ``1.5e+16``); a
-    mantissa without a point gets ``.0`` (``1.0e-13``), because YAML 1.1 readers such as PyYAML read
-    ``1e-13`` as a string; the exponent keeps its sign and loses leading zeros (``1.5e-7``).
-    """
-    if not math.isfinite(value):
-        raise DerpMapError(f"cannot write {value} in a DERP map: Headscale sends it to clients as JSON")
-    mantissa, e, exponent = repr(float(value)).partition("e")
-    if "." not in mantissa:
-        mantissa += ".0"
-    if not e:
-        return mantissa
-    return f"{mantissa}e{exponent[0]}{exponent[1:].lstrip('0') or '0'}"
-
-
 def _yaml_scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float):
-        return yaml_float(value)
-    return yaml_str(str(value))
+    try:
+        return blockyaml.write_float(value) if isinstance(value, float) else blockyaml.write_str(str(value))
+    except blockyaml.YamlError as e:  # NaN or an infinity (a surrogate is refused with its field first)
+        raise DerpMapError(str(e)) from None
 
 
 def _written_strings(m: DerpMap) -> Iterator[tuple[str, str]]:
@@ -787,294 +698,6 @@ def render(m: DerpMap, fmt: str) -> str:
     raise ValueError(f"unknown format {fmt!r}")
 
 
-# --- Headscale YAML (reading): a block-style subset --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Scalar:
-    text: str
-    plain: bool  # unquoted: its type comes from the text
-    line: int
-
-
-class _YMap(dict[str, Any]):
-    """A YAML mapping with the line of each key, for messages."""
-
-    def __init__(self, line: int) -> None:
-        super().__init__()
-        self.line = line
-        self.lines: dict[str, int] = {}
-
-
-class _YSeq(list[Any]):
-    def __init__(self, line: int) -> None:
-        super().__init__()
-        self.line = line
-
-
-@dataclass
-class _Line:
-    no: int
-    indent: int
-    text: str
-
-
-_NULL_WORDS = {"", "~", "null", "Null", "NULL"}
-# Characters a DERP map file may not hold raw: what yaml.v3's reader refuses ("control characters are
-# not allowed": C0 but tab, DEL, C1 but NEL, U+FFFE, U+FFFF, surrogates), and NEL, U+2028 and
-# U+2029, line breaks to yaml.v3 (NEL becomes a space inside quotes) but not to YAML 1.2.
-_RAW_REFUSED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
-_UNSUPPORTED = {
-    "&": "anchors",
-    "*": "aliases",
-    "!": "tags",
-    "|": "block scalars",
-    ">": "folded scalars",
-    "%": "directives",
-    "@": "reserved indicators",
-    "`": "reserved indicators",
-    "?": "complex keys",
-}
-_ESCAPES = {
-    "0": "\0",
-    "a": "\a",
-    "b": "\b",
-    "t": "\t",
-    "\t": "\t",
-    "n": "\n",
-    "v": "\v",
-    "f": "\f",
-    "r": "\r",
-    "e": "\x1b",
-    " ": " ",
-    '"': '"',
-    "/": "/",
-    "\\": "\\",
-    "N": "\x85",
-    "_": "\xa0",
-    "L": "\u2028",
-    "P": "\u2029",
-}
-
-
-MAX_YAML_DEPTH = 32
-
-
-class _YamlReader:
-    """Block mappings and sequences of single-line scalars: the shape of every DERP map file."""
-
-    def __init__(self, text: str) -> None:
-        self.lines: list[_Line] = []
-        text = text.removeprefix("\ufeff")
-        # YAML 1.2's line breaks only: str.splitlines() would also split at U+0085, U+2028, U+000C ...
-        for no, raw in enumerate(re.split(r"\r\n|\r|\n", text), 1):
-            bad = _RAW_REFUSED.search(raw)
-            if bad:
-                raise self.error(
-                    no,
-                    f"raw character U+{ord(bad.group()):04X}: YAML readers refuse it or take it as a line break; "
-                    f"write it as \\u{ord(bad.group()):04X} inside double quotes",
-                )
-            body = raw.rstrip(" \t")
-            stripped = body.lstrip(" ")
-            if not stripped or stripped.startswith("#"):
-                continue
-            if stripped.startswith("\t") or (body[: len(body) - len(stripped)].count("\t")):
-                raise self.error(no, "tabs cannot indent YAML; use spaces")
-            if body in ("---", "...") or body.startswith("--- ") or body.startswith("%"):
-                if body.startswith("%"):
-                    raise self.error(no, "YAML directives are not supported in a DERP map")
-                if self.lines and body.startswith("---"):
-                    raise self.error(no, "only one YAML document is allowed")
-                continue
-            self.lines.append(_Line(no, len(body) - len(stripped), stripped))
-        self.i = 0
-        self.depth = 0
-
-    @staticmethod
-    def error(line: int, msg: str) -> DerpMapError:
-        return DerpMapError(f"line {line}: {msg}")
-
-    def peek(self) -> _Line | None:
-        return self.lines[self.i] if self.i < len(self.lines) else None
-
-    def read(self) -> Any:
-        first = self.peek()
-        if first is None:
-            return None
-        if first.indent:
-            raise self.error(first.no, "the document must start at column 1")
-        value = self.block(0)
-        extra = self.peek()
-        if extra is not None:
-            raise self.error(extra.no, "unexpected indentation")
-        return value
-
-    @staticmethod
-    def _is_item(text: str) -> bool:
-        return text == "-" or text.startswith(("- ", "-\t"))
-
-    def block(self, indent: int) -> Any:
-        line = self.peek()
-        assert line is not None and line.indent == indent
-        self.depth += 1
-        try:
-            return self._block(line, indent)
-        finally:
-            self.depth -= 1
-
-    def _block(self, line: _Line, indent: int) -> Any:
-        if self.depth > MAX_YAML_DEPTH:  # a DERP map nests 5 deep; "- " x 500 must not recurse 500 times
-            raise self.error(line.no, f"nested deeper than {MAX_YAML_DEPTH} levels")
-        if self._is_item(line.text):
-            return self.sequence(indent)
-        if self._split_key(line) is not None:
-            return self.mapping(indent)
-        self.i += 1
-        value = self.inline(line.text, line.no)
-        nxt = self.peek()
-        if nxt is not None and nxt.indent > indent:
-            raise self.error(nxt.no, "multi-line scalars are not supported; write the value on one line")
-        return value
-
-    def sequence(self, indent: int) -> _YSeq:
-        first = self.peek()
-        assert first is not None
-        items = _YSeq(first.no)
-        while (line := self.peek()) is not None and line.indent == indent and self._is_item(line.text):
-            rest = line.text[1:]
-            stripped = rest.lstrip(" ")
-            if not stripped or stripped.startswith("#"):
-                self.i += 1
-                nxt = self.peek()
-                if nxt is not None and nxt.indent > indent:
-                    items.append(self.block(nxt.indent))
-                else:
-                    items.append(_Scalar("", True, line.no))
-                continue
-            # "- key: value": the item is a block starting at the column after the dash.
-            self.lines[self.i] = _Line(line.no, indent + 1 + len(rest) - len(stripped), stripped)
-            items.append(self.block(self.lines[self.i].indent))
-        line = self.peek()
-        if line is not None and line.indent > indent:
-            raise self.error(line.no, "unexpected indentation")
-        return items
-
-    def mapping(self, indent: int) -> _YMap:
-        first = self.peek()
-        assert first is not None
-        result = _YMap(first.no)
-        while (line := self.peek()) is not None and line.indent == indent:
-            split = self._split_key(line)
-            if split is None:
-                what = "a '- ' item" if self._is_item(line.text) else f"{line.text!r}"
-                raise self.error(line.no, f"expected 'key: value' in this mapping, got {what}")
-            key, rest = split
-            if key in result:
-                raise self.error(line.no, f"key {key!r} appears twice in one mapping")
-            self.i += 1
-            if rest.strip(" \t") and not rest.strip(" \t").startswith("#"):
-                value = self.inline(rest.strip(" \t"), line.no)
-            else:
-                nxt = self.peek()
-                if nxt is not None and nxt.indent > indent:
-                    value = self.block(nxt.indent)
-                elif nxt is not None and nxt.indent == indent and self._is_item(nxt.text):
-                    value = self.sequence(indent)  # "nodes:" then "- ..." at the same column
-                else:
-                    value = _Scalar("", True, line.no)
-            result[key] = value
-            result.lines[key] = line.no
-        line = self.peek()
-        if line is not None and line.indent > indent:
-            raise self.error(line.no, "unexpected indentation")
-        return result
-
-    def _split_key(self, line: _Line) -> tuple[str, str] | None:
-        """(key, rest) when the line is ``key: ...``; None for a bare scalar."""
-        text = line.text
-        if text[0] in "\"'":
-            scalar, end = self._quoted(text, line.no)
-            after = text[end:].lstrip(" ")
-            if after == ":" or after.startswith((": ", ":\t")):
-                return scalar.text, after[1:]
-            return None
-        if text[0] in "[{" or text[0] in _UNSUPPORTED:
-            return None
-        for i, c in enumerate(text):
-            if c == "#" and i and text[i - 1] in " \t":
-                return None
-            if c == ":" and (i + 1 == len(text) or text[i + 1] in " \t"):
-                return text[:i].rstrip(" \t"), text[i + 1 :]
-        return None
-
-    def inline(self, text: str, no: int) -> Any:
-        """A value written on the key's (or dash's) line."""
-        c = text[0]
-        if c in "\"'":
-            scalar, end = self._quoted(text, no)
-            rest = text[end:].strip(" \t")
-            if rest and not rest.startswith("#"):
-                raise self.error(no, f"unexpected {rest!r} after a quoted string")
-            return scalar
-        if c in "[{":
-            body = text.split(" #", 1)[0].strip(" \t")
-            if re.fullmatch(r"\[\s*\]", body):
-                return _YSeq(no)
-            if re.fullmatch(r"\{\s*\}", body):
-                return _YMap(no)
-            raise self.error(no, "flow collections ([a, b] / {a: b}) are not supported; use block style")
-        if c in _UNSUPPORTED:
-            raise self.error(no, f"YAML {_UNSUPPORTED[c]} are not supported in a DERP map")
-        value = re.split(r"[ \t]#", text, maxsplit=1)[0].rstrip(" \t")
-        if re.search(r":[ \t]", value) or value.endswith(":"):
-            raise self.error(no, f"a mapping cannot start on this line ({value!r}); put it on its own lines")
-        return _Scalar(value, True, no)
-
-    def _quoted(self, text: str, no: int) -> tuple[_Scalar, int]:
-        quote = text[0]
-        out: list[str] = []
-        i = 1
-        while i < len(text):
-            c = text[i]
-            if quote == "'":
-                if c == "'":
-                    if text[i + 1 : i + 2] == "'":
-                        out.append("'")
-                        i += 2
-                        continue
-                    return _Scalar("".join(out), False, no), i + 1
-                out.append(c)
-                i += 1
-                continue
-            if c == '"':
-                return _Scalar("".join(out), False, no), i + 1
-            if c == "\\":
-                esc = text[i + 1 : i + 2]
-                if esc in _ESCAPES:
-                    out.append(_ESCAPES[esc])
-                    i += 2
-                    continue
-                width = {"x": 2, "u": 4, "U": 8}.get(esc)
-                digits = text[i + 2 : i + 2 + width] if width else ""
-                if not width or not re.fullmatch(r"[0-9A-Fa-f]+", digits) or len(digits) != width:
-                    raise self.error(no, f"bad escape \\{esc} in a double-quoted string")
-                code = int(digits, 16)
-                if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
-                    # yaml.v3: "found invalid Unicode character escape code" (a surrogate pair too)
-                    raise self.error(no, f"escape \\{esc}{digits} is not a Unicode character; Headscale refuses it")
-                out.append(chr(code))
-                i += 2 + width
-                continue
-            out.append(c)
-            i += 1
-        raise self.error(no, "quoted strings must end on the same line")
-
-
-def _parse_yaml(text: str) -> Any:
-    return _YamlReader(text).read()
-
-
 # --- typed decoding (shared by JSON and YAML) ---------------------------------------------------
 
 
@@ -1088,16 +711,17 @@ class _Decoder:
     def _where(self, path: str, obj: Any, key: str | None = None) -> str:
         if not self.yaml:
             return path
-        line = obj.lines.get(key) if key is not None and isinstance(obj, _YMap) else getattr(obj, "line", None)
+        if key is not None and isinstance(obj, blockyaml.MappingNode):
+            line = obj.lines.get(key)
+        else:
+            line = getattr(obj, "line", None)
         return f"{path} (line {line})" if line else path
 
     def _is_null(self, v: Any) -> bool:
-        if self.yaml:
-            return isinstance(v, _Scalar) and v.plain and v.text in _NULL_WORDS
-        return v is None
+        return blockyaml.is_null(v) if self.yaml else v is None
 
     def _fail(self, where: str, expected: str, v: Any) -> DerpMapError:
-        if isinstance(v, _Scalar):
+        if isinstance(v, blockyaml.ScalarNode):
             got = f"{'string' if not v.plain else 'value'} {clip(v.text)!r}"
         elif isinstance(v, dict):
             got = "a mapping"
@@ -1120,39 +744,15 @@ class _Decoder:
             if kind is str and isinstance(v, str):
                 return v
             raise self._fail(where, _KIND_NAMES[kind], v)
-        if not isinstance(v, _Scalar):
+        if not isinstance(v, blockyaml.ScalarNode):
             raise self._fail(where, _KIND_NAMES[kind], v)
         if kind is str:
             return v.text  # yaml.v3 stores any scalar's text in a string field
-        if not v.plain:
-            raise self._fail(where, _KIND_NAMES[kind], v)
-        text = v.text
-        if kind is bool:
-            # yaml.v3 takes YAML 1.1's spellings too when the target is a bool.
-            if text in ("true", "True", "TRUE", "y", "Y", "yes", "Yes", "YES", "on", "On", "ON"):
-                return True
-            if text in ("false", "False", "FALSE", "n", "N", "no", "No", "NO", "off", "Off", "OFF"):
-                return False
-        elif kind is int:
-            n = yaml_v3_int(text)
-            if n is not None:
-                return n
-            plain = text.replace("_", "")
-            if _YAML_FLOAT.fullmatch(plain):  # yaml.v3 stores an integral float in an int field
-                f = float(plain)
-                if math.isfinite(f) and f == int(f) and -(1 << 63) <= f < 1 << 63:
-                    return int(f)
-        elif kind is float:
-            # yaml.v3's rules: an int (above) or its float syntax, underscores dropped; .inf and .nan
-            # resolve too, but Headscale cannot send them to clients in JSON.
-            n = yaml_v3_int(text)
-            if n is not None:
-                return float(n)
-            plain = text if text.startswith(".") else text.replace("_", "")
-            if _YAML_FLOAT.fullmatch(plain):
-                return self._finite(float(plain), where, text)
-            if text.lower().lstrip("+-") in (".inf", ".nan"):
-                raise DerpMapError(f"{where}: {text} is not a finite number; Headscale cannot send it to clients")
+        if v.plain:  # yaml.v3's rules for a Go field of this type (a quoted "443" is no int)
+            value = _AS_KIND[kind](v.text)
+            if value is not None:
+                # .inf and .nan resolve as floats, but Headscale cannot send them to clients in JSON.
+                return self._finite(value, where, v.text) if kind is float else value
         raise self._fail(where, _KIND_NAMES[kind], v)
 
     @staticmethod
@@ -1262,6 +862,7 @@ class _Decoder:
 
 
 _KIND_NAMES = {int: "an integer", bool: "true or false", str: "a string", float: "a number"}
+_AS_KIND: dict[type, Callable[[str], Any]] = {int: blockyaml.as_int, bool: blockyaml.as_bool, float: blockyaml.as_float}
 
 
 def from_json(text: str) -> tuple[DerpMap, list[str]]:
@@ -1277,8 +878,12 @@ def from_json(text: str) -> tuple[DerpMap, list[str]]:
 
 def from_headscale_yaml(text: str) -> tuple[DerpMap, list[str]]:
     """A Headscale ``derp.paths`` YAML file (the block-style subset DERP maps are written in)."""
+    try:
+        tree = blockyaml.read(text)
+    except blockyaml.YamlError as e:
+        raise DerpMapError(str(e)) from None
     dec = _Decoder(yaml=True)
-    m = dec.derp_map(_parse_yaml(text))
+    m = dec.derp_map(tree)
     return m, dec.problems + check_map(m)
 
 
@@ -1328,6 +933,4 @@ __all__ = [
     "to_headscale_yaml",
     "to_json",
     "to_json_obj",
-    "yaml_float",
-    "yaml_str",
 ]
