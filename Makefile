@@ -28,10 +28,12 @@ run: $(VENV)/.installed
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: $(VENV)/.installed-test
 	@scripts/ensure-test-tools
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest
 
 # Coverage-guided fuzzing (atheris/libFuzzer; hypothesis where atheris has no wheel): every target

@@ -613,7 +613,12 @@ async def _run_probe(url: str | None, o: dict[str, Any], opts: ProbeOptions) -> 
     if url is not None:
         stun_port = o["stun_port"] if o["stun_port"] is not None else dm.DEFAULT_STUN_PORT
         return await probe_url(url, opts, stun_port=stun_port, can_port80=o["can_port80"])
-    m, problems = await load_map(o["derp_map"], timeout=opts.timeout)
+    loaded = None
+    with trio.move_on_after(opts.timeout):
+        loaded = await load_map(o["derp_map"])
+    if loaded is None:
+        raise dm.DerpMapError(f"{o['derp_map']}: no answer within {opts.timeout:g} s")
+    m, problems = loaded
     return await probe_map(m, opts, region=o["region"], source=o["derp_map"], problems=problems)
 
 

@@ -270,7 +270,8 @@ async def test_port_80_check_against_a_listener_that_hangs_up(nursery: trio.Nurs
 
     nursery.start_soon(trio.serve_listeners, hang_up, listeners)
     port = listeners[0].socket.getsockname()[1]
-    c = await captive_portal_check("127.0.0.1", "derp.example.com", port, 5.0)
+    with trio.fail_after(5):
+        c = await captive_portal_check("127.0.0.1", "derp.example.com", port)
     assert c.status == FAIL and c.detail == f"http://127.0.0.1:{port}/generate_204: no HTTP response"
 
 
@@ -308,10 +309,11 @@ async def test_derp_map_from_a_url(nursery: trio.Nursery) -> None:
 
     listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
     base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-    m, problems = await load_map(base + "/derpmap", timeout=5)
+    with trio.fail_after(5):
+        m, problems = await load_map(base + "/derpmap")
     assert problems == [] and [t.node.host_name for t in targets_from_map(m)] == ["derp.example.com"]
     with pytest.raises(dm.DerpMapError, match="404"):
-        await load_map(base + "/missing", timeout=5)
+        await load_map(base + "/missing")
 
 
 # --- pieces ------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import math
 import os
 import socket
 import ssl
-import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +40,7 @@ from stun.codec import StunError, binding_request, new_txid, parse_response
 
 OK, FAIL, SKIP = "ok", "fail", "skip"
 MAX_MAP_BYTES = 4 * 1024 * 1024
+STUN_RESEND = 1.0  # seconds between binding requests while no answer has come
 CERT_WARN_DAYS = 14
 
 
@@ -228,22 +228,38 @@ def targets_from_map(m: DerpMap, region: str | None = None) -> list[Target]:
     return [Target(n, region_code=r.region_code) for r in regions for n in r.nodes]
 
 
-def _fetch(url: str, timeout: float) -> str:
-    req = urllib.request.Request(url, headers={"User-Agent": f"derpd-probe/{__version__}"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        data: bytes = resp.read(MAX_MAP_BYTES + 1)
-    if len(data) > MAX_MAP_BYTES:
+async def _fetch(url: str) -> str:
+    """GET a DERP map over http(s) with derpd's own client (no thread; the caller's cancel scope bounds it)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    https = parts.scheme == "https"
+    port = parts.port or (443 if https else 80)
+    stream: trio.abc.Stream = await open_tcp(host, port)
+    if https:
+        stream = await start_tls(stream, ssl.create_default_context(), host)
+    shown = _host_in_url(host) if port == (443 if https else 80) else f"{_host_in_url(host)}:{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = [("Host", shown), ("User-Agent", f"derpd-probe/{__version__}"), ("Connection", "close")]
+    body = bytearray()
+    async with HttpClientConnection(stream) as http:
+        await http.send_request("GET", target, headers)
+        response = await http.read_response()
+        if response.status_code != 200:
+            raise DerpMapError(f"{url}: HTTP {response.status_code} (expected 200 and a DERP map)")
+        complete = await http.receive_body(body, MAX_MAP_BYTES + 1)
+    if not complete or len(body) > MAX_MAP_BYTES:
         raise DerpMapError(f"{url}: more than {MAX_MAP_BYTES} bytes; not a DERP map")
-    return data.decode("utf-8")
+    return body.decode("utf-8")
 
 
-async def load_map(source: str, timeout: float = 10.0) -> tuple[DerpMap, list[str]]:
-    """A DERP map (Tailscale JSON or Headscale YAML) from a file or an http(s) URL, with its problems."""
+async def load_map(source: str) -> tuple[DerpMap, list[str]]:
+    """A DERP map (Tailscale JSON or Headscale YAML) from a file or an http(s) URL, with its problems.
+    A URL is fetched under the caller's cancel scope (``derpd probe`` gives it ``--timeout``)."""
     if not source.startswith(("http://", "https://")):
         return load(source)  # a small local file
     try:
-        text = await trio.to_thread.run_sync(_fetch, source, timeout)
-    except (OSError, ValueError) as e:  # URLError/HTTPError are OSErrors; bad URLs and bad UTF-8 ValueErrors
+        text = await _fetch(source)
+    except (*_NET_ERRORS, ValueError) as e:  # ValueError: bad UTF-8
         raise DerpMapError(f"{source}: {describe_error(e)}") from None
     try:
         return parse(text)
@@ -407,14 +423,8 @@ async def _login(target: Target, dial: str, opts: ProbeOptions) -> DerpClient:
     if target.scheme == "https":
         ctx, server_name = tls_context(target, opts)
         kw = {"ssl_context": ctx, "cert_name": server_name if server_name != dial else None}
-    return await DerpClient.connect(
-        url,
-        mesh_key=opts.mesh_key,
-        is_prober=True,
-        app_name="derpd-probe",
-        timeout=opts.timeout,
-        **kw,
-    )
+    with trio.fail_after(opts.timeout):
+        return await DerpClient.connect(url, mesh_key=opts.mesh_key, is_prober=True, app_name="derpd-probe", **kw)
 
 
 def _login_failure(e: BaseException) -> str:
@@ -552,8 +562,9 @@ async def _keys_check(
 # --- STUN and port 80 --------------------------------------------------------------------------------
 
 
-async def stun_check(addr: str, port: int, version: int, timeout: float, tries: int = 3) -> Check:
-    """One binding request (resent up to ``tries`` times over ``timeout``); the mapped address back."""
+async def stun_check(addr: str, port: int, version: int) -> Check:
+    """A binding request, resent every STUN_RESEND seconds until a matching answer comes (the caller's
+    cancel scope decides how long: see ``_within``); the mapped address back."""
     name = f"stun v{version}"
     where = f"{_host_in_url(addr)}:{port}"
     family = socket.AF_INET if version == 4 else socket.AF_INET6
@@ -562,11 +573,11 @@ async def stun_check(addr: str, port: int, version: int, timeout: float, tries: 
     try:
         with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
             await sock.connect((addr, port))
-            for _ in range(tries):
+            while True:
                 t0 = trio.current_time()
                 await sock.send(request)
-                with trio.move_on_after(timeout / tries):
-                    while True:  # bounded by the cancel scope
+                with trio.move_on_after(STUN_RESEND):
+                    while True:
                         data = await sock.recv(2048)
                         try:
                             resp = parse_response(data)
@@ -582,11 +593,11 @@ async def stun_check(addr: str, port: int, version: int, timeout: float, tries: 
         )
     except OSError as e:
         return Check(name, FAIL, f"{where}: {describe_error(e)}", data={"server": where})
-    return Check(name, FAIL, f"{where}: no STUN answer within {timeout:g} s (UDP blocked?)", data={"server": where})
 
 
-async def captive_portal_check(addr: str, host: str, port: int, timeout: float) -> Check:
-    """``GET /generate_204`` with Tailscale's challenge header, as clients' captive-portal detection does."""
+async def captive_portal_check(addr: str, host: str, port: int) -> Check:
+    """``GET /generate_204`` with Tailscale's challenge header, as clients' captive-portal detection does
+    (under the caller's cancel scope: see ``_within``)."""
     name = "port80"
     challenge = "ts_" + os.urandom(6).hex()
     url = f"http://{_host_in_url(addr)}:{port}/generate_204"
@@ -599,10 +610,9 @@ async def captive_portal_check(addr: str, host: str, port: int, timeout: float) 
     ]
     t0 = trio.current_time()
     try:
-        with trio.fail_after(timeout):
-            async with HttpClientConnection(await open_tcp(addr, port)) as http:
-                await http.send_request("GET", "/generate_204", headers)
-                response = await http.read_response()
+        async with HttpClientConnection(await open_tcp(addr, port)) as http:
+            await http.send_request("GET", "/generate_204", headers)
+            response = await http.read_response()
     except NoResponse:
         return Check(name, FAIL, f"{url}: no HTTP response", data={"url": url})
     except _NET_ERRORS as e:
@@ -674,7 +684,10 @@ async def probe_target(target: Target, opts: ProbeOptions) -> NodeReport:
             if not addrs:
                 stun_checks.append(Check(name, SKIP, why))
                 continue
-            stun_checks.append(await stun_check(addrs[0], port, version, opts.timeout))
+            where = f"{_host_in_url(addrs[0])}:{port}"
+            why = f"{where}: no STUN answer within {opts.timeout:g} s (UDP blocked?)"
+            slow = Check(name, FAIL, why, data={"server": where})
+            stun_checks.append(await _within(opts.timeout, slow, stun_check, addrs[0], port, version))
 
     async def port80_group() -> None:
         if not node.can_port80:
@@ -682,13 +695,23 @@ async def probe_target(target: Target, opts: ProbeOptions) -> NodeReport:
         v4, _ = await addresses(node, 4)
         v6, _ = await addresses(node, 6)
         addr = (v4 or v6 or [node.host_name])[0]
-        port80.append(await captive_portal_check(addr, node.host_name, opts.http_port, opts.timeout))
+        url = f"http://{_host_in_url(addr)}:{opts.http_port}/generate_204"
+        why = f"{url}: no answer within {opts.timeout:g} s (is port 80 blocked?)"
+        slow = Check("port80", FAIL, why, data={"url": url})
+        port80.append(await _within(opts.timeout, slow, captive_portal_check, addr, node.host_name, opts.http_port))
 
     async with trio.open_nursery() as nursery:
         for group in (derp_group, stun_group, port80_group):
             nursery.start_soon(_contained, group, report)
     report.checks += stun_checks + port80
     return report
+
+
+async def _within(seconds: float, timed_out: Check, check: Callable[..., Awaitable[Check]], *args: Any) -> Check:
+    """``check(*args)``, or ``timed_out`` when it has not finished within ``seconds``."""
+    with trio.move_on_after(seconds):
+        return await check(*args)
+    return timed_out
 
 
 async def _contained(fn: Callable[[], Awaitable[None]], report: NodeReport) -> None:
