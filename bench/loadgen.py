@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 from derpd.net.tls import PIN_PREFIX, CertError, fast_start_key, pinned_context
 from derpd.proto.frames import (
     FRAME_HEADER_LEN,
+    PROTOCOL_VERSION,
     ClientInfo,
     FrameReader,
     FrameType,
@@ -267,7 +268,7 @@ def derp_handshake(sock: socket.socket, target: Target, key: NodePrivate, meta_k
         f"GET {target.path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
         f"Connection: Upgrade\r\nUpgrade: DERP\r\n{fast}\r\n"
     ).encode()
-    info = ClientInfo(version=2, can_ack_pings=True)
+    info = ClientInfo(version=PROTOCOL_VERSION, can_ack_pings=True)
     if meta_key:
         sock.sendall(req + client_info_frame(key, meta_key, info))
         reader = FrameReader()

@@ -27,7 +27,6 @@ from derpd.net.tls import (
     CertError,
     CertPinError,
     CertStore,
-    accept_tls,
     cert_file_stem,
     cert_name_pin,
     check_pin,
@@ -39,6 +38,7 @@ from derpd.net.tls import (
     self_signed_ip_certificate,
     verify_hostname,
 )
+from derpd.net.transport import SocketTransport, TLSTransport
 
 HOST = "derp.example.test"
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -94,18 +94,16 @@ async def serve_echo(nursery: trio.Nursery, get_context: Callable[[], ssl.SSLCon
     """A TLS echo server; each connection is wrapped with whatever ``get_context()`` returns then."""
 
     async def handle(stream: trio.SocketStream) -> None:
+        # The server's own TLS path (net.transport.TLSTransport): it also sends OpenSSL's alert on refusal.
+        tls = TLSTransport(SocketTransport.from_trio(stream.socket), get_context(), b"")
         try:
-            tls = await accept_tls(stream, get_context())
-        except trio.BrokenResourceError:
-            await trio.aclose_forcefully(stream)
-            return
-        try:
+            await tls.handshake()
             while data := await tls.receive_some(65536):
                 await tls.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (ssl.SSLError, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            await trio.aclose_forcefully(tls)
+            await tls.aclose()
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     nursery.start_soon(trio.serve_listeners, handle, listeners)

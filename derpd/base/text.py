@@ -49,6 +49,12 @@ def clip(text: str, limit: int = PEER_TEXT_LIMIT) -> str:
     return f"{escape(text[:limit])}…[+{len(text) - limit}]"
 
 
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (newlines included) as one space: an OS or library message
+    that may span lines, for a one-line log field or error."""
+    return " ".join(str(text).split())
+
+
 class Peer(str):
     """A string the peer chose. The log shows it escaped and clipped to ``PEER_TEXT_LIMIT``.
 

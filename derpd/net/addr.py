@@ -4,9 +4,12 @@ unix sockets), and the sockets a service manager hands over instead (``derpd.ops
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -18,6 +21,43 @@ from derpd.base.errors import ConfigurationError
 UNNAMED = "unknown"
 # What binding "::" raises on a host without IPv6 (no such family; IPv6 disabled by sysctl).
 _NO_IPV6_ERRNOS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+
+
+def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address ``text`` spells (``[v6]`` brackets allowed), or None for a name."""
+    try:
+        return ipaddress.ip_address(text.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
+
+
+def is_ip(text: str) -> bool:
+    return ip_or_none(text) is not None
+
+
+def format_addr(addr: Sequence[Any] | None) -> str:
+    """``host:port`` or ``[v6]:port`` of a socket address (extra IPv6 fields ignored), for logs; ``-``
+    when unknown."""
+    if addr is None:
+        return "-"
+    try:
+        host, port = str(addr[0]), addr[1]
+    except (TypeError, IndexError):
+        return str(addr)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def remote_of(sock: socket.socket | trio.socket.SocketType) -> tuple[str, int] | None:
+    """The peer's (host, port) of a connected IP socket; None for a unix socket or one that is gone."""
+    if sock.family == socket.AF_UNIX:
+        return None
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), int(peer[1])
+    return None
 
 
 class AddressError(ConfigurationError, ValueError):

@@ -32,7 +32,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import trio
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -43,6 +42,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
 from derpd.base.files import is_empty_file, write_atomic
+from derpd.base.text import one_line
+from derpd.net.addr import ip_or_none
 from derpd.proto.frames import PROTOCOL_VERSION
 from derpd.proto.keys import KEY_LEN
 
@@ -53,7 +54,6 @@ __all__ = [
     "CertError",
     "CertPinError",
     "CertStore",
-    "accept_tls",
     "cert_file_stem",
     "cert_name_pin",
     "check_pin",
@@ -72,7 +72,7 @@ ALPN_PROTOCOLS = ["http/1.1"]
 META_VALIDITY = timedelta(days=30)  # either side of now; Windows wants both bounds set
 _UNSAFE_HOSTNAME_CHARS = re.compile(r"[^A-Za-z0-9.-]")
 _HEX64 = re.compile(r"[0-9A-Fa-f]{64}")
-_PIN_RE = re.compile(r"sha256-raw:[0-9a-f]{64}")
+PIN_RE = re.compile(PIN_PREFIX + r"[0-9a-f]{64}")  # a whole CertName pin
 
 
 class CertError(ConfigurationError):
@@ -94,9 +94,6 @@ class CertPinError(CertError, ssl.SSLCertVerificationError):
 def _now(now: datetime | None) -> datetime:
     return now if now is not None else datetime.now(UTC)
 
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 # --- the meta certificate (fast start) ---------------------------------------------------------------
@@ -219,33 +216,6 @@ def fast_start_key(ssl_object: Any) -> bytes | None:
     return None
 
 
-async def accept_tls(
-    transport: trio.abc.Stream, context: ssl.SSLContext, *, https_compatible: bool = True
-) -> trio.SSLStream[Any]:
-    """Server side: wrap ``transport`` and handshake; on failure the peer still gets OpenSSL's alert.
-
-    trio's ``SSLStream.do_handshake`` turns an ``ssl.SSLError`` into ``BrokenResourceError`` without
-    sending what OpenSSL queued, so a refused SNI or protocol version would reach the client as a bare
-    EOF instead of ``unrecognized_name`` / ``protocol_version``. Here the queued alert (read from trio's
-    private outgoing BIO, if trio still has one) is written before re-raising. The caller closes
-    ``transport`` either way and bounds the whole call with its own handshake timeout.
-    """
-    tls = trio.SSLStream(transport, context, server_side=True, https_compatible=https_compatible)
-    try:
-        await tls.do_handshake()
-    except trio.BrokenResourceError:
-        bio = getattr(tls, "_outgoing", None)
-        alert = bio.read() if isinstance(bio, ssl.MemoryBIO) else b""
-        if alert:
-            with trio.move_on_after(1.0):
-                try:
-                    await transport.send_all(alert)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
-                    pass
-        raise
-    return tls
-
-
 # --- self-signed IP certificates and pins ------------------------------------------------------------
 
 
@@ -312,12 +282,6 @@ def cert_name_pin(cert_der: bytes) -> str:
     return PIN_PREFIX + hashlib.sha256(cert_der).hexdigest()
 
 
-def _ip_or_none(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
-    except ValueError:
-        return None
-
 
 def _dns_matches(pattern: str, host: str) -> bool:
     """Go's matchHostnames: exact, or a whole ``*`` as the left-most label standing for one label."""
@@ -347,7 +311,7 @@ def verify_hostname(cert: x509.Certificate, hostname: str) -> None:
         raise CertError(
             f"certificate has no subjectAltName, so it is not valid for {hostname!r} (the CN is not used)"
         ) from None
-    ip = _ip_or_none(hostname)
+    ip = ip_or_none(hostname)
     if ip is not None:
         names = [str(a) for a in san.get_values_for_type(x509.IPAddress)]
         if any(a == ip for a in san.get_values_for_type(x509.IPAddress)):
@@ -378,7 +342,7 @@ class _PinnedSSLSocket(ssl.SSLSocket):
 
 
 def _check_pin_format(pin: str) -> None:
-    if not _PIN_RE.fullmatch(pin):
+    if not PIN_RE.fullmatch(pin):
         raise CertError(f"pin must be {PIN_PREFIX} followed by 64 lowercase hex digits, got {pin!r}")
 
 
@@ -474,7 +438,7 @@ class CertStore:
             raise CertError(f"hostname {hostname!r} has no usable characters for a certificate file name")
         self.certdir = Path(certdir)
         self.hostname = hostname
-        self.ip = _ip_or_none(hostname)
+        self.ip = ip_or_none(hostname)
         self.cert_path = self.certdir / f"{stem}.crt"
         self.key_path = self.certdir / f"{stem}.key"
         self._server_public = server_public
@@ -620,7 +584,7 @@ class CertStore:
                 write_atomic(self.key_path, new_key_pem, 0o600, replace=self.key_path in empty)
             write_atomic(self.cert_path, cert_pem, 0o644, replace=self.cert_path in empty)
         except OSError as e:
-            raise CertError(f"cannot store a self-signed certificate in {self.certdir}: {_one_line(str(e))}") from None
+            raise CertError(f"cannot store a self-signed certificate in {self.certdir}: {one_line(str(e))}") from None
         self._generated = True
         if have_key:
             log.warning(
@@ -637,7 +601,7 @@ class CertStore:
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-            raise CertError(f"{self.key_path}: not a usable private key: {_one_line(str(e))}") from None
+            raise CertError(f"{self.key_path}: not a usable private key: {one_line(str(e))}") from None
         if not isinstance(key, _ISSUER_KEY_TYPES):
             raise CertError(f"{self.key_path}: this kind of key cannot sign a certificate")
         return key
@@ -646,7 +610,7 @@ class CertStore:
         try:
             return path.read_bytes()
         except OSError as e:
-            raise CertError(f"cannot read {path}: {_one_line(str(e))}") from None
+            raise CertError(f"cannot read {path}: {one_line(str(e))}") from None
 
     def _read(self) -> tuple[bytes, bytes]:
         missing = [p for p in (self.cert_path, self.key_path) if not p.exists()]
@@ -658,7 +622,7 @@ class CertStore:
         try:
             return self.cert_path.read_bytes(), self.key_path.read_bytes()
         except OSError as e:
-            raise CertError(f"cannot read certificate files: {_one_line(str(e))}") from None
+            raise CertError(f"cannot read certificate files: {one_line(str(e))}") from None
 
     def _build(self, cert_pem: bytes, key_pem: bytes) -> tuple[ssl.SSLContext, x509.Certificate]:
         try:
@@ -699,7 +663,7 @@ class CertStore:
             except (ssl.SSLError, OSError) as e:
                 raise CertError(
                     f"OpenSSL refused {self.cert_path} with {self.key_path} (changed while loading?): "
-                    f"{_one_line(str(e))}"
+                    f"{one_line(str(e))}"
                 ) from None
         return ctx, leaf
 

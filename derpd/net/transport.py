@@ -16,6 +16,8 @@ from typing import Protocol
 
 import trio
 
+from derpd.net.addr import remote_of
+
 RECV_SIZE = 256 * 1024
 
 _SOFT_ERRORS = (BlockingIOError, InterruptedError)
@@ -56,26 +58,6 @@ class Transport(Protocol):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-def format_addr(addr: tuple[str, int] | None) -> str:
-    """``host:port`` or ``[v6]:port`` for logs; ``-`` when unknown."""
-    if addr is None:
-        return "-"
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def remote_of(sock: socket.socket) -> tuple[str, int] | None:
-    if sock.family == socket.AF_UNIX:
-        return None
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return str(peer[0]), int(peer[1])
-    return None
 
 
 class SocketTransport:

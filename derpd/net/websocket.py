@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import trio
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -112,7 +113,7 @@ class WebSocketTransport:
                     elif isinstance(event, Ping):
                         await self._send_raw(ws.send(event.response()))
                     elif isinstance(event, CloseConnection):
-                        if ws.state.name not in ("CLOSED", "LOCAL_CLOSING"):
+                        if ws.state not in (ConnectionState.CLOSED, ConnectionState.LOCAL_CLOSING):
                             await self._send_raw(ws.send(event.response()))
                         self._closed = True
                     elif isinstance(event, TextMessage):

@@ -30,9 +30,9 @@ from prometheus_client.registry import Collector
 
 from derpd import __version__
 from derpd.base import log
-from derpd.net.addr import bind_sockets, parse_hostport
+from derpd.net.addr import bind_sockets, format_addr, parse_hostport
 from derpd.net.httpserver import HttpServerConnection, Limits, Refused, accept_forever, request_path
-from derpd.net.transport import SocketTransport, format_addr
+from derpd.net.transport import SocketTransport
 from derpd.server.relay import DROP_REASONS, KINDS
 
 if TYPE_CHECKING:

@@ -26,6 +26,7 @@ import trio
 
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
+from derpd.base.text import one_line
 from derpd.net.addr import UNNAMED, ActivatedSockets, InheritedSocket
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first inherited descriptor
@@ -73,18 +74,15 @@ def notify(message: str, *, env: Mapping[str, str] = os.environ) -> bool:
     return False
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.splitlines())
-
 
 def ready(status: str | None = None, *, env: Mapping[str, str] = os.environ) -> bool:
     """``READY=1``: every listener is up (again, after a reload); optionally with a status line."""
-    return notify("READY=1" if status is None else f"READY=1\nSTATUS={_one_line(status)}", env=env)
+    return notify("READY=1" if status is None else f"READY=1\nSTATUS={one_line(status)}", env=env)
 
 
 def status(text: str, *, env: Mapping[str, str] = os.environ) -> bool:
     """``STATUS=``: the one line ``systemctl status`` shows (e.g. the connection count)."""
-    return notify(f"STATUS={_one_line(text)}", env=env)
+    return notify(f"STATUS={one_line(text)}", env=env)
 
 
 def monotonic_usec() -> int:
@@ -141,7 +139,7 @@ async def watchdog_loop(status_fn: Callable[[], str] | None = None, *, env: Mapp
         message = "WATCHDOG=1"
         if status_fn is not None:
             try:
-                message += f"\nSTATUS={_one_line(status_fn())}"
+                message += f"\nSTATUS={one_line(status_fn())}"
             except Exception as e:  # a status bug must not stop the keep-alive
                 if not status_failed:
                     status_failed = True

@@ -25,8 +25,7 @@ import trio
 
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
-from derpd.net.addr import bind_sockets
-from derpd.net.transport import format_addr
+from derpd.net.addr import bind_sockets, format_addr
 from derpd.proto.keys import NodePrivate, parse_mesh_key
 from derpd.server.mesh import MeshTarget
 from derpd.server.node import ServerSettings

@@ -20,6 +20,7 @@ import trio
 
 from derpd.base import log
 from derpd.base.text import Peer
+from derpd.net.addr import format_addr
 from derpd.net.httpserver import (
     HEAD_TIMEOUT,
     MAX_HEAD,
@@ -30,7 +31,7 @@ from derpd.net.httpserver import (
     header,
     request_path,
 )
-from derpd.net.transport import Transport, format_addr
+from derpd.net.transport import Transport
 from derpd.net.websocket import WebSocketError, WebSocketTransport, wants_derp
 from derpd.proto.frames import PROTOCOL_VERSION
 

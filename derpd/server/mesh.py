@@ -11,7 +11,6 @@ delivered locally (the relay's rule).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import ssl
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import trio
 
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
+from derpd.net.addr import is_ip, remote_of
 from derpd.net.client import CONNECT_TIMEOUT, ConnectionLost, DerpClient, DerpHTTPError
 from derpd.net.transport import SocketTransport, StreamTransport, Transport
 from derpd.proto.connection import NEED_DATA, DerpConnection, Health, PeerGone, PeerPresent, Ping, Restarting
@@ -127,11 +127,11 @@ def _host_port(text: str, what: str, bad: Callable[[str], MeshError]) -> tuple[s
         inner, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):
             raise bad(f"{what} {text!r}: expected [IPv6 address] or [IPv6 address]:port")
-        if not _is_ip(inner) or ":" not in inner:
+        if not is_ip(inner) or ":" not in inner:
             raise bad(f"{what} {text!r}: brackets hold an IPv6 address")
         host = inner
         port_text = rest[1:] if rest else None
-    elif _is_ip(text):
+    elif is_ip(text):
         host = text  # IPv4, or a bare IPv6 address: every colon is the address's own
     elif text.count(":") == 1:
         host, port_text = text.split(":")
@@ -143,7 +143,7 @@ def _host_port(text: str, what: str, bad: Callable[[str], MeshError]) -> tuple[s
         raise bad(f"empty {what} in {text!r}")
     if "%" in host and ":" in host:
         raise bad(f"{what} {text!r}: IPv6 zones (%) are not supported")
-    if not _is_ip(host):
+    if not is_ip(host):
         if not host.isascii():
             raise bad(f"{what} {host!r}: write an internationalized name in its xn-- (IDNA) form")
         name = host.removesuffix(".")
@@ -174,13 +174,6 @@ def _peer_url(item: str, bad: Callable[[str], MeshError]) -> str:
         raise bad("an IPv6 address in a URL needs brackets: https://[address]:port/derp")
     return item if parts.path else item + "/derp"
 
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 class MeshLink:
@@ -312,20 +305,13 @@ async def connect_link(
     stream, derp = client.detach()
     transport: Transport
     if isinstance(stream, trio.SocketStream):
-        remote = _peer_of(stream)
+        remote = remote_of(stream.socket)
         transport = SocketTransport.from_trio(stream.socket)
         transport.remote = remote
     else:
         transport = StreamTransport(stream, None)
     return MeshLink(relay, transport, derp, target.label, internal=internal)
 
-
-def _peer_of(stream: trio.SocketStream) -> tuple[str, int] | None:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return None
-    return (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
 
 
 async def keep_link(

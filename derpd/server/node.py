@@ -16,10 +16,10 @@ from functools import partial
 import trio
 
 from derpd.base import log
-from derpd.net.addr import ActivatedSockets, bind_sockets, bind_unix
+from derpd.net.addr import ActivatedSockets, bind_sockets, bind_unix, format_addr
 from derpd.net.httpserver import HEAD_TIMEOUT, accept_forever
 from derpd.net.tls import CertStore
-from derpd.net.transport import SocketTransport, TLSTransport, Transport, format_addr
+from derpd.net.transport import SocketTransport, TLSTransport, Transport
 from derpd.proto.keys import NodePrivate, public_key_text
 from derpd.proto.proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
 from derpd.server.front import HttpConfig, HttpFront

@@ -26,7 +26,8 @@ import trio
 
 from derpd.base import log
 from derpd.base.text import Peer
-from derpd.net.transport import Transport, format_addr
+from derpd.net.addr import format_addr
+from derpd.net.transport import Transport
 from derpd.proto.connection import NEED_DATA, ClientHello, DerpConnection, Event, NeedData, Role
 from derpd.proto.frames import (
     DISCO_MAGIC,

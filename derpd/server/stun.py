@@ -42,7 +42,7 @@ from typing import Any, Final
 import trio
 
 from derpd.base import log
-from derpd.net.addr import bind_sockets
+from derpd.net.addr import bind_sockets, format_addr
 from stun.codec import (
     MAX_REPLY_RATIO,
     RequestKind,
@@ -137,13 +137,6 @@ class StunStats:
         """``stun_addrfamily`` by ``family`` label."""
         return {"ipv4": self.ipv4, "ipv6": self.ipv6}
 
-
-def _fmt_addr(addr: Any) -> str:
-    try:
-        host, port = addr[0], addr[1]
-    except (TypeError, IndexError):
-        return str(addr)
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _is_wildcard(host: str) -> bool:
@@ -258,7 +251,7 @@ class StunServer:
                 for sock in socks:
                     sock.setblocking(False)
                     pktinfo = self._enable_pktinfo(sock)
-                    log.info("stun_listening", addr=_fmt_addr(sock.getsockname()), pktinfo=pktinfo)
+                    log.info("stun_listening", addr=format_addr(sock.getsockname()), pktinfo=pktinfo)
                     nursery.start_soon(self._serve_socket, sock, pktinfo)
                 task_status.started(self.port)
         finally:
@@ -309,23 +302,23 @@ class StunServer:
                 kind = request.kind
                 if kind is not _TAILSCALE and not generic:
                     stats.not_tailscale += 1
-                    self._not_tailscale.note(remote=_fmt_addr(addr), kind=str(kind))
+                    self._not_tailscale.note(remote=format_addr(addr), kind=str(kind))
                     continue
                 # A Tailscale request gets Go's success whatever else it carries, as Go answers it.
                 is_error = kind is not _TAILSCALE and bool(request.unknown_attributes)
                 reply = unknown_attributes_response(request) if is_error else build_response(request, addr[0], addr[1])
             except StunError as exc:
                 stats.not_stun += 1
-                self._drops.note(remote=_fmt_addr(addr), reason=str(exc))
+                self._drops.note(remote=format_addr(addr), reason=str(exc))
                 continue
             if len(reply) * den > n * num:
                 stats.amplification += 1
-                self._too_large.note(remote=_fmt_addr(addr), request_len=n, reply_len=len(reply))
+                self._too_large.note(remote=format_addr(addr), request_len=n, reply_len=len(reply))
                 continue
             if is_error:
                 if _logger.isEnabledFor(logging.DEBUG):
                     types = ",".join(f"0x{t:04x}" for t in request.unknown_attributes)
-                    log.debug("stun_unknown_attribute", remote=_fmt_addr(addr), types=types)
+                    log.debug("stun_unknown_attribute", remote=format_addr(addr), types=types)
             else:
                 if reply[_FAMILY_OFFSET] == 1:
                     stats.ipv4 += 1
@@ -342,7 +335,7 @@ class StunServer:
                 return _SEND_BLOCKED, (reply, addr, cmsg, is_error)
             except OSError as exc:
                 stats.write_error += 1
-                self._write_errors.note(remote=_fmt_addr(addr), reason=str(exc))
+                self._write_errors.note(remote=format_addr(addr), reason=str(exc))
                 continue
             if is_error:
                 stats.unknown_attribute += 1
@@ -360,7 +353,7 @@ class StunServer:
                 sock.sendto(reply, addr)
         except OSError as exc:
             self.stats.write_error += 1
-            self._write_errors.note(remote=_fmt_addr(addr), reason=str(exc) or type(exc).__name__)
+            self._write_errors.note(remote=format_addr(addr), reason=str(exc) or type(exc).__name__)
             return
         if is_error:
             self.stats.unknown_attribute += 1

@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from derpd import __version__
 from derpd.base.errors import ConfigurationError
 from derpd.base.text import clip
-from derpd.net.tls import PIN_PREFIX, CertError, cert_name_pin, verify_hostname
+from derpd.net.addr import is_ip
+from derpd.net.tls import PIN_PREFIX, PIN_RE, CertError, cert_name_pin, verify_hostname
 from derpd.proto import gojson
 from derpd.proto.gojson import INT64_MAX, INT64_MIN
 from derpd.tools import blockyaml
@@ -48,7 +49,6 @@ HEADSCALE_YAML = "headscale-yaml"
 TAILSCALE_JSON = "tailscale-json"
 FORMATS = (HEADSCALE_YAML, TAILSCALE_JSON)
 
-_PIN_RE = re.compile(r"sha256-raw:[0-9a-f]{64}")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 # What the operator may type around a value: ASCII white space only. str.strip() would also eat
 # U+0085, U+001C-U+001F and U+2028, which are then silently gone instead of refused.
@@ -218,7 +218,7 @@ def check_map(m: DerpMap) -> list[str]:
                 problems.append(f"{label}: stunonly with stunport -1 serves nothing")
             if node.stun_only and node.derp_port:
                 problems.append(f"{label}: stunonly node has a derpport; clients never use it")
-            if node.cert_name.startswith(PIN_PREFIX) and not _PIN_RE.fullmatch(node.cert_name):
+            if node.cert_name.startswith(PIN_PREFIX) and not PIN_RE.fullmatch(node.cert_name):
                 problems.append(f"{label}: certname pin must be {PIN_PREFIX} followed by 64 lowercase hex digits")
             if node.insecure_for_tests:
                 problems.append(f"{label}: insecurefortests is for Tailscale's unit tests only")
@@ -304,7 +304,7 @@ def check_cert_name(value: str) -> str:
             f"--cert-name {name!r}: a certificate name is a DNS name or IP address in ASCII, without spaces "
             f"(internationalized names as xn--...), or a {PIN_PREFIX} pin"
         )
-    if name.startswith(PIN_PREFIX) and not _PIN_RE.fullmatch(name):
+    if name.startswith(PIN_PREFIX) and not PIN_RE.fullmatch(name):
         raise DerpMapError(f"--cert-name pin must be {PIN_PREFIX} followed by 64 lowercase hex digits")
     return name
 
@@ -486,7 +486,7 @@ def build_node(spec: NodeSpec, region_id: int, default_name: str) -> tuple[DerpN
             raise DerpMapError("--stun-only with --can-port80: port 80 is only checked on DERP nodes")
         if cert_name:
             raise DerpMapError("--stun-only with a certificate: STUN-only nodes speak no TLS")
-    elif not cert_name and _is_ip(host):
+    elif not cert_name and is_ip(host):
         warnings.append(
             f"hostname {host} is an IP address: unless its certificate is CA-issued for that IP, pin it with "
             "--cert-file (derpd's self-signed IP certificate is <certdir>/<ip>.crt)"
@@ -505,13 +505,6 @@ def build_node(spec: NodeSpec, region_id: int, default_name: str) -> tuple[DerpN
     )
     return node, warnings
 
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def build_region(

@@ -13,7 +13,6 @@ becomes a ``fail`` check with a one-line reason, never an exception.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import socket
@@ -29,6 +28,7 @@ import trio
 from cryptography import x509
 
 from derpd import __version__
+from derpd.net.addr import ip_or_none
 from derpd.net.client import ConnectionLost, DerpClient, DerpHTTPError
 from derpd.net.httpclient import HttpClientConnection, NoResponse, describe_error, open_tcp, start_tls
 from derpd.net.tls import PIN_PREFIX, CertError, cert_name_pin, fast_start_key, parse_meta_certificate, peer_chain_der
@@ -176,12 +176,6 @@ def _host_in_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
 
 # --- what to probe ---------------------------------------------------------------------------------
 
@@ -280,18 +274,18 @@ async def addresses(node: DerpNode, version: int, *, for_stun: bool = False) -> 
     """
     label = f"IPv{version}"
     if for_stun and node.stun_test_ip:
-        ip = _ip(node.stun_test_ip)
+        ip = ip_or_none(node.stun_test_ip)
         if ip is not None and ip.version == version:
             return [str(ip)], ""
     value = node.ipv4 if version == 4 else node.ipv6
     if value == "none":
         return [], f"skipped: {label} disabled in the map (ipv{version}: none)"
     if value:
-        ip = _ip(value)
+        ip = ip_or_none(value)
         if ip is None or ip.version != version:
             return [], f"skipped: ipv{version} {value!r} is not an {label} address, so clients do not use {label}"
         return [str(ip)], ""
-    host_ip = _ip(node.host_name)
+    host_ip = ip_or_none(node.host_name)
     if host_ip is not None:
         if host_ip.version == version:
             return [str(host_ip)], ""
