@@ -473,14 +473,9 @@ class RelayServer:
                 )
             conn.outbox.ctrl.append(login.accept(server_info))
             self._register(conn)
-            log.info(
-                "client_connected",
-                conn=conn_id,
-                key=short_key(key),
-                remote=remote,
-                mesh=can_mesh or None,
-                app=Peer(info.app_name) if info.app_name else None,
-            )
+            who = {"conn": conn_id, "key": short_key(key), "remote": remote}  # on both lines of a connection
+            app = Peer(info.app_name) if info.app_name else None
+            log.info("client_connected", **who, mesh=can_mesh or None, app=app)
             try:
                 conn.outbox.kick()
                 await conn.run(partial(conn.read_loop, login.take_reader()))
@@ -488,9 +483,7 @@ class RelayServer:
                 self._unregister(conn)
                 log.info(
                     "client_disconnected",
-                    conn=conn_id,
-                    key=short_key(key),
-                    remote=remote,
+                    **who,
                     reason=conn.close_reason or "server shutdown",
                     duration=f"{self.clock() - conn.connected_at:.1f}s",
                     bytes_in=conn.bytes_in,
