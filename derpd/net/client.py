@@ -9,6 +9,7 @@ probe``, the tests and the bench.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 from collections import deque
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from derpd.net.httpclient import HttpClientConnection, NoResponse, start_tls
 from derpd.net.tls import PIN_PREFIX, fast_start_key, pinned_context
 from derpd.net.transport import RECV_SIZE, StreamTransport
 from derpd.net.websocket import WebSocketTransport
@@ -55,6 +57,7 @@ from derpd.proto.frames import (
 )
 from derpd.proto.keys import KEY_LEN, NodePrivate
 
+MAX_ERROR_BODY = 64 * 1024  # of a refused upgrade's answer, kept for DerpHTTPError
 CONNECT_TIMEOUT = 10.0  # seconds derphttp gives a whole connect; callers put it in their cancel scope
 
 
@@ -96,14 +99,7 @@ async def _tls_connect(
         ctx = ssl.create_default_context()
     ctx.set_alpn_protocols(["http/1.1"])
     server_name = cert_name if cert_name and not cert_name.startswith(PIN_PREFIX) else host
-    tls = trio.SSLStream(stream, ctx, server_hostname=server_name, https_compatible=True)
-    try:
-        await tls.do_handshake()
-    except trio.BrokenResourceError as e:
-        if isinstance(e.__cause__, ssl.SSLError):  # say why: bad certificate, wrong pin, ...
-            raise e.__cause__ from None
-        raise
-    return tls
+    return await start_tls(stream, ctx, server_name)  # raises the ssl.SSLError that says why
 
 
 def _split_url(url: str) -> tuple[str, str, int, str]:
@@ -125,7 +121,7 @@ class DerpClient:
         self.can_ack_pings = can_ack_pings
         self.server_key: bytes = b""
         self.server_info = ServerInfo()
-        self.http_response: h11.InformationalResponse | None = None
+        self.http_response: h11.Response | h11.InformationalResponse | None = None  # the 101
         self.fast_start = derp.fast_start  # whether the login skipped the 101 (derper's meta certificate)
         self._pending: deque[Message] = deque()  # read by ping() while waiting for its pong
         self._pings: dict[bytes, trio.Event] = {}
@@ -205,21 +201,31 @@ class DerpClient:
         return client
 
     async def _upgrade(self, host: str, port: int, path: str, headers: Iterable[tuple[str, str]]) -> None:
-        http = h11.Connection(h11.CLIENT)
         shown = f"[{host}]" if ":" in host else host  # an IPv6 literal is bracketed in Host (RFC 9110 §7.2)
         hdrs = [("Host", shown if port in (80, 443) else f"{shown}:{port}")]
         hdrs += [("User-Agent", "derpd-client"), ("Connection", "Upgrade"), ("Upgrade", "DERP")]
         if self.fast_start:
             hdrs.append(("Derp-Fast-Start", "1"))
         hdrs += list(headers)
-        request = http.send(h11.Request(method="GET", target=path, headers=hdrs))
-        request += http.send(h11.EndOfMessage())
+        http = HttpClientConnection(self.stream)  # not entered: the stream goes on as DERP
         if self.fast_start:
-            # The whole login in one flight; the ServerKey frame arrives anyway and is checked.
-            await self.stream.send_all(request + self.derp.data_to_send())
-        else:
-            await self.stream.send_all(request)
-            await self._read_101(http)
+            # The whole login in one flight, no 101; the ServerKey frame arrives anyway and is checked.
+            await http.send_request("GET", path, hdrs, then=self.derp.data_to_send())
+            return
+        await http.send_request("GET", path, hdrs)
+        try:
+            response = await http.read_response()
+        except (h11.RemoteProtocolError, NoResponse) as e:
+            raise ConnectionLost(f"bad or missing HTTP response to the upgrade: {e}") from None
+        if response.status_code == 101:
+            self.http_response = response
+            if rest := http.trailing_data:
+                self.derp.receive_data(rest)
+            return
+        body = bytearray()
+        with contextlib.suppress(h11.RemoteProtocolError, NoResponse, trio.BrokenResourceError):
+            await http.receive_body(body, MAX_ERROR_BODY)  # what arrived stays in body
+        raise DerpHTTPError(response.status_code, bytes(body))
 
     async def _login(self) -> None:
         """ServerKey, ClientInfo (already sent on the fast path), ServerInfo."""
@@ -232,35 +238,6 @@ class DerpClient:
         assert isinstance(event, ServerHello)  # the only event a client's login ends with
         self.server_key = event.key
         self.server_info = event.info
-
-    async def _read_101(self, http: h11.Connection) -> None:
-        body = b""
-        status = 0
-        while True:
-            try:
-                event = http.next_event()
-            except h11.RemoteProtocolError as e:
-                raise ConnectionLost(f"bad or missing HTTP response to the upgrade: {e}") from None
-            if event is h11.NEED_DATA:
-                data = await self.stream.receive_some(RECV_SIZE)
-                http.receive_data(bytes(data))
-                if not data and status:
-                    raise DerpHTTPError(status, body)
-                continue
-            if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-                self.http_response = event
-                rest, _ = http.trailing_data
-                if rest:
-                    self.derp.receive_data(bytes(rest))
-                return
-            if isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > 64 * 1024:
-                    raise DerpHTTPError(status, body)
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                raise DerpHTTPError(status, body)
 
     # --- frames ------------------------------------------------------------------------
 

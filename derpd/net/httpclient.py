@@ -85,14 +85,15 @@ class HttpClientConnection:
         await trio.aclose_forcefully(self.stream)
 
     async def send_request(
-        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes = b""
+        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes = b"", *, then: bytes = b""
     ) -> None:
-        """The whole request in one write: head, ``body`` (framed as ``headers`` say), end."""
+        """The whole request in one write: head, ``body`` (framed as ``headers`` say), end, and ``then``:
+        the next protocol's first bytes after an upgrade request (a DERP fast-start login)."""
         conn = self.h11
         out = conn.send(h11.Request(method=method, target=target, headers=list(headers)))
         if body:
             out += conn.send(h11.Data(data=body))
-        await self.stream.send_all(out + conn.send(h11.EndOfMessage()))
+        await self.stream.send_all(out + conn.send(h11.EndOfMessage()) + then)
 
     async def read_response(self) -> h11.Response | h11.InformationalResponse:
         """The response head: the final one, or the 101 that switched protocols when the request asked
