@@ -55,7 +55,7 @@ from derpd.proto.frames import (
     pong_frame,
     send_packet_frame,
 )
-from derpd.proto.keys import KEY_LEN, NodePrivate
+from derpd.proto.keys import KEY_LEN, NodeKey, NodePrivate
 
 MAX_ERROR_BODY = 64 * 1024  # of a refused upgrade's answer, kept for DerpHTTPError
 CONNECT_TIMEOUT = 10.0  # seconds derphttp gives a whole connect; callers put it in their cancel scope
@@ -119,7 +119,7 @@ class DerpClient:
         self.key = derp.key
         self.public_key = derp.key.public
         self.can_ack_pings = can_ack_pings
-        self.server_key: bytes = b""
+        self.server_key = NodeKey(b"")
         self.server_info = ServerInfo()
         self.http_response: h11.Response | h11.InformationalResponse | None = None  # the 101
         self.fast_start = derp.fast_start  # whether the login skipped the 101 (derper's meta certificate)

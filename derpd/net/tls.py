@@ -45,7 +45,7 @@ from derpd.base.files import is_empty_file, write_atomic
 from derpd.base.text import one_line
 from derpd.net.addr import ip_or_none
 from derpd.proto.frames import PROTOCOL_VERSION
-from derpd.proto.keys import KEY_LEN
+from derpd.proto.keys import KEY_LEN, NodeKey
 
 __all__ = [
     "ALPN_PROTOCOLS",
@@ -147,7 +147,7 @@ def meta_certificate(server_public: bytes, *, now: datetime | None = None) -> by
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def parse_meta_certificate(der: bytes) -> bytes | None:
+def parse_meta_certificate(der: bytes) -> NodeKey | None:
     """The server public key if ``der`` is a meta cert (derphttp's parseMetaCert), else None.
 
     Accepted as the Go client does: CN starts with ``derpkey`` followed by exactly 64 hex digits, and
@@ -163,7 +163,7 @@ def parse_meta_certificate(der: bytes) -> bytes | None:
     body = cn[len(META_CN_PREFIX) :]
     if not _HEX64.fullmatch(body) or cert.serial_number.bit_length() > 8:
         return None
-    return bytes.fromhex(body)
+    return NodeKey(bytes.fromhex(body))
 
 
 def _common_name(cert: x509.Certificate) -> str:
@@ -201,7 +201,7 @@ def peer_chain_der(ssl_object: Any) -> list[bytes]:
     return out
 
 
-def fast_start_key(ssl_object: Any) -> bytes | None:
+def fast_start_key(ssl_object: Any) -> NodeKey | None:
     """Client side: the server key from a meta cert if fast start applies, else None.
 
     As derphttp: only on TLS 1.3 (where the chain was encrypted), any position in the chain.

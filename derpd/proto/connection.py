@@ -53,7 +53,7 @@ from derpd.proto.frames import (
     server_info_frame,
     server_key_frame,
 )
-from derpd.proto.keys import NONCE_LEN, NodePrivate
+from derpd.proto.keys import NONCE_LEN, NodeKey, NodePrivate
 
 
 class Role(Enum):
@@ -88,7 +88,7 @@ NEED_DATA: Final = NeedData.NEED_DATA
 class ClientHello:
     """Server role: the client's ClientInfo, opened. ``key`` is the client's public key."""
 
-    key: bytes
+    key: NodeKey
     info: ClientInfo
 
 
@@ -96,19 +96,19 @@ class ClientHello:
 class ServerHello:
     """Client role: the login is done; ``key`` is the server's public key, ``info`` its ServerInfo."""
 
-    key: bytes
+    key: NodeKey
     info: ServerInfo
 
 
 @dataclass(frozen=True, slots=True)
 class ReceivedPacket:
-    src: bytes
+    src: NodeKey
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class PeerGone:
-    peer: bytes
+    peer: NodeKey
     reason: int  # a PeerGoneReason, or a value a newer server sends
 
 
@@ -214,7 +214,7 @@ class DerpConnection:
     ) -> None:
         self.role = role
         self.key = key
-        self.peer_key = b""  # the other side's public key, once it is known
+        self.peer_key = NodeKey(b"")  # the other side's public key, once it is known
         self.client_info = client_info  # ours (client role) or the client's (server role, once opened)
         self.server_info: ServerInfo | None = None  # client role: the server's, once opened
         self._server_key = server_key  # client role: the key a fast start expects

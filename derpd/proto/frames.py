@@ -18,7 +18,7 @@ from enum import IntEnum
 from typing import Any
 
 from derpd.proto import gojson
-from derpd.proto.keys import KEY_LEN, NONCE_LEN, NodePrivate, hex_key
+from derpd.proto.keys import KEY_LEN, NONCE_LEN, NodeKey, NodePrivate, hex_key
 
 MAGIC = b"DERP\xf0\x9f\x94\x91"  # "DERP🔑"
 PROTOCOL_VERSION = 2
@@ -394,12 +394,12 @@ def is_disco(packet: bytes, offset: int = 0) -> bool:
     return len(packet) - offset >= DISCO_MIN_LEN and packet.startswith(DISCO_MAGIC, offset)
 
 
-def parse_server_key(payload: bytes) -> bytes:
+def parse_server_key(payload: bytes) -> NodeKey:
     if len(payload) < len(MAGIC) + KEY_LEN:
         raise HandshakeError("ServerKey frame too short")
     if not payload.startswith(MAGIC):
         raise HandshakeError("ServerKey frame has bad magic")
-    return payload[len(MAGIC) : len(MAGIC) + KEY_LEN]
+    return NodeKey(payload[len(MAGIC) : len(MAGIC) + KEY_LEN])
 
 
 def parse_send_packet(payload: bytes) -> tuple[bytes, bytes]:
@@ -411,11 +411,11 @@ def parse_send_packet(payload: bytes) -> tuple[bytes, bytes]:
     return payload[:KEY_LEN], payload[KEY_LEN:]
 
 
-def parse_recv_packet(payload: bytes) -> tuple[bytes, bytes]:
+def parse_recv_packet(payload: bytes) -> tuple[NodeKey, bytes]:
     """(source key, packet) of a v2 RecvPacket."""
     if len(payload) < KEY_LEN:
         raise MalformedFrame(FrameType.RECV_PACKET, "shorter than a key")
-    return payload[:KEY_LEN], payload[KEY_LEN:]
+    return NodeKey(payload[:KEY_LEN]), payload[KEY_LEN:]
 
 
 def parse_forward_packet(payload: bytes) -> tuple[bytes, bytes, bytes]:
@@ -453,25 +453,25 @@ def parse_watch_conns(payload: bytes) -> None:
         raise MalformedFrame(FrameType.WATCH_CONNS, "must be empty")
 
 
-def parse_close_peer(payload: bytes) -> bytes:
+def parse_close_peer(payload: bytes) -> NodeKey:
     if len(payload) != KEY_LEN:
         raise MalformedFrame(FrameType.CLOSE_PEER, f"length {len(payload)}, want {KEY_LEN}")
-    return payload
+    return NodeKey(payload)
 
 
-def parse_peer_gone(payload: bytes) -> tuple[bytes, int]:
+def parse_peer_gone(payload: bytes) -> tuple[NodeKey, int]:
     """(peer key, reason); the legacy 32-byte form means Disconnected."""
     if len(payload) < KEY_LEN:
         raise MalformedFrame(FrameType.PEER_GONE, "shorter than a key")
     reason = payload[KEY_LEN] if len(payload) > KEY_LEN else PeerGoneReason.DISCONNECTED
-    return payload[:KEY_LEN], reason
+    return NodeKey(payload[:KEY_LEN]), reason
 
 
 @dataclass(frozen=True, slots=True)
 class PeerPresent:
     """A PeerPresent frame's payload (and the event ``derpd.proto.connection`` makes of one)."""
 
-    key: bytes
+    key: NodeKey
     ip16: bytes | None = None  # 16 bytes, IPv4 as v4-mapped; None in the 32-byte legacy form
     port: int = 0
     flags: int = 0  # 0 = an old server that sent no flags
@@ -493,7 +493,7 @@ class PeerPresent:
 def parse_peer_present(payload: bytes) -> PeerPresent:
     if len(payload) < KEY_LEN:
         raise MalformedFrame(FrameType.PEER_PRESENT, "shorter than a key")
-    key = payload[:KEY_LEN]
+    key = NodeKey(payload[:KEY_LEN])
     if len(payload) < KEY_LEN + 18:
         return PeerPresent(key)
     ip16 = payload[KEY_LEN : KEY_LEN + 16]
@@ -629,7 +629,7 @@ def client_info_frame(client: NodePrivate, server_public: bytes, info: ClientInf
     return encode_frame(FrameType.CLIENT_INFO, client_info_payload(client, server_public, info, nonce))
 
 
-def open_client_info(server: NodePrivate, payload: bytes) -> tuple[bytes, ClientInfo]:
+def open_client_info(server: NodePrivate, payload: bytes) -> tuple[NodeKey, ClientInfo]:
     """(client public key, ClientInfo) from a ClientInfo payload, or HandshakeError."""
     if len(payload) < KEY_LEN + NONCE_LEN:
         raise HandshakeError("short client info")
@@ -639,7 +639,7 @@ def open_client_info(server: NodePrivate, payload: bytes) -> tuple[bytes, Client
     msg = server.open_from(client_key, payload[KEY_LEN:])
     if msg is None:
         raise HandshakeError(f"client info of {len(payload) - KEY_LEN} bytes does not open with the client's key")
-    return client_key, ClientInfo.from_json(msg)
+    return NodeKey(client_key), ClientInfo.from_json(msg)
 
 
 def server_info_frame(server: NodePrivate, client_public: bytes, info: ServerInfo, nonce: bytes | None = None) -> bytes:

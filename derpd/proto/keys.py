@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from typing import NewType
 
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
@@ -54,18 +55,26 @@ def _parse_hex_key(text: str, prefix: str) -> bytes:
     return key
 
 
-def public_key_text(raw: bytes) -> str:
+NodeKey = NewType("NodeKey", bytes)
+"""A node's 32-byte Curve25519 public key (Tailscale's ``key.NodePublic``), as it travels on the wire.
+
+Made where keys come from (parsing text, a private key, a login, a decoded frame) and named in every
+API that takes one. The relay's hot path looks its registry up with raw frame slices: a ``NodeKey`` is
+a ``bytes``, so those dicts are keyed by ``bytes`` and no per-packet conversion is made."""
+
+
+def public_key_text(raw: NodeKey) -> str:
     """``nodekey:<64 lowercase hex>``, the form Tailscale prints and Headscale stores."""
     return PUBLIC_PREFIX + raw.hex()
 
 
-def short_key(raw: bytes) -> str:
+def short_key(raw: NodeKey) -> str:
     """A log-friendly prefix of a public key; never used for private material."""
     return raw[:4].hex()
 
 
-def parse_public_key(text: str) -> bytes:
-    return _parse_hex_key(text.strip(), PUBLIC_PREFIX)
+def parse_public_key(text: str) -> NodeKey:
+    return NodeKey(_parse_hex_key(text.strip(), PUBLIC_PREFIX))
 
 
 class NodePrivate:
@@ -77,7 +86,7 @@ class NodePrivate:
         if len(raw) != KEY_LEN:
             raise InvalidKeyError(f"private key must be {KEY_LEN} bytes")
         self._key = PrivateKey(raw)
-        self.public: bytes = bytes(self._key.public_key)
+        self.public = NodeKey(bytes(self._key.public_key))
         self._boxes: dict[bytes, Box] = {}
 
     @classmethod

@@ -44,7 +44,7 @@ from derpd.base import log
 from derpd.base.errors import ConfigurationError
 from derpd.net.httpclient import HttpClientConnection, NoResponse, describe_error, open_tcp, start_tls
 from derpd.proto import gojson
-from derpd.proto.keys import KEY_LEN, InvalidKeyError, parse_public_key, public_key_text, short_key
+from derpd.proto.keys import KEY_LEN, InvalidKeyError, NodeKey, parse_public_key, public_key_text, short_key
 
 VERIFY_TIMEOUT = 5.0  # derper: context.WithTimeout(5s) around the whole exchange
 CACHE_TTL = 30.0
@@ -171,7 +171,7 @@ class VerifyURL:
         return f"{self.scheme}://{self.host_header}{path}" + ("?…" if query else "")
 
 
-def request_body(key: bytes, source_ip: str) -> bytes:
+def request_body(key: NodeKey, source_ip: str) -> bytes:
     """``tailcfg.DERPAdmitClientRequest`` exactly as Go's json.Marshal writes it (compact)."""
     return json.dumps({"NodePublic": public_key_text(key), "Source": source_ip}, separators=(",", ":")).encode()
 
@@ -394,7 +394,7 @@ class Admission:
 
     # --- the check ---------------------------------------------------------------------------
 
-    async def check(self, key: bytes, source_ip: str, *, mesh_peer: bool = False) -> Verdict:
+    async def check(self, key: NodeKey, source_ip: str, *, mesh_peer: bool = False) -> Verdict:
         """Decide whether ``key`` connecting from ``source_ip`` may use the relay.
 
         Call after the ClientInfo has been opened and before registering the client; on a deny,
@@ -425,7 +425,7 @@ class Admission:
         setattr(self.stats, result, getattr(self.stats, result) + 1)
         return verdict
 
-    async def _check_url(self, key: bytes, ip: str) -> tuple[Verdict, str]:
+    async def _check_url(self, key: NodeKey, ip: str) -> tuple[Verdict, str]:
         if self.cache_ttl <= 0:
             verdict, result, _ = await self._ask(key, ip)
             return verdict, result
@@ -478,7 +478,7 @@ class Admission:
                 break
             cache.popitem(last=False)
 
-    async def _ask(self, key: bytes, ip: str) -> tuple[Verdict, str, bool]:
+    async def _ask(self, key: NodeKey, ip: str) -> tuple[Verdict, str, bool]:
         """One webhook request; returns (verdict, result bucket, cacheable).
 
         Never waits for a slot: the webhook timeout is the whole time a login may spend here. When
@@ -503,7 +503,7 @@ class Admission:
             else:
                 del self._in_flight_by_source[source]
 
-    def _overflow(self, key: bytes, ip: str, *, slots_full: bool) -> tuple[Verdict, str, bool]:
+    def _overflow(self, key: NodeKey, ip: str, *, slots_full: bool) -> tuple[Verdict, str, bool]:
         if slots_full:
             self.stats.overflow_slots_full += 1
             why = f"all {self.max_concurrent} verify requests busy"
@@ -514,7 +514,7 @@ class Admission:
         self._overflow_log.note(key=short_key(key), source=ip, why=why, action="admit" if self.fail_open else "refuse")
         return Verdict(self.fail_open, f"verify-url busy ({how})", detail=why), "error", False
 
-    async def _ask_now(self, key: bytes, ip: str) -> tuple[Verdict, str, bool]:
+    async def _ask_now(self, key: NodeKey, ip: str) -> tuple[Verdict, str, bool]:
         assert self.url is not None
         body = request_body(key, ip)
         resp = _Response()
@@ -575,7 +575,7 @@ class Admission:
             except _TRANSPORT_ERRORS as e:
                 resp.body_error = describe_error(e)
 
-    def _warn_unreachable(self, key: bytes, ip: str, error: str) -> None:
+    def _warn_unreachable(self, key: NodeKey, ip: str, error: str) -> None:
         """One warning per WARN_INTERVAL while the webhook is down; a storm must not flood the log."""
         now = self._clock()
         if self._warned_at is not None and now - self._warned_at < WARN_INTERVAL:

@@ -26,7 +26,7 @@ from derpd.net.client import CONNECT_TIMEOUT, ConnectionLost, DerpClient, DerpHT
 from derpd.net.transport import SocketTransport, StreamTransport, Transport
 from derpd.proto.connection import NEED_DATA, DerpConnection, Health, PeerGone, PeerPresent, Ping, Restarting
 from derpd.proto.frames import ClientInfo, HandshakeError, ProtocolError, pong_frame
-from derpd.proto.keys import NodePrivate, short_key
+from derpd.proto.keys import NodeKey, NodePrivate, short_key
 from derpd.server.outbox import ConnectionClosed, Outbox
 from derpd.server.relay import ClientConn, RelayServer
 
@@ -216,7 +216,7 @@ class MeshLink:
         return f"<MeshLink {self.name} {short_key(self.key)}>"
 
     @property
-    def key(self) -> bytes:
+    def key(self) -> NodeKey:
         """The peer's server key."""
         return self.conn.key
 

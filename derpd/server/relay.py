@@ -60,7 +60,7 @@ from derpd.proto.frames import (
     pong_frame,
     restarting_frame,
 )
-from derpd.proto.keys import KEY_LEN, NodePrivate, mesh_keys_equal, public_key_text, short_key
+from derpd.proto.keys import KEY_LEN, NodeKey, NodePrivate, mesh_keys_equal, public_key_text, short_key
 from derpd.server.admission import Verdict
 from derpd.server.limits import RateConfig, TokenBucket
 from derpd.server.outbox import RECV_PREFIX_LEN, ConnectionClosed, Outbox, WriteTimeout
@@ -120,7 +120,7 @@ class Admitter(Protocol):
     @property
     def enabled(self) -> bool: ...
 
-    async def check(self, key: bytes, source_ip: str) -> Verdict: ...
+    async def check(self, key: NodeKey, source_ip: str) -> Verdict: ...
 
     def reload(self) -> bool:
         """SIGHUP: re-read what can change (an allowlist); keep the old state on error."""
@@ -231,7 +231,7 @@ class ClientConn:
         self,
         server: RelayServer,
         transport: Transport,
-        key: bytes,
+        key: NodeKey,
         info: ClientInfo,
         conn_id: int,
         *,
@@ -493,7 +493,7 @@ class RelayServer:
             with trio.CancelScope(shield=True):
                 await transport.aclose()
 
-    async def _admit(self, key: bytes, transport: Transport, conn_id: int) -> bool:
+    async def _admit(self, key: NodeKey, transport: Transport, conn_id: int) -> bool:
         """Mesh peers never get here; everyone else passes every configured check or is closed."""
         admission = self.admission
         if admission is None or not admission.enabled:
@@ -526,7 +526,7 @@ class RelayServer:
 
     # --- the mesh: keys on other nodes of the region -------------------------------------------
 
-    def add_forwarder(self, key: bytes, link: Forwarder, present: PeerPresent | None = None) -> None:
+    def add_forwarder(self, key: NodeKey, link: Forwarder, present: PeerPresent | None = None) -> None:
         """A mesh peer announced ``key`` (``present``: what its PeerPresent said)."""
         links = self.forwarders.get(key)
         if links is None:
@@ -730,7 +730,7 @@ class RelayServer:
         if not entry.history or entry.history[-1] is not conn:
             entry.history.append(conn)
 
-    def close_key(self, key: bytes, reason: str) -> int:
+    def close_key(self, key: NodeKey, reason: str) -> int:
         """Close every connection of ``key``; returns how many."""
         entry = self.keys.get(key)
         if entry is None:

@@ -34,7 +34,7 @@ from derpd.net.httpclient import HttpClientConnection, NoResponse, describe_erro
 from derpd.net.tls import PIN_PREFIX, CertError, cert_name_pin, fast_start_key, parse_meta_certificate, peer_chain_der
 from derpd.net.tls import pinned_context as _pinned_context
 from derpd.proto.frames import HandshakeError, ProtocolError
-from derpd.proto.keys import public_key_text
+from derpd.proto.keys import NodeKey, parse_public_key, public_key_text
 from derpd.tools.derpmap import DEFAULT_STUN_PORT, DerpMap, DerpMapError, DerpNode, DerpRegion, load, parse
 from stun.codec import StunError, binding_request, new_txid, parse_response
 
@@ -431,7 +431,7 @@ def _login_failure(e: BaseException) -> str:
     return text
 
 
-async def _derp_checks(target: Target, dial: str, opts: ProbeOptions, report: NodeReport, keys: list[bytes]) -> int:
+async def _derp_checks(target: Target, dial: str, opts: ProbeOptions, report: NodeReport, keys: list[NodeKey]) -> int:
     """``derp`` (upgrade + login), ``ping`` and ``relay`` (two clients); returns the logins made.
 
     Each login's server key is appended to ``keys``.
@@ -525,7 +525,7 @@ async def _relay_check(a: DerpClient, b: DerpClient, opts: ProbeOptions) -> Chec
 
 
 async def _keys_check(
-    target: Target, dial: str, opts: ProbeOptions, keys: list[bytes], logins: int, metas: int
+    target: Target, dial: str, opts: ProbeOptions, keys: list[NodeKey], logins: int, metas: int
 ) -> Check:
     """Log in until ``opts.logins`` logins were made; every connection (and meta cert) must show one key."""
     errors: list[str] = []
@@ -655,9 +655,7 @@ async def probe_target(target: Target, opts: ProbeOptions) -> NodeReport:
             for name in ("derp", "ping", "relay", "keys"):
                 report.checks.append(Check(name, SKIP, "not attempted: no working TCP/TLS connection"))
             return
-        keys = [
-            bytes.fromhex(c.data["meta_key"].removeprefix("nodekey:")) for c in report.checks if "meta_key" in c.data
-        ]
+        keys = [parse_public_key(c.data["meta_key"]) for c in report.checks if "meta_key" in c.data]
         metas = len(keys)
         logins = await _derp_checks(target, dial, opts, report, keys)
         if logins == 0:
