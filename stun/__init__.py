@@ -1,4 +1,4 @@
-"""derpd's STUN server: ``stun.codec`` (sans-IO messages) and ``stun.server`` (the trio responder).
-
-Kept import-light on purpose: importing ``stun.codec`` pulls in neither trio nor logging.
+"""The STUN codec, sans I/O: ``stun.codec`` turns datagrams into binding requests and builds the answers
+(Tailscale's, RFC 5389/8489 and classic RFC 3489, the 420 error). It imports nothing from derpd, trio or
+logging; derpd's UDP responder is ``derpd.server.stun``.
 """

@@ -94,7 +94,7 @@ def check_reply_shape(request: BindingRequest, reply: bytes, host: str, port: in
 
 
 def derpd_reply(request: BindingRequest, host: str, port: int) -> bytes:
-    """What derpd's server sends for ``request`` with generic STUN on (stun.server decides so)."""
+    """What derpd's server sends for ``request`` with generic STUN on (derpd.server.stun decides so)."""
     if request.kind is not RequestKind.TAILSCALE and request.unknown_attributes:
         return codec.unknown_attributes_response(request)
     return codec.build_response(request, host, port)
