@@ -191,16 +191,44 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
 )
 @_opt(
     "--certmode",
-    "TLS on --addr: 'manual' loads CERTDIR/HOSTNAME.crt and .key (or creates a self-signed certificate when "
-    "HOSTNAME is an IP address). Empty for plain HTTP. ACME is not built in: see the README for certbot.",
-    type=click.Choice(["", "manual"]),
+    "TLS on --addr: 'letsencrypt' (alias 'acme') gets a certificate for HOSTNAME from an ACME CA and keeps it "
+    "renewed; 'manual' loads CERTDIR/HOSTNAME.crt and .key (or creates a self-signed certificate when HOSTNAME "
+    "is an IP address). Empty for plain HTTP.",
+    type=click.Choice(["", "manual", "letsencrypt", "acme"]),
     default="",
 )
 @_opt(
     "--certdir",
-    "Directory of HOSTNAME.crt/.key for --certmode manual. Default: 'certs' beside the key file.",
+    "Certificates: HOSTNAME.crt/.key for manual; the ACME account key and HOSTNAME.pem for letsencrypt. "
+    "Default: 'certs' beside the key file.",
     type=click.Path(file_okay=False),
     default=None,
+)
+@_opt(
+    "--acme-directory",
+    "The ACME CA's directory URL (any RFC 8555 CA: ZeroSSL, Google, a private one); 'letsencrypt' (the default) "
+    "or 'staging' for Let's Encrypt's.",
+    default="letsencrypt",
+)
+@_opt("--acme-email", "Contact address for the ACME account (expiry notices, CA announcements).", default="")
+@_opt("--acme-eab-kid", "External Account Binding key ID, for CAs that require one (ZeroSSL, Google).", default="")
+@_opt(
+    "--acme-eab-key",
+    "External Account Binding HMAC key (base64url). A secret: prefer DERPD_ACME_EAB_KEY or the config file.",
+    default="",
+)
+@_opt(
+    "--acme-ca-file",
+    "PEM bundle to trust for the ACME CA's own HTTPS (a private CA); default: the system's trust store.",
+    type=click.Path(dir_okay=False),
+    default=None,
+)
+@_opt(
+    "--acme-challenge",
+    "How the CA validates: tls-alpn-01 (on the TLS port), http-01 (on --http-port), or auto (TLS-ALPN-01, "
+    "then HTTP-01 when the port-80 listener is on).",
+    type=click.Choice(["auto", "tls-alpn-01", "http-01"]),
+    default="auto",
 )
 @_opt("--hostname", "The server's name (or IP) for TLS: certificate name, SNI check, https redirects.", default="")
 @_opt(
@@ -337,7 +365,7 @@ def serve(**opts: Any) -> None:
     if identity is None and cfg.workers > 1:
         service = Supervisor(cfg.workers, settings, sys.argv[1:])
     else:
-        service = runtime.NodeService(cfg.key, settings, metrics_addr, worker=identity is not None)
+        service = runtime.NodeService(cfg.key, settings, metrics_addr, worker=identity is not None, acme=cfg.acme)
     try:
         trio.run(runtime.run, service)
     except KeyboardInterrupt:

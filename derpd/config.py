@@ -23,14 +23,17 @@ from typing import Any
 
 from derpd.base.errors import ConfigurationError
 from derpd.base.files import is_empty_file
-from derpd.net.addr import AddressError, parse_hostport
+from derpd.net.acme import AcmeSettings, directory_url
+from derpd.net.addr import AddressError, ip_or_none, parse_hostport
 from derpd.net.tls import CertStore
+from derpd.ops.acme import AcmeConfig, CertManager, bundle_name
 from derpd.ops.keyfiles import KeyFileOrigin, load_mesh_key_file, load_or_create_key_file
 from derpd.ops.metrics import parse_metrics_addr
 from derpd.ops.workers import worker_count
 from derpd.proto.keys import NodePrivate, parse_mesh_key, public_key_text
 from derpd.proto.proxyproto import parse_trusted
 from derpd.server.admission import Admission
+from derpd.server.challenges import ChallengeBook
 from derpd.server.limits import RateConfig
 from derpd.server.mesh import parse_targets
 from derpd.server.node import ServerSettings
@@ -103,6 +106,12 @@ class ServeOptions:
     certdir: str | None = None
     hostname: str = ""
     http_port: int | None = None
+    acme_directory: str = "letsencrypt"
+    acme_email: str = ""
+    acme_eab_kid: str = ""
+    acme_eab_key: str = ""
+    acme_ca_file: str | None = None
+    acme_challenge: str = "auto"
     verify_client_url: str | None = None
     verify_client_url_fail_open: bool = True
     verify_cache_ttl: float = 30.0
@@ -145,6 +154,7 @@ class Config:
     log_level: str
     log_format: str
     notes: list[Note] = field(default_factory=list)
+    acme: CertManager | None = None  # --certmode letsencrypt
 
 
 def default_key_file() -> str | None:
@@ -190,8 +200,19 @@ def build(o: ServeOptions, *, dry_run: bool = False) -> Config:
         stun_host = "" if stun_host in ("*", "::") else stun_host
 
     hostname = o.hostname.strip()
-    tls = _cert_store(o, hostname, key, key_path, notes, dry_run=dry_run)
-    http_port = o.http_port if o.http_port is not None else (80 if tls is not None else -1)
+    acme: CertManager | None = None
+    if o.certmode in ("letsencrypt", "acme"):
+        if workers > 1:
+            raise ConfigurationError(
+                "--certmode letsencrypt runs in one process: use --workers 1, or get the certificate "
+                "another way and use --certmode manual"
+            )
+        http_port = o.http_port if o.http_port is not None else 80
+        acme = _acme(o, hostname, key, key_path, http_port, notes, dry_run=dry_run)
+        tls: CertStore | None = acme.store
+    else:
+        tls = _cert_store(o, hostname, key, key_path, notes, dry_run=dry_run)
+        http_port = o.http_port if o.http_port is not None else (80 if tls is not None else -1)
     mesh_with = parse_targets(o.mesh_with, tls=tls is not None, default_port=port)
     if mesh_with and mesh_key is None:
         raise ConfigurationError("--mesh-with needs the region's mesh key (--mesh-psk-file)")
@@ -232,13 +253,14 @@ def build(o: ServeOptions, *, dry_run: bool = False) -> Config:
         tcp_keepalive=o.tcp_keepalive_time,
         tcp_user_timeout=o.tcp_user_timeout,
         admission=admission if admission.enabled else None,
+        challenges=acme.book if acme is not None else None,
         rate_config_path=o.rate_config,
         mesh_with=mesh_with,
         shutdown_timeout=o.shutdown_timeout,
         restart_reconnect_in=o.restart_reconnect_in,
         restart_try_for=o.restart_try_for,
     )
-    return Config(key, settings, metrics_addr, workers, o.log_level, o.log_format, notes)
+    return Config(key, settings, metrics_addr, workers, o.log_level, o.log_format, notes, acme)
 
 
 def _node_key(path: str, notes: list[Note], *, dry_run: bool) -> NodePrivate:
@@ -255,12 +277,74 @@ def _node_key(path: str, notes: list[Note], *, dry_run: bool) -> NodePrivate:
     return key
 
 
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def check_certificate_name(hostname: str) -> str:
+    """The name to ask a CA for: an IP address, or a DNS name of LDH labels (RFC 1123), lower-cased."""
+    if not hostname:
+        raise ConfigurationError("--certmode letsencrypt needs --hostname (the DNS name or IP address clients dial)")
+    ip = ip_or_none(hostname)
+    if ip is not None:
+        return str(ip)
+    name = hostname.lower().removesuffix(".")
+    labels = name.split(".")
+    if len(name) > 253 or len(labels) < 2 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ConfigurationError(
+            f"--hostname {hostname!r} is neither an IP address nor a DNS name a CA can issue for "
+            "(dot-separated labels of letters, digits and inner hyphens, each at most 63 characters)"
+        )
+    return name
+
+
+def _acme(
+    o: ServeOptions,
+    hostname: str,
+    key: NodePrivate,
+    key_path: str,
+    http_port: int,
+    notes: list[Note],
+    *,
+    dry_run: bool,
+) -> CertManager:
+    name = check_certificate_name(hostname)
+    if o.acme_challenge not in ("auto", "tls-alpn-01", "http-01"):
+        raise ConfigurationError("--acme-challenge must be auto, tls-alpn-01 or http-01")
+    if o.acme_challenge == "http-01" and http_port < 0:
+        raise ConfigurationError("--acme-challenge http-01 needs the port-80 listener (--http-port)")
+    if bool(o.acme_eab_kid) != bool(o.acme_eab_key):
+        raise ConfigurationError("--acme-eab-kid and --acme-eab-key go together")
+    if o.acme_eab_key and not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", o.acme_eab_key):
+        raise ConfigurationError("--acme-eab-key must be the base64url HMAC key the CA gave")
+    directory = directory_url(o.acme_directory)
+    if not directory.startswith("https://"):
+        raise ConfigurationError(f"--acme-directory must be an https:// URL or 'staging', not {o.acme_directory!r}")
+    if o.acme_ca_file is not None and not Path(o.acme_ca_file).is_file():
+        raise ConfigurationError(f"--acme-ca-file {o.acme_ca_file}: no such file")
+    certdir = Path(o.certdir or Path(key_path).resolve().parent / "certs")
+    settings = AcmeSettings(
+        directory=directory,
+        email=o.acme_email.strip(),
+        eab_kid=o.acme_eab_kid.strip(),
+        eab_key=o.acme_eab_key.strip(),
+        ca_file=o.acme_ca_file,
+    )
+    config = AcmeConfig(name, certdir, settings, challenge=o.acme_challenge, http01=http_port >= 0)
+    store = CertStore(certdir, name, key.public, bundle=bundle_name(name))
+    manager = CertManager(config, store, ChallengeBook())
+    if dry_run:
+        notes.append(Note(logging.INFO, "acme", {"hostname": name, "directory": directory, "certdir": str(certdir)}))
+    else:
+        manager.prepare()
+    return manager
+
+
 def _cert_store(
     o: ServeOptions, hostname: str, key: NodePrivate, key_path: str, notes: list[Note], *, dry_run: bool
 ) -> CertStore | None:
     if o.certmode != "manual":
         if o.certdir:
-            raise ConfigurationError("--certdir only applies with --certmode manual")
+            raise ConfigurationError("--certdir only applies with --certmode manual or letsencrypt")
         return None
     if not hostname:
         raise ConfigurationError("--certmode manual needs --hostname (the certificate's name or IP address)")

@@ -48,12 +48,15 @@ from derpd.proto.frames import PROTOCOL_VERSION
 from derpd.proto.keys import KEY_LEN, NodeKey
 
 __all__ = [
+    "ACME_TLS_ALPN",
     "ALPN_PROTOCOLS",
     "META_CN_PREFIX",
     "PIN_PREFIX",
     "CertError",
     "CertPinError",
     "CertStore",
+    "acme_tls_alpn_certificate",
+    "acme_tls_alpn_context",
     "cert_file_stem",
     "cert_name_pin",
     "check_pin",
@@ -73,6 +76,11 @@ META_VALIDITY = timedelta(days=30)  # either side of now; Windows wants both bou
 _UNSAFE_HOSTNAME_CHARS = re.compile(r"[^A-Za-z0-9.-]")
 _HEX64 = re.compile(r"[0-9A-Fa-f]{64}")
 PIN_RE = re.compile(PIN_PREFIX + r"[0-9a-f]{64}")  # a whole CertName pin
+# A certificate whose notBefore is this little ahead of our clock is still served (a CA's clock, or
+# ours, a little off): clients' clocks differ from ours by as much anyway.
+NOT_BEFORE_SKEW = timedelta(minutes=5)
+ACME_TLS_ALPN = "acme-tls/1"  # RFC 8737
+ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # id-pe-acmeIdentifier
 
 
 class CertError(ConfigurationError):
@@ -277,6 +285,56 @@ def self_signed_ip_certificate(
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+# --- ACME TLS-ALPN-01 (RFC 8737) -----------------------------------------------------------------------
+
+
+def acme_tls_alpn_certificate(
+    identifier: str, key_authorization: str, *, now: datetime | None = None
+) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) that answers a TLS-ALPN-01 challenge for ``identifier``.
+
+    Self-signed, short-lived, with the identifier as its only subjectAltName (a DNS name, or an IP
+    address as RFC 8738 wants) and the critical acmeIdentifier extension holding the SHA-256 of the
+    key authorization, DER-encoded as an OCTET STRING. The CA looks at nothing else.
+    """
+    t = _now(now)
+    ip = ip_or_none(identifier)
+    san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(ip)) if ip else x509.DNSName(identifier)
+    digest = hashlib.sha256(key_authorization.encode()).digest()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derpd acme-tls/1 challenge")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(secrets.randbelow((1 << 128) - 1) + 1)
+        .not_valid_before(t - timedelta(minutes=5))
+        .not_valid_after(t + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def acme_tls_alpn_context(identifier: str, key_authorization: str) -> ssl.SSLContext:
+    """A server context that offers only ``acme-tls/1`` and the challenge certificate (RFC 8737 §3)."""
+    cert_pem, key_pem = acme_tls_alpn_certificate(identifier, key_authorization)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols([ACME_TLS_ALPN])
+    ctx.num_tickets = 0
+    with tempfile.TemporaryDirectory(prefix="derpd-acme-") as tmp:  # mode 0700; Python's ssl loads files only
+        path = Path(tmp) / "challenge.pem"
+        path.write_bytes(key_pem + cert_pem)
+        ctx.load_cert_chain(path, path)
+    return ctx
+
+
 def cert_name_pin(cert_der: bytes) -> str:
     """The DERP map ``CertName`` that pins this exact leaf: ``sha256-raw:<lowercase hex>``."""
     return PIN_PREFIX + hashlib.sha256(cert_der).hexdigest()
@@ -429,7 +487,12 @@ class CertStore:
     newest context, so a listener may also keep one context for its whole life.
     """
 
-    def __init__(self, certdir: str | Path, hostname: str, server_public: bytes) -> None:
+    def __init__(
+        self, certdir: str | Path, hostname: str, server_public: bytes, *, bundle: str | None = None
+    ) -> None:
+        """``bundle``: one file name in ``certdir`` holding the private key and the full chain (what
+        ``--certmode letsencrypt`` writes, so that a new pair replaces the old in one atomic rename)
+        instead of derper's ``<hostname>.crt`` + ``.key``."""
         if len(server_public) != KEY_LEN:
             raise ValueError(f"server public key must be {KEY_LEN} bytes")
         hostname = hostname.strip()
@@ -439,13 +502,14 @@ class CertStore:
         self.certdir = Path(certdir)
         self.hostname = hostname
         self.ip = ip_or_none(hostname)
-        self.cert_path = self.certdir / f"{stem}.crt"
-        self.key_path = self.certdir / f"{stem}.key"
+        self.cert_path = self.certdir / (bundle or f"{stem}.crt")
+        self.key_path = self.certdir / (bundle or f"{stem}.key")
         self._server_public = server_public
         self._sni_name = hostname.lower().removesuffix(".")
         self._context: ssl.SSLContext | None = None
         self._leaf_der: bytes | None = None
         self._not_after: datetime | None = None
+        self._not_before: datetime | None = None
         self._generated = False
 
     # public state
@@ -478,6 +542,15 @@ class CertStore:
     @property
     def not_after(self) -> datetime | None:
         return self._not_after
+
+    @property
+    def not_before(self) -> datetime | None:
+        return self._not_before
+
+    @property
+    def has_certificate(self) -> bool:
+        """False until a certificate is installed (``--certmode letsencrypt`` before its first order)."""
+        return self._context is not None
 
     @property
     def generated(self) -> bool:
@@ -517,20 +590,28 @@ class CertStore:
                 derp_node=json.dumps(self.derp_node(), separators=(",", ":")),
             )
 
+    def install_files(self) -> x509.Certificate:
+        """Read the files, check them (hostname, key, validity now) and serve them to new handshakes.
+
+        Raises CertError and keeps the current certificate if anything is wrong. Returns the leaf.
+        """
+        context, leaf = self._build(*self._read())
+        now = datetime.now(UTC)
+        if now > leaf.not_valid_after_utc:
+            raise CertError(f"certificate expired at {leaf.not_valid_after_utc.isoformat()}")
+        if now + NOT_BEFORE_SKEW < leaf.not_valid_before_utc:
+            raise CertError(f"certificate is not valid before {leaf.not_valid_before_utc.isoformat()}")
+        self._install(context, leaf)
+        return leaf
+
     def reload(self) -> bool:
         """Re-read the files for new handshakes; on any problem keep the current context and log why."""
+        old_pin = self.leaf_pin
         try:
-            context, leaf = self._build(*self._read())
-            now = datetime.now(UTC)
-            if now > leaf.not_valid_after_utc:
-                raise CertError(f"new certificate expired at {leaf.not_valid_after_utc.isoformat()}")
-            if now < leaf.not_valid_before_utc:
-                raise CertError(f"new certificate is not valid before {leaf.not_valid_before_utc.isoformat()}")
+            leaf = self.install_files()
         except CertError as e:
             log.warning("tls_reload_failed", cert=str(self.cert_path), error=str(e), kept=self.leaf_pin)
             return False
-        old_pin = self.leaf_pin
-        self._install(context, leaf)
         log.info(
             "tls_reloaded",
             cert=str(self.cert_path),
@@ -547,6 +628,7 @@ class CertStore:
         self._context = context
         self._leaf_der = leaf.public_bytes(serialization.Encoding.DER)
         self._not_after = leaf.not_valid_after_utc
+        self._not_before = leaf.not_valid_before_utc
 
     def _warn_validity(self, leaf: x509.Certificate) -> None:
         now = datetime.now(UTC)

@@ -36,6 +36,7 @@ from derpd.net.transport import SocketTransport
 from derpd.server.relay import DROP_REASONS, KINDS
 
 if TYPE_CHECKING:
+    from derpd.ops.acme import CertManager
     from derpd.server.node import DerpServer
 
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
@@ -74,8 +75,9 @@ def tls_version_label(version: str) -> str:
 class DerpCollector(Collector):
     """Reads one ``DerpServer``'s counters at scrape time (no per-packet work, no copies kept)."""
 
-    def __init__(self, server: DerpServer, *, start_time: float | None = None) -> None:
+    def __init__(self, server: DerpServer, *, start_time: float | None = None, acme: CertManager | None = None) -> None:
         self.server = server
+        self.acme = acme
         self.start_time = time.time() if start_time is None else start_time
 
     def describe(self) -> Iterable[Metric]:
@@ -89,6 +91,7 @@ class DerpCollector(Collector):
         yield from self._admission()
         yield from self._stun()
         yield from self._front()
+        yield from self._certificate()
         build = GaugeMetricFamily("derpd_build_info", "derpd build; always 1", labels=["version"])
         build.add_metric([__version__], 1)
         yield build
@@ -313,11 +316,55 @@ class DerpCollector(Collector):
         )
 
 
-def registry_for(server: DerpServer, *, start_time: float | None = None, process: bool = True) -> CollectorRegistry:
+    def _certificate(self) -> Iterator[Metric]:
+        store = self.server.tls
+        if store is not None and store.not_after is not None and store.not_before is not None:
+            yield _gauge(
+                "derpd_tls_cert_not_after_seconds",
+                "When the served certificate expires (notAfter), in Unix seconds",
+                store.not_after.timestamp(),
+            )
+            yield _gauge(
+                "derpd_tls_cert_not_before_seconds",
+                "When the served certificate became valid (notBefore), in Unix seconds",
+                store.not_before.timestamp(),
+            )
+        acme = self.acme
+        if acme is None:
+            return
+        yield _labelled(
+            CounterMetricFamily(
+                "derpd_acme_failures",
+                "Failed attempts to get a certificate from the ACME CA, by reason",
+                labels=["reason"],
+            ),
+            [((reason,), n) for reason, n in acme.failures.items()],
+        )
+        yield _counter("derpd_acme_certificates_issued", "Certificates the ACME CA issued to this process", acme.issued)
+        if acme.next_renewal is not None:
+            yield _gauge(
+                "derpd_acme_next_renewal_seconds",
+                "When the next order (renewal or retry) is planned, in Unix seconds",
+                acme.next_renewal,
+            )
+        book = acme.book
+        yield _labelled(
+            CounterMetricFamily(
+                "derpd_acme_challenges_answered",
+                "ACME validation requests answered, by challenge type",
+                labels=["type"],
+            ),
+            [(("http-01",), book.http01_answered), (("tls-alpn-01",), book.tls_alpn01_answered)],
+        )
+
+
+def registry_for(
+    server: DerpServer, *, start_time: float | None = None, process: bool = True, acme: CertManager | None = None
+) -> CollectorRegistry:
     """A dedicated registry (not the global one, so several servers in one process don't clash)
     with derpd's collector and, unless ``process`` is False, the ``process_*``/``python_*`` ones."""
     registry = CollectorRegistry()
-    registry.register(DerpCollector(server, start_time=start_time))
+    registry.register(DerpCollector(server, start_time=start_time, acme=acme))
     if process:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)

@@ -16,6 +16,7 @@ import trio
 
 from derpd.base import log
 from derpd.ops import sdnotify
+from derpd.ops.acme import CertManager
 from derpd.ops.metrics import registry_for, serve_metrics
 from derpd.ops.workers import READY_LINE
 from derpd.proto.keys import NodePrivate
@@ -29,6 +30,12 @@ class Service(Protocol):
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start everything in ``nursery``; return once it all serves (every listener bound)."""
+
+    async def until_ready(self) -> None:
+        """Return once the service can do its job (a certificate is served, with ACME)."""
+
+    def waiting_status(self) -> str:
+        """STATUS= while ``until_ready`` waits."""
 
     def status(self) -> str:
         """One line for systemd's STATUS= (``systemctl status``)."""
@@ -48,19 +55,45 @@ async def run(service: Service) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
             await service.start(nursery)
-            sdnotify.ready(status=service.status())
+            ready = trio.Event()
+            nursery.start_soon(_announce_ready, service, ready)
             nursery.start_soon(sdnotify.watchdog_loop, service.status)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     sdnotify.reloading()
                     service.reload()
-                    sdnotify.ready(status=service.status())
+                    if ready.is_set():
+                        sdnotify.ready(status=service.status())
+                    else:
+                        sdnotify.status(service.waiting_status())
                     continue
                 sdnotify.stopping()
                 log.info("shutting_down", signal=signal.Signals(signum).name, **service.stop_fields())
                 await service.stop()
                 nursery.cancel_scope.cancel()
                 break
+
+
+READY_WAIT_EXTEND = 60.0  # seconds of start-up time asked of systemd at a time while not ready
+
+
+async def _announce_ready(service: Service, ready: trio.Event) -> None:
+    """READY=1 once the service is ready. Until then (an ACME certificate on its way) systemd is asked
+    for more start-up time every while, and STATUS= says what is awaited."""
+    async with trio.open_nursery() as waiting:
+
+        async def extend() -> None:
+            await trio.sleep(1.0)  # the common case: ready at once, and nothing else is said
+            while True:
+                sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(READY_WAIT_EXTEND * 1.5 * 1e6)}")
+                sdnotify.status(service.waiting_status())
+                await trio.sleep(READY_WAIT_EXTEND / 3)
+
+        waiting.start_soon(extend)
+        await service.until_ready()
+        waiting.cancel_scope.cancel()
+    ready.set()
+    sdnotify.ready(status=service.status())
 
 
 class NodeService:
@@ -73,10 +106,12 @@ class NodeService:
         metrics_addr: tuple[str, int] | None,
         *,
         worker: bool = False,
+        acme: CertManager | None = None,
     ) -> None:
         self.key = key
         self.settings = settings
         self.metrics_addr = metrics_addr
+        self.acme = acme  # --certmode letsencrypt: obtains and renews the certificate
         self.worker = worker  # started by a --workers supervisor: report readiness on stdout too
         self._server: DerpServer | None = None  # made in start(): it reads trio's clock
 
@@ -89,11 +124,20 @@ class NodeService:
     async def start(self, nursery: trio.Nursery) -> None:
         self._server = DerpServer(self.key, self.settings)
         await nursery.start(self._server.run)
+        if self.acme is not None:
+            nursery.start_soon(self.acme.run)  # after the listeners: the CA's validation connects to them
         if self.metrics_addr is not None:
-            await nursery.start(serve_metrics, *self.metrics_addr, registry_for(self._server))
+            await nursery.start(serve_metrics, *self.metrics_addr, registry_for(self._server, acme=self.acme))
         if self.worker:
             sys.stdout.buffer.write(READY_LINE)
             sys.stdout.flush()
+
+    async def until_ready(self) -> None:
+        if self.acme is not None:
+            await self.acme.ready.wait()
+
+    def waiting_status(self) -> str:
+        return self.acme.status() if self.acme is not None else "starting"
 
     def status(self) -> str:
         return f"{self.server.relay.stats.current_connections} clients"

@@ -244,6 +244,12 @@ class Supervisor:
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.run)
 
+    async def until_ready(self) -> None:
+        await trio.lowlevel.checkpoint()  # start() returned once every worker said it is ready
+
+    def waiting_status(self) -> str:
+        return "starting workers"
+
     def status(self) -> str:
         return f"{len(self.ready)}/{self.count} workers up"
 

@@ -10,7 +10,7 @@ server core, shared with the metrics listener) enforces.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
@@ -64,6 +64,8 @@ class HttpConfig:
     derp_enabled: bool = True
     https_redirect: str | None = None  # port 80 beside TLS: redirect to https://<this host>
     write_timeout: float = WRITE_TIMEOUT  # a response not taken within this closes the connection
+    # --certmode letsencrypt: request path -> the key authorization an ACME CA's HTTP-01 check wants
+    acme_http01: Callable[[bytes], bytes | None] | None = None
 
     @property
     def limits(self) -> Limits:
@@ -111,6 +113,15 @@ class HttpFront:
         self.requests += 1
         path = request_path(req.target)
         method = req.method
+        if self.config.acme_http01 is not None and path.startswith(b"/.well-known/acme-challenge/"):
+            await http.drain_body()
+            answer = self.config.acme_http01(path) if method in (b"GET", b"HEAD") else None
+            if answer is None:
+                await http.respond(404, body=b"no such challenge\n", head=method == b"HEAD")
+            else:
+                log.info("acme_http01_answered", remote=_remote(http.transport))
+                await http.respond(200, body=answer, head=method == b"HEAD")
+            return False
         if self.config.https_redirect and path != b"/generate_204":
             await http.drain_body()
             if method in (b"GET", b"HEAD"):

@@ -18,15 +18,21 @@ import trio
 from derpd.base import log
 from derpd.net.addr import ActivatedSockets, bind_sockets, bind_unix, format_addr
 from derpd.net.httpserver import HEAD_TIMEOUT, accept_forever
-from derpd.net.tls import CertStore
+from derpd.net.tls import ACME_TLS_ALPN, CertStore
 from derpd.net.transport import SocketTransport, TLSTransport, Transport
 from derpd.proto.keys import NodePrivate, public_key_text
 from derpd.proto.proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
+from derpd.proto.tlshello import ClientHello, ClientHelloError, ClientHelloReader
+from derpd.server.challenges import ChallengeBook
 from derpd.server.front import HttpConfig, HttpFront
 from derpd.server.limits import AcceptLimiter, LimitError, PerIPLimiter, RateConfig
 from derpd.server.mesh import MeshTarget, keep_link
 from derpd.server.relay import Admitter, RelayConfig, RelayServer
 from derpd.server.stun import StunServer
+
+# A fatal TLS alert record, internal_error (80), as TLS 1.0-1.3 all read it: what a ClientHello gets
+# while --certmode letsencrypt has no certificate yet (Go's autocert answers the same way).
+TLS_ALERT_INTERNAL_ERROR = bytes([21, 3, 1, 0, 2, 2, 80])
 
 
 @dataclass
@@ -49,6 +55,7 @@ class ServerSettings:
     tcp_keepalive: float = 600.0  # seconds; 0 leaves the kernel default
     tcp_user_timeout: float = 15.0  # seconds; 0 leaves the kernel default
     admission: Admitter | None = None
+    challenges: ChallengeBook | None = None  # --certmode letsencrypt: answers to the CA's validation
     rate_config_path: str | None = None
     head_timeout: float = HEAD_TIMEOUT
     activated: ActivatedSockets | None = None  # sockets inherited from systemd (socket activation)
@@ -79,10 +86,16 @@ class DerpServer:
         settings.relay.internal_mesh_key = settings.internal_mesh_key
         self.relay = RelayServer(key, settings.relay)
         self.relay.admission = settings.admission
+        self.challenges = settings.challenges
+        http01 = self.challenges.http01 if self.challenges is not None else None
         self.http = HttpFront(
-            self.relay.serve_connection, key.public, HttpConfig(home=settings.home, head_timeout=settings.head_timeout)
+            self.relay.serve_connection,
+            key.public,
+            HttpConfig(home=settings.home, head_timeout=settings.head_timeout, acme_http01=http01),
         )
-        redirect = HttpConfig(head_timeout=settings.head_timeout, https_redirect=settings.hostname or None)
+        redirect = HttpConfig(
+            head_timeout=settings.head_timeout, https_redirect=settings.hostname or None, acme_http01=http01
+        )
         self.http80 = HttpFront(None, key.public, redirect)
         self.tls = settings.tls
         self.accept_limiter = AcceptLimiter(settings.accept_limit, settings.accept_burst, now=trio.current_time())
@@ -98,6 +111,7 @@ class DerpServer:
         self._listeners: list[trio.socket.SocketType] = []
         self._refused = log.Sampled("connection_refused", 10.0)
         self._tls_failed = log.Sampled("tls_handshake_failed", 10.0)
+        self._no_cert = log.Sampled("tls_refused_no_certificate_yet", 10.0)
 
     @property
     def port(self) -> int:
@@ -317,8 +331,36 @@ class DerpServer:
         log.info("proxy_header_refused", remote=format_addr(peer), reason="no PROXY header in time")
         return None
 
+    async def _read_client_hello(self, transport: SocketTransport, initial: bytes) -> tuple[bytes, ClientHello | None]:
+        """The bytes of the ClientHello (to replay into TLS) and what it offers; None if it is no
+        well-formed ClientHello (OpenSSL then refuses it as it always would) or not in time."""
+        reader = ClientHelloReader()
+        hello: ClientHello | None = None
+        try:
+            hello = reader.feed(initial) if initial else None
+            with trio.move_on_after(self.settings.head_timeout):
+                while hello is None:
+                    data = await transport.receive_some()
+                    if not data:
+                        break
+                    hello = reader.feed(data)
+        except ClientHelloError:
+            hello = None
+        return reader.buffered, hello
+
     async def _tls_handshake(self, transport: SocketTransport, initial: bytes) -> TLSTransport | None:
         assert self.tls is not None
+        if self.challenges is not None:  # --certmode letsencrypt: the CA's validation, or no certificate yet
+            initial, hello = await self._read_client_hello(transport, initial)
+            if hello is not None and ACME_TLS_ALPN.encode() in hello.alpn:
+                await self._answer_tls_alpn01(transport, initial, hello)
+                return None
+            if not self.tls.has_certificate:
+                self.tls_handshake_failures += 1
+                self._no_cert.note(remote=format_addr(transport.remote), why="no certificate from the ACME CA yet")
+                with trio.move_on_after(1.0):
+                    await transport.send_all(TLS_ALERT_INTERNAL_ERROR)
+                return None
         tls = TLSTransport(transport, self.tls.context, initial)
         with trio.move_on_after(self.settings.head_timeout) as scope:
             try:
@@ -334,6 +376,27 @@ class DerpServer:
         version = tls.version() or "unknown"
         self.tls_versions[version] = self.tls_versions.get(version, 0) + 1
         return tls
+
+
+    async def _answer_tls_alpn01(self, transport: SocketTransport, initial: bytes, hello: ClientHello) -> None:
+        """A CA validating TLS-ALPN-01 (RFC 8737): complete the handshake with the challenge
+        certificate, then close; nothing else is ever said on such a connection."""
+        assert self.challenges is not None
+        context = self.challenges.tls_alpn01(hello.server_name)
+        remote = format_addr(transport.remote)
+        if context is None:
+            log.info("acme_tls_alpn_refused", remote=remote, sni=hello.server_name, why="no challenge pending for it")
+            with trio.move_on_after(1.0):
+                await transport.send_all(TLS_ALERT_INTERNAL_ERROR)
+            return
+        tls = TLSTransport(transport, context, initial)
+        with trio.move_on_after(self.settings.head_timeout):
+            try:
+                await tls.handshake()
+            except (ssl.SSLError, OSError) as e:
+                log.info("acme_tls_alpn_failed", remote=remote, sni=hello.server_name, reason=str(e))
+                return
+            log.info("acme_tls_alpn_answered", remote=remote, sni=hello.server_name)
 
 
 def _trio_sockets(socks: list[socket.socket]) -> list[trio.socket.SocketType]:
