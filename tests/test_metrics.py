@@ -30,11 +30,15 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 import derpd
+from derpd.net.acme import AcmeSettings
 from derpd.net.client import ConnectionLost, DerpClient, PeerGoneMessage
+from derpd.net.tls import CertStore
+from derpd.ops.acme import AcmeConfig, CertManager
 from derpd.ops.metrics import parse_metrics_addr, registry_for, serve_metrics
 from derpd.proto.frames import DISCO_MAGIC, DISCO_MIN_LEN, HandshakeError
 from derpd.proto.keys import NodePrivate
 from derpd.server.admission import Admission
+from derpd.server.challenges import ChallengeBook
 from derpd.server.limits import RateConfig
 from derpd.server.node import DerpServer
 from derpd.server.relay import DROP_REASONS, KINDS, RelayConfig
@@ -468,7 +472,22 @@ async def exposed(nursery: trio.Nursery, tmp_path: Path) -> set[str]:
     async with await DerpClient.connect(url_of(server), a_key) as a:
         await a.ping()
         await stun_exchange(server)
-        return names_in_scrape(await scrape(port))
+        names = names_in_scrape(await scrape(port))
+    return names | await _certificate_names(nursery, tmp_path)
+
+
+async def _certificate_names(nursery: trio.Nursery, tmp_path: Path) -> set[str]:
+    """What a TLS node with --certmode letsencrypt adds: a certificate served (the self-signed IP one
+    stands in for the CA's) and the ACME manager's counters (not run: no CA here; tests/acme runs it)."""
+    key = NodePrivate.generate()
+    store = CertStore(tmp_path / "certs", "127.0.0.1", key.public)
+    store.load()
+    settings = AcmeSettings(directory="https://127.0.0.1:9/dir")
+    manager = CertManager(AcmeConfig("127.0.0.1", tmp_path / "certs", settings), store, ChallengeBook())
+    manager.next_renewal = 0.0
+    server = await start_server(nursery, key, tls=store, challenges=manager.book)
+    port = await nursery.start(serve_metrics, "127.0.0.1", 0, registry_for(server, acme=manager, process=False))
+    return names_in_scrape(await scrape(port))
 
 
 async def test_grafana_dashboard_queries_exist(exposed: set[str]) -> None:
