@@ -321,7 +321,11 @@ async def run_step(session: AcmeSession, step: Callable[..., T], *args: Any) -> 
     except AcmeError:
         raise
     except Exception as e:  # whatever the library or the CA did: one classified line, never a traceback
-        raise classify(e, session.net.last_retry_after) from None
+        try:
+            failure = classify(e, session.net.last_retry_after)
+        except Exception:  # a library object too broken even to describe
+            failure = AcmeError("bad_response", type(e).__name__)
+        raise failure from None
 
 
 def classify(exc: BaseException, retry_after: str | None = None) -> AcmeError:
@@ -364,17 +368,24 @@ def classify(exc: BaseException, retry_after: str | None = None) -> AcmeError:
             _retry_after_seconds(response.headers.get("Retry-After")),
         )
     if isinstance(exc, requests.exceptions.RequestException):
-        return AcmeError("unreachable", _detail(str(exc)))
+        return AcmeError("unreachable", _detail(_text(exc)))
     # JSON that does not decode, fields missing or of the wrong type, nonce headers absent...
-    return AcmeError("bad_response", _detail(f"{type(exc).__name__}: {exc}"))
+    return AcmeError("bad_response", _detail(f"{type(exc).__name__}: {_text(exc)}"))
 
 
 def _root_cause(exc: BaseException) -> str:
     seen = exc
     while seen.__context__ is not None and seen.__context__ is not seen:
         seen = seen.__context__
-    text = str(seen) or type(seen).__name__
-    return text
+    return _text(seen) or type(seen).__name__
+
+
+def _text(exc: BaseException) -> str:
+    """str(exc), which some library exceptions cannot always give (MissingNonce without a request)."""
+    try:
+        return str(exc)
+    except Exception:
+        return type(exc).__name__
 
 
 def _detail(text: str) -> str:

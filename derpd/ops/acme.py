@@ -183,6 +183,9 @@ class CertManager:
             except AcmeError as e:
                 delay = self._failed(e)
                 await trio.sleep(delay)
+            except Exception as e:  # a bug here must not take the relay down with it
+                log.exception("acme_internal_error", error=repr(e))
+                await trio.sleep(self._failed(AcmeError("bad_response", f"internal error: {type(e).__name__}")))
 
     async def _until_due(self) -> float:
         """Seconds until the next order is due (0 = now). Asks the CA's renewal information when due."""

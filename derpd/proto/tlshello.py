@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACME_TLS_1 = b"acme-tls/1"  # the ALPN protocol name of a TLS-ALPN-01 validation (RFC 8737 §6.2)
+ACME_TLS_1 = b"acme-tls/1"  # the ALPN protocol name a TLS-ALPN-01 validation offers (RFC 8737)
 
 RECORD_HEADER_LEN = 5  # content type, legacy record version (2), length (2)
 MAX_RECORD_LEN = 1 << 14  # RFC 8446 §5.1: a TLSPlaintext fragment is at most 2^14 bytes
@@ -325,9 +325,11 @@ def _server_name(ext: _Cursor) -> str | None:
     host: str | None = None
     while names.left:
         name_type = names.uint(1, "server name type")
-        name = names.vector(2, "server name", 1).take_all()
+        name = names.vector(2, "server name").take_all()
         if name_type != NAME_TYPE_HOST_NAME:
             continue
+        if not name:
+            raise ClientHelloError("server_name has an empty host_name")
         if host is not None:
             raise ClientHelloError("server_name has two host_name entries")
         bad = next((b for b in name if not 0x21 <= b <= 0x7E), None)
