@@ -20,7 +20,7 @@ import email.utils
 import ipaddress
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -87,7 +87,7 @@ class AcmeSettings:
     directory: str = LETSENCRYPT
     email: str = ""
     eab_kid: str = ""
-    eab_key: str = ""  # base64url HMAC key; a secret: never logged
+    eab_key: str = field(default="", repr=False)  # base64url HMAC key; a secret: never logged or shown
     ca_file: str | None = None  # trust for the CA's own HTTPS (private CAs, tests)
 
 
