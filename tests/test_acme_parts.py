@@ -389,3 +389,58 @@ async def test_http01_on_port_80(nursery: trio.Nursery, tmp_path: Path) -> None:
     assert (await get(b"POST", b"/.well-known/acme-challenge/tok-1")).startswith(b"HTTP/1.1 404")
     assert (await get(b"GET", b"/other")).startswith(b"HTTP/1.1 302")  # the rest still redirects to https
     assert book.http01_answered == 1
+
+
+async def test_hostile_client_hellos_are_closed_and_the_listener_keeps_serving(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Garbage, truncated and lying ClientHellos on a letsencrypt-mode listener: every connection is closed
+    (at once, or at the head deadline for a stall), none gets the challenge certificate, and a real client
+    still gets in afterwards. A hello the look-ahead refuses goes on to OpenSSL as any other would."""
+    key = NodePrivate.generate()
+    ca = trustme.CA()
+    store = CertStore(tmp_path, "derp.example.com", key.public, bundle="derp.example.com.pem")
+    issued = ca.issue_cert("derp.example.com")
+    store.cert_path.write_bytes(issued.private_key_pem.bytes() + b"".join(p.bytes() for p in issued.cert_chain_pems))
+    store.install_files()
+    book = ChallengeBook()
+    book.add_tls_alpn01("derp.example.com", "tok.thumb")
+    server = await start_server(nursery, key, tls=store, challenges=book, head_timeout=0.5)
+    rng = random.Random(1)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    hello_ctx = _acme_client_context()
+    hello_obj = hello_ctx.wrap_bio(incoming, outgoing, server_hostname="derp.example.com")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello_obj.do_handshake()
+    hello = outgoing.read()
+    attacks = [rng.randbytes(rng.randrange(1, 600)) for _ in range(40)]
+    attacks += [hello[:n] for n in range(1, len(hello), 37)]  # truncated: a stall until the deadline
+    attacks += [b"\x16\x03\x01\xff\xff" + hello[5:], b"\x16\x03\x01\x00\x00", b"GET / HTTP/1.1\r\n\r\n"]
+    attacks += [hello[:9] + b"\xff" + hello[10:]]  # a handshake length that lies
+
+    async def attack(data: bytes) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            await stream.send_all(data)
+            with trio.fail_after(GUARD):
+                while True:
+                    try:
+                        chunk = await stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        return
+                    if not chunk:
+                        return
+                    # An alert, or (for a hello only OpenSSL still accepts) its normal ServerHello.
+                    assert chunk[0] in (21, 22)
+
+    async with trio.open_nursery() as attackers:
+        for data in attacks:
+            attackers.start_soon(attack, data)
+    assert book.tls_alpn01_answered == 0
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    client = await _tls(server.port, ctx, "derp.example.com")
+    await client.send_all(b"GET /derp/probe HTTP/1.1\r\nHost: derp.example.com\r\n\r\n")
+    with trio.fail_after(GUARD):
+        assert (await client.receive_some(1000)).startswith(b"HTTP/1.1 200")
+    await client.aclose()
