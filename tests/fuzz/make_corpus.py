@@ -41,6 +41,60 @@ def session_streams(name: str, limit: int) -> dict[str, bytes]:
     return out
 
 
+def client_hello(alpn: list[str] | None, server_name: str | None, tls12: bool = False) -> bytes:
+    """The first flight of an OpenSSL client (Python's ssl module over memory BIOs): its ClientHello."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    if tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        client.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def tls_records(message: bytes, size: int) -> bytes:
+    """Handshake bytes in records of ``size`` bytes."""
+    return b"".join(
+        b"\x16\x03\x01" + struct.pack(">H", len(message[i : i + size])) + message[i : i + size]
+        for i in range(0, len(message), size)
+    )
+
+
+def tls_seeds() -> dict[str, bytes]:
+    host = "derp.example.com"
+    acme = client_hello(["acme-tls/1"], host)
+    message = acme[5:]  # OpenSSL sends its hello in one record
+    assert len(message) == struct.unpack(">H", acme[3:5])[0]
+
+    def hello(exts: bytes | None) -> bytes:
+        body = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+        if exts is not None:
+            body += struct.pack(">H", len(exts)) + exts
+        return tls_records(b"\x01" + len(body).to_bytes(3, "big") + body, 1 << 14)
+
+    alpn_h2 = b"\x00\x10\x00\x05\x00\x03\x02h2"
+    return {
+        "tls13-sni-acme": acme,
+        "tls13-sni-h2": client_hello(["h2", "http/1.1"], host),
+        "tls12-sni-acme": client_hello(["acme-tls/1"], host, tls12=True),
+        "tls13-nothing": client_hello(None, None),
+        "tls13-acme-small-records-then-ccs": tls_records(message, 50) + b"\x14\x03\x03\x00\x01\x01",
+        "no-extensions": hello(None),
+        "duplicate-alpn": hello(alpn_h2 + alpn_h2),
+        "sni-not-ascii": hello(b"\x00\x00\x00\x09\x00\x07\x00\x00\x04b\xc3\xbccher"),
+        "length-16MiB": b"\x16\x03\x01\x40\x00\x01\xff\xff\xff",
+        "http": b"GET / HTTP/1.1\r\nHost: derp.example.com\r\n\r\n",
+        "sslv2": bytes.fromhex("802e0100020015000000100100800700c0") + bytes(16),
+    }
+
+
 def main() -> None:
     sys.path.insert(0, str(HERE.parents[1]))
     from derpd.net import tls
@@ -302,6 +356,9 @@ homeparams:
         "nan": b'{"Regions":{"900":{"Latitude":NaN}}}',
         "inf": b'{"Regions":{"900":{"Latitude":1e400}}}',
     }
+
+    # --- TLS ClientHello (real ones are random: rerunning rewrites them)
+    seeds["tlshello"] = tls_seeds()
 
     seeds["meta_cert"] = {
         "meta-cert": tls.meta_certificate(NodePrivate(bytes(range(32))).public),

@@ -396,6 +396,83 @@ def build_proxyproto() -> OneInput:
     return one_input
 
 
+# --- TLS ClientHello ---------------------------------------------------------------------------
+
+
+def _tls_vec(n: int, data: bytes) -> bytes:
+    return len(data).to_bytes(n, "big") + data
+
+
+def _tls_hello(server_name: str | None, alpn: tuple[bytes, ...], version: int) -> bytes:
+    """A minimal ClientHello offering exactly this, in two records (an encoder independent of the reader)."""
+    exts = b""
+    if server_name is not None:
+        exts += b"\x00\x00" + _tls_vec(2, _tls_vec(2, b"\x00" + _tls_vec(2, server_name.encode("ascii"))))
+    if alpn:
+        exts += b"\x00\x10" + _tls_vec(2, _tls_vec(2, b"".join(_tls_vec(1, n) for n in alpn)))
+    body = version.to_bytes(2, "big") + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + _tls_vec(2, exts)
+    message = b"\x01" + _tls_vec(3, body)
+    return b"".join(b"\x16\x03\x01" + _tls_vec(2, part) for part in (message[:7], message[7:]) if part)
+
+
+def build_tlshello() -> OneInput:
+    from derpd.proto import tlshello as t
+
+    def read(pieces: list[bytes], max_size: int) -> Any:
+        reader = t.ClientHelloReader(max_size)
+        fed = b""
+        try:
+            for piece in pieces:
+                fed += piece
+                got = reader.feed(piece)
+                check(reader.buffered == fed, "buffered is not everything fed")
+                if got is not None:
+                    check(reader.feed(b"\x17\x03") is got and reader.buffered == fed + b"\x17\x03", "after the hello")
+                    return got, len(fed)
+        except t.ClientHelloError as e:
+            message = str(e)
+            check(message.isascii() and message.isprintable() and len(message) < 200, f"error text {message!r:.300}")
+            try:
+                reader.feed(b"\x16")
+            except t.ClientHelloError as again:
+                check(again is e and reader.buffered == fed, "a failed reader changed")
+                return "error"
+            raise Broken("a failed reader accepted more bytes") from None
+        check(len(fed) <= reader.max_buffer, f"{len(fed)} bytes held without a hello, over {reader.max_buffer}")
+        return "need more"
+
+    def one_input(data: bytes) -> None:
+        rng = prng(data)
+        max_size = rng.choice((t.MAX_CLIENT_HELLO, t.MAX_CLIENT_HELLO, 41, 300, 1000))
+        whole = read([data], max_size)
+        if isinstance(whole, tuple):
+            whole = whole[0]
+        pieces = read(chunked(data, rng), max_size)
+        bytewise = read([data[i : i + 1] for i in range(len(data))], max_size)
+        check(
+            whole == (pieces[0] if isinstance(pieces, tuple) else pieces),
+            f"whole input gives {whole!r:.200}, the same in pieces {pieces!r:.200}",
+        )
+        check(
+            whole == (bytewise[0] if isinstance(bytewise, tuple) else bytewise),
+            f"whole input gives {whole!r:.200}, a byte at a time {bytewise!r:.200}",
+        )
+        if not isinstance(whole, t.ClientHello):
+            only(t.ClientHelloError, t.parse_client_hello, data)
+            return
+        hello, end = bytewise
+        check(t.parse_client_hello(data[:end]) == hello, "the hello's own bytes read differently")
+        check(read([data[: end - 1]], max_size) == "need more", "a hello one byte early, or an error")
+        name = hello.server_name
+        check(name is None or (type(name) is str and name and all("!" <= c <= "~" for c in name)), f"SNI {name!r}")
+        check(type(hello.alpn) is tuple and all(type(a) is bytes and 1 <= len(a) <= 255 for a in hello.alpn), "ALPN")
+        check(hello.legacy_version >> 8 == 3, f"legacy_version 0x{hello.legacy_version:04x}")
+        again = t.parse_client_hello(_tls_hello(name, hello.alpn, hello.legacy_version))
+        check(again == hello, f"{hello} re-encoded reads back as {again}")
+
+    return one_input
+
+
 # --- STUN ----------------------------------------------------------------------------------
 
 
@@ -684,6 +761,13 @@ TARGETS = {
             build_proxyproto,
             "ProxyHeaderReader (PROXY v1/v2) fed whole and in pieces; headers re-encoded and read back.",
             dict="proxyproto.dict",
+        ),
+        Target(
+            "tlshello",
+            build_tlshello,
+            "ClientHelloReader (TLS records and ClientHello) whole, in pieces and a byte at a time (same answer); "
+            "hellos re-encoded and read back.",
+            dict="tls.dict",
         ),
         Target(
             "stun",
