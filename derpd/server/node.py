@@ -18,7 +18,7 @@ import trio
 from derpd.base import log
 from derpd.net.addr import ActivatedSockets, bind_sockets, bind_unix, format_addr
 from derpd.net.httpserver import HEAD_TIMEOUT, accept_forever
-from derpd.net.tls import ACME_TLS_ALPN, CertStore
+from derpd.net.tls import CertStore
 from derpd.net.transport import SocketTransport, TLSTransport, Transport
 from derpd.proto.keys import NodePrivate, public_key_text
 from derpd.proto.proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
@@ -352,7 +352,7 @@ class DerpServer:
         assert self.tls is not None
         if self.challenges is not None:  # --certmode letsencrypt: the CA's validation, or no certificate yet
             initial, hello = await self._read_client_hello(transport, initial)
-            if hello is not None and ACME_TLS_ALPN.encode() in hello.alpn:
+            if hello is not None and hello.acme_tls_alpn:
                 await self._answer_tls_alpn01(transport, initial, hello)
                 return None
             if not self.tls.has_certificate:
