@@ -361,6 +361,11 @@ def serve(**opts: Any) -> None:
         cfg.notes.clear()  # the supervisor said it all
     for note in cfg.notes:
         log.event(note.level, note.event, **note.fields)
+    if cfg.acme is not None:
+        try:
+            cfg.acme.prepare()  # the cert dir, the account key, a cached certificate: logged as found
+        except ConfigurationError as e:
+            raise ConfigError(str(e)) from None
     service: runtime.Service
     if identity is None and cfg.workers > 1:
         service = Supervisor(cfg.workers, settings, sys.argv[1:])

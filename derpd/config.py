@@ -208,7 +208,7 @@ def build(o: ServeOptions, *, dry_run: bool = False) -> Config:
                 "another way and use --certmode manual"
             )
         http_port = o.http_port if o.http_port is not None else 80
-        acme = _acme(o, hostname, key, key_path, http_port, notes, dry_run=dry_run)
+        acme = _acme(o, hostname, key, key_path, http_port, notes)
         tls: CertStore | None = acme.store
     else:
         tls = _cert_store(o, hostname, key, key_path, notes, dry_run=dry_run)
@@ -304,8 +304,6 @@ def _acme(
     key_path: str,
     http_port: int,
     notes: list[Note],
-    *,
-    dry_run: bool,
 ) -> CertManager:
     name = check_certificate_name(hostname)
     if o.acme_challenge not in ("auto", "tls-alpn-01", "http-01"):
@@ -332,10 +330,9 @@ def _acme(
     config = AcmeConfig(name, certdir, settings, challenge=o.acme_challenge, http01=http_port >= 0)
     store = CertStore(certdir, name, key.public, bundle=bundle_name(name))
     manager = CertManager(config, store, ChallengeBook())
-    if dry_run:
-        notes.append(Note(logging.INFO, "acme", {"hostname": name, "directory": directory, "certdir": str(certdir)}))
-    else:
-        manager.prepare()
+    # The cert dir, the account key and a cached certificate are read by ``CertManager.prepare``, which
+    # ``derpd serve`` calls once logging is set up (it logs what it finds); check-config only notes them.
+    notes.append(Note(logging.INFO, "acme", {"hostname": name, "directory": directory, "certdir": str(certdir)}))
     return manager
 
 

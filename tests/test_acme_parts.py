@@ -87,6 +87,8 @@ def _options(tmp_path: Path, **kw: object) -> ServeOptions:
 def test_build_prepares_account_and_state(tmp_path: Path) -> None:
     cfg = build(_options(tmp_path, acme_email="ops@example.com"))
     assert cfg.acme is not None and cfg.settings.tls is cfg.acme.store
+    assert not (tmp_path / "certs").exists()  # build only checks; serve prepares once logging is on
+    cfg.acme.prepare()
     assert cfg.settings.challenges is cfg.acme.book and cfg.settings.http_port == 80
     certdir = tmp_path / "certs"
     assert cfg.acme.store.cert_path == certdir / "derp.example.com.pem" == cfg.acme.store.key_path
@@ -94,7 +96,10 @@ def test_build_prepares_account_and_state(tmp_path: Path) -> None:
     assert key_file.parent == certdir and key_file.stat().st_mode & 0o777 == 0o600
     assert certdir.stat().st_mode & 0o777 == 0o700
     first = key_file.read_bytes()
-    assert build(_options(tmp_path)).acme.account_key_path.read_bytes() == first  # type: ignore[union-attr]
+    again = build(_options(tmp_path)).acme
+    assert again is not None
+    again.prepare()
+    assert again.account_key_path.read_bytes() == first
     assert not cfg.acme.store.has_certificate and not cfg.acme.ready.is_set()
 
 
@@ -126,9 +131,10 @@ def test_bad_acme_settings_are_one_error(tmp_path: Path, kw: dict[str, object], 
 def test_unusable_account_key_is_refused(tmp_path: Path) -> None:
     cfg = build(_options(tmp_path))
     assert cfg.acme is not None
+    cfg.acme.prepare()
     cfg.acme.account_key_path.write_text("not a key")
     with pytest.raises(ConfigurationError, match="not a usable ACME account key"):
-        build(_options(tmp_path))
+        cfg.acme.prepare()
 
 
 def test_directory_aliases() -> None:
@@ -184,7 +190,8 @@ def test_transport_failures_are_classified() -> None:
     response.headers["Retry-After"] = "30"
     got = classify(errors.ClientError(response))
     assert (got.reason, got.retry_after) == ("ca_error", 30) and "502" in got.detail
-    for junk in (ValueError("Expecting value: line 1 column 1"), KeyError("newOrder"), errors.MissingNonce(response)):
+    not_json = requests.exceptions.JSONDecodeError("Expecting value", "<html>", 0)
+    for junk in (ValueError("Expecting"), not_json, KeyError("newOrder"), errors.MissingNonce(response)):
         assert classify(junk).reason == "bad_response"
 
 

@@ -354,6 +354,10 @@ def classify(exc: BaseException, retry_after: str | None = None) -> AcmeError:
         return AcmeError("timeout", "the CA did not finish validating in time")
     if isinstance(exc, errors.IssuanceError):
         return AcmeError("ca_error", _detail(f"the order failed: {exc.error.detail or exc.error.code}"))
+    if isinstance(exc, requests.exceptions.InvalidJSONError | ValueError) and not isinstance(
+        exc, requests.exceptions.ConnectionError
+    ):  # requests' JSONDecodeError is also a RequestException (and an OSError): a body that is not JSON
+        return AcmeError("bad_response", _detail(f"the CA's answer is not valid JSON: {_text(exc)}"))
     if isinstance(exc, requests.exceptions.Timeout):
         return AcmeError("timeout", _detail(f"no answer from the CA within {HTTP_TIMEOUT} s ({type(exc).__name__})"))
     if isinstance(exc, requests.exceptions.SSLError):

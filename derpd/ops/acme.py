@@ -286,6 +286,8 @@ class CertManager:
         self._ari_due = None
         self._ari_check_at = 0.0
         self.last_error = None
+        lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+        self.next_renewal = (leaf.not_valid_before_utc + lifetime * RENEW_AT).timestamp()  # until ARI says more
         log.info(
             "acme_certificate_issued",
             hostname=hostname,
