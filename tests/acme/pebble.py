@@ -35,6 +35,7 @@ import http.client
 import http.server
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -77,29 +78,42 @@ def need_tool(name: str) -> str:
 # --- ports ----------------------------------------------------------------------------------------
 
 
-def free_ports(n: int, *, udp_too: bool = False) -> list[int]:
-    """``n`` distinct loopback TCP ports that were free a moment ago (bound together, then released);
-    with ``udp_too`` each is free for UDP as well (a DNS server binds both)."""
-    held: list[socket.socket] = []
-    ports: list[int] = []
+_HANDED_OUT: set[int] = set()  # never hand the same port out twice in one test session
+
+
+def _below_ephemeral_range() -> range:
+    """Ports the kernel never picks for an outgoing connection or a bind to port 0: below
+    ip_local_port_range. A port chosen for a listener that starts later (derpd, pebble) cannot then be
+    taken meanwhile by some process's outgoing connection."""
     try:
-        while len(ports) < n:
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            tcp.bind(("127.0.0.1", 0))
-            held.append(tcp)
-            port = tcp.getsockname()[1]
-            if udp_too:
-                udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    udp.close()
-                    continue
-                held.append(udp)
-            ports.append(port)
-    finally:
-        for s in held:
-            s.close()
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1025, low - 12000), low)
+
+
+def free_ports(n: int, *, udp_too: bool = False) -> list[int]:
+    """``n`` distinct loopback TCP ports that are free now (with ``udp_too`` for UDP as well: a DNS
+    server binds both), chosen below the ephemeral range and never handed out before in this session."""
+    candidates = list(_below_ephemeral_range())
+    random.shuffle(candidates)
+    ports: list[int] = []
+    for port in candidates:
+        if len(ports) == n:
+            break
+        if port in _HANDED_OUT:
+            continue
+        kinds = [socket.SOCK_STREAM, socket.SOCK_DGRAM] if udp_too else [socket.SOCK_STREAM]
+        try:
+            for kind in kinds:
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _HANDED_OUT.add(port)
+        ports.append(port)
+    if len(ports) < n:
+        raise RuntimeError(f"no {n} free loopback ports below the ephemeral range")
     return ports
 
 
