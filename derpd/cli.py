@@ -339,6 +339,9 @@ def _config_value(ctx: click.Context, path: str, key: str, opt: click.Option, it
 )
 def serve(**opts: Any) -> None:
     """Run the DERP relay and STUN server."""
+    # Logging first: building the settings reads certificates and keys, and says so (an expired
+    # certificate's warning included). click has already checked both values (flag, env or file).
+    log.setup(opts.get("log_level") or "info", json_lines=opts.get("log_format") == "json")
     cfg = _build(opts)
     settings = cfg.settings
     try:
