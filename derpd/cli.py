@@ -364,16 +364,25 @@ def serve(**opts: Any) -> None:
         cfg.notes.clear()  # the supervisor said it all
     for note in cfg.notes:
         log.event(note.level, note.event, **note.fields)
-    if cfg.acme is not None:
+    if cfg.acme is not None and identity is not None:
+        cfg.acme.load_cached()  # a worker: the supervisor orders; this process serves what it writes
+    elif cfg.acme is not None:
         try:
             cfg.acme.prepare()  # the cert dir, the account key, a cached certificate: logged as found
         except ConfigurationError as e:
             raise ConfigError(str(e)) from None
     service: runtime.Service
     if identity is None and cfg.workers > 1:
-        service = Supervisor(cfg.workers, settings, sys.argv[1:])
+        service = Supervisor(cfg.workers, settings, sys.argv[1:], acme=cfg.acme)
     else:
-        service = runtime.NodeService(cfg.key, settings, metrics_addr, worker=identity is not None, acme=cfg.acme)
+        service = runtime.NodeService(
+            cfg.key,
+            settings,
+            metrics_addr,
+            worker=identity is not None,
+            acme=cfg.acme,
+            follow_certificate=identity is not None and cfg.acme is not None,
+        )
     try:
         trio.run(runtime.run, service)
     except KeyboardInterrupt:

@@ -202,13 +202,8 @@ def build(o: ServeOptions, *, dry_run: bool = False) -> Config:
     hostname = o.hostname.strip()
     acme: CertManager | None = None
     if o.certmode in ("letsencrypt", "acme"):
-        if workers > 1:
-            raise ConfigurationError(
-                "--certmode letsencrypt runs in one process: use --workers 1, or get the certificate "
-                "another way and use --certmode manual"
-            )
         http_port = o.http_port if o.http_port is not None else 80
-        acme = _acme(o, hostname, key, key_path, http_port, notes)
+        acme = _acme(o, hostname, key, key_path, http_port, notes, shared_challenges=workers > 1)
         tls: CertStore | None = acme.store
     else:
         tls = _cert_store(o, hostname, key, key_path, notes, dry_run=dry_run)
@@ -304,6 +299,8 @@ def _acme(
     key_path: str,
     http_port: int,
     notes: list[Note],
+    *,
+    shared_challenges: bool,
 ) -> CertManager:
     name = check_certificate_name(hostname)
     if o.acme_challenge not in ("auto", "tls-alpn-01", "http-01"):
@@ -329,7 +326,9 @@ def _acme(
     )
     config = AcmeConfig(name, certdir, settings, challenge=o.acme_challenge, http01=http_port >= 0)
     store = CertStore(certdir, name, key.public, bundle=bundle_name(name))
-    manager = CertManager(config, store, ChallengeBook())
+    # --workers: the supervisor orders, every worker answers the CA, through files in the cert dir.
+    book = ChallengeBook(certdir / "acme-challenges" if shared_challenges else None)
+    manager = CertManager(config, store, book)
     # The cert dir, the account key and a cached certificate are read by ``CertManager.prepare``, which
     # ``derpd serve`` calls once logging is set up (it logs what it finds); check-config only notes them.
     notes.append(Note(logging.INFO, "acme", {"hostname": name, "directory": directory, "certdir": str(certdir)}))

@@ -103,6 +103,25 @@ def test_build_prepares_account_and_state(tmp_path: Path) -> None:
     assert not cfg.acme.store.has_certificate and not cfg.acme.ready.is_set()
 
 
+def test_workers_share_challenges_through_files(tmp_path: Path) -> None:
+    cfg = build(_options(tmp_path, workers="2"))
+    assert cfg.acme is not None and cfg.acme.book.directory == tmp_path / "certs" / "acme-challenges"
+    assert build(_options(tmp_path)).acme.book.directory is None  # type: ignore[union-attr]
+    writer, reader = ChallengeBook(tmp_path / "ch"), ChallengeBook(tmp_path / "ch")  # supervisor, a worker
+    writer.add_http01("tok-2", "tok-2.thumb")
+    writer.add_tls_alpn01("derp.example.com", "tls.thumb")
+    writer.add_tls_alpn01("192.0.2.1", "ip.thumb")
+    assert reader.http01(b"/.well-known/acme-challenge/tok-2") == b"tok-2.thumb"
+    assert reader.tls_alpn01("derp.example.com") is not None
+    assert reader.tls_alpn01("1.2.0.192.in-addr.arpa") is not None
+    assert reader.tls_alpn01(None) is not None  # the one IP challenge
+    assert reader.tls_alpn01("../certs") is None and reader.tls_alpn01("other.example.com") is None
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in (tmp_path / "ch").iterdir())
+    writer.clear()
+    assert list((tmp_path / "ch").iterdir()) == []
+    assert reader.http01(b"/.well-known/acme-challenge/tok-2") is None and reader.tls_alpn01("derp.example.com") is None
+
+
 def test_build_dry_run_creates_nothing(tmp_path: Path) -> None:
     cfg = build(_options(tmp_path), dry_run=True)
     assert cfg.acme is not None and not (tmp_path / "certs").exists()
@@ -114,7 +133,6 @@ def test_build_dry_run_creates_nothing(tmp_path: Path) -> None:
     [
         ({"hostname": "bad_name!"}, "neither an IP address nor a DNS name"),
         ({"hostname": ""}, "needs --hostname"),
-        ({"workers": "2"}, "one process"),
         ({"acme_challenge": "http-01", "http_port": -1}, "needs the port-80 listener"),
         ({"acme_challenge": "dns-01"}, "must be auto"),
         ({"acme_eab_kid": "kid-1"}, "go together"),

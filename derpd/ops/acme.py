@@ -52,7 +52,7 @@ from derpd.net.acme import (
 from derpd.net.tls import CertError, CertStore, cert_file_stem, verify_hostname
 from derpd.server.challenges import ChallengeBook
 
-__all__ = ["CHALLENGE_CHOICES", "AcmeConfig", "CertManager", "bundle_name"]
+__all__ = ["CHALLENGE_CHOICES", "AcmeConfig", "CertManager", "bundle_name", "follow_certificate"]
 
 CHALLENGE_CHOICES = ("auto", "tls-alpn-01", "http-01")
 STEP_TIMEOUT = 45.0  # seconds for one exchange with the CA (a few HTTP requests of HTTP_TIMEOUT each)
@@ -65,6 +65,7 @@ BACKOFF_CAP = 3600.0
 NEXT_TYPE_DELAY = 1.0  # auto mode: a failed challenge type is followed by the next type this soon
 RATE_LIMIT_CAP = 7 * 86400.0  # a Retry-After beyond this is read as this
 JITTER = 0.2
+FOLLOW_INTERVAL = 2.0  # --workers: how often a worker looks for the certificate the supervisor wrote
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class CertManager:
                 self._account_uri = uri if isinstance(uri, str) else None
         except (OSError, ValueError):
             pass
-        self._load_cached()
+        self.load_cached()
 
     def _load_or_create_account_key(self) -> bytes:
         path = self.account_key_path
@@ -151,7 +152,8 @@ class CertManager:
         log.info("acme_account_key_created", path=str(path))
         return data
 
-    def _load_cached(self) -> None:
+    def load_cached(self) -> None:
+        """Serve the certificate in the cert dir if it is usable (logged either way)."""
         path = self.store.cert_path
         if not path.exists():
             log.info("acme_no_cached_certificate", hostname=self.config.hostname, path=str(path))
@@ -370,3 +372,27 @@ class CertManager:
         """For systemd's STATUS= while no certificate is served yet."""
         why = f" (last error: {self.last_error})" if self.last_error else ""
         return f"waiting for a certificate for {self.config.hostname} from the ACME CA{why}"
+
+
+async def follow_certificate(store: CertStore, interval: float = FOLLOW_INTERVAL) -> None:
+    """``--workers``: serve the certificate the supervisor's manager writes, as soon as it changes.
+
+    The file is replaced by an atomic rename, so a new inode (or size, or mtime) means a new whole file;
+    ``CertStore.reload`` keeps the current certificate if the new one is unusable. Polling a stat every
+    ``interval`` seconds needs no signal that could arrive before a worker is listening for it.
+    """
+
+    def identity() -> tuple[int, int, int] | None:
+        try:
+            st = store.cert_path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    seen = identity() if store.has_certificate else None
+    while True:
+        await trio.sleep(interval)
+        now = identity()
+        if now is not None and now != seen:
+            seen = now
+            store.reload()

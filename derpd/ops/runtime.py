@@ -16,7 +16,7 @@ import trio
 
 from derpd.base import log
 from derpd.ops import sdnotify
-from derpd.ops.acme import CertManager
+from derpd.ops.acme import CertManager, follow_certificate
 from derpd.ops.metrics import registry_for, serve_metrics
 from derpd.ops.workers import READY_LINE
 from derpd.proto.keys import NodePrivate
@@ -107,11 +107,13 @@ class NodeService:
         *,
         worker: bool = False,
         acme: CertManager | None = None,
+        follow_certificate: bool = False,
     ) -> None:
         self.key = key
         self.settings = settings
         self.metrics_addr = metrics_addr
         self.acme = acme  # --certmode letsencrypt: obtains and renews the certificate
+        self.follow = follow_certificate  # a --workers worker: serves what the supervisor's manager writes
         self.worker = worker  # started by a --workers supervisor: report readiness on stdout too
         self._server: DerpServer | None = None  # made in start(): it reads trio's clock
 
@@ -124,17 +126,21 @@ class NodeService:
     async def start(self, nursery: trio.Nursery) -> None:
         self._server = DerpServer(self.key, self.settings)
         await nursery.start(self._server.run)
-        if self.acme is not None:
+        if self.follow and self.settings.tls is not None:
+            nursery.start_soon(follow_certificate, self.settings.tls)
+        elif self.acme is not None:
             nursery.start_soon(self.acme.run)  # after the listeners: the CA's validation connects to them
         if self.metrics_addr is not None:
-            await nursery.start(serve_metrics, *self.metrics_addr, registry_for(self._server, acme=self.acme))
+            acme = None if self.follow else self.acme
+            await nursery.start(serve_metrics, *self.metrics_addr, registry_for(self._server, acme=acme))
         if self.worker:
             sys.stdout.buffer.write(READY_LINE)
             sys.stdout.flush()
 
     async def until_ready(self) -> None:
-        if self.acme is not None:
+        if self.acme is not None and not self.follow:
             await self.acme.ready.wait()
+        await trio.lowlevel.checkpoint()
 
     def waiting_status(self) -> str:
         return self.acme.status() if self.acme is not None else "starting"

@@ -26,6 +26,7 @@ import trio
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
 from derpd.net.addr import bind_sockets, format_addr
+from derpd.ops.acme import CertManager
 from derpd.proto.keys import NodePrivate, parse_mesh_key
 from derpd.server.mesh import MeshTarget
 from derpd.server.node import ServerSettings
@@ -107,8 +108,11 @@ def adopt_inherited_sockets() -> None:
 class Supervisor:
     """Binds once, starts N workers, restarts the ones that die, passes signals on."""
 
-    def __init__(self, count: int, settings: ServerSettings, argv: list[str]) -> None:
+    def __init__(
+        self, count: int, settings: ServerSettings, argv: list[str], *, acme: CertManager | None = None
+    ) -> None:
         self.count = count
+        self.acme = acme  # --certmode letsencrypt: the one ACME client; workers follow its files
         self.settings = settings
         self.argv = argv
         self.internal_key = os.urandom(32)  # the workers' own mesh key, new each start
@@ -243,12 +247,16 @@ class Supervisor:
 
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.run)
+        if self.acme is not None:
+            nursery.start_soon(self.acme.run)  # the workers listen: the CA's validation reaches them
 
     async def until_ready(self) -> None:
+        if self.acme is not None:
+            await self.acme.ready.wait()  # and the workers pick the certificate up within seconds
         await trio.lowlevel.checkpoint()  # start() returned once every worker said it is ready
 
     def waiting_status(self) -> str:
-        return "starting workers"
+        return self.acme.status() if self.acme is not None else "starting workers"
 
     def status(self) -> str:
         return f"{len(self.ready)}/{self.count} workers up"

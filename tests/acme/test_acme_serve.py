@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from derpd.net.client import DerpClient
 
@@ -660,3 +661,45 @@ async def test_bad_acme_settings_are_refused_at_start(args: list[str], tmp_path:
     lines = [ln for ln in result.stderr.decode().splitlines() if ln.strip()]
     assert result.returncode == 2, (result.returncode, lines)
     assert len(lines) == 1 and lines[0].startswith("derpd: error:"), lines
+
+
+# --- --workers ------------------------------------------------------------------------------------------
+
+
+async def test_workers_share_one_certificate_and_its_renewal(make_stack: MakeStack) -> None:
+    """``--workers 2``: the supervisor orders, either worker answers the CA's TLS-ALPN-01 connections
+    (through the challenge files), both serve the certificate, and both pick up the renewal."""
+    st = make_stack(challenge="tls-alpn-01", http=False, validity_seconds=15, args=["--workers", "2"])
+    st.derpd.start()
+    (issued,) = await st.derpd.wait_event("acme_certificate_issued", ISSUE_TIMEOUT)
+    assert issued["challenge"] == "tls-alpn-01", issued
+
+    async def leaves(n: int) -> set[bytes]:
+        """The leaves n fresh connections get (the kernel spreads them over the workers)."""
+        found: set[bytes] = set()
+        for _ in range(n):
+            leaf = await st.derpd.served_leaf(st.pebble.ssl_context_for_issued(), "derp.test")
+            found.add(leaf.fingerprint(hashes.SHA256()))
+        return found
+
+    with trio.fail_after(10):  # the workers look for the supervisor's file every 2 s
+        while True:
+            try:
+                first = await leaves(12)
+                break
+            except (trio.BrokenResourceError, ssl.SSLError, OSError):
+                await trio.sleep(0.2)  # a worker that has not picked it up yet answers with an alert
+    assert len(first) == 1, "two workers serve different certificates"
+    assert st.derpd.events("acme_tls_alpn_answered"), st.derpd.tail()
+    a, b = await derp_pair(st.derpd, st.pebble.ssl_context_for_issued)
+    async with a, b:
+        await relay_both_ways(a, b, b"across workers")
+    await st.derpd.wait_event("acme_certificate_issued", 30, count=2)  # renewed at two thirds of 15 s
+    with trio.fail_after(10):
+        while True:
+            now = await leaves(12)
+            if len(now) == 1 and not now & first:  # every worker serves the new one
+                break
+            await trio.sleep(0.5)
+    assert not st.derpd.events("acme_failed"), st.derpd.tail()
+    assert_clean(st.derpd)
