@@ -18,6 +18,9 @@ One task, :meth:`CertManager.run`, for the life of the node:
    honoured), and the current certificate keeps serving meanwhile.
 
 Every blocking library call runs in a worker thread under a deadline (``derpd.net.acme.run_step``).
+
+With ``--workers N`` the supervisor runs the manager; the ``ChallengeBook`` then keeps its answers as
+files too, and each worker runs :func:`follow_certificate` to serve what the manager writes.
 """
 
 from __future__ import annotations

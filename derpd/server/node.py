@@ -16,6 +16,7 @@ from functools import partial
 import trio
 
 from derpd.base import log
+from derpd.base.text import Peer
 from derpd.net.addr import ActivatedSockets, bind_sockets, bind_unix, format_addr
 from derpd.net.httpserver import HEAD_TIMEOUT, accept_forever
 from derpd.net.tls import CertStore
@@ -112,6 +113,7 @@ class DerpServer:
         self._refused = log.Sampled("connection_refused", 10.0)
         self._tls_failed = log.Sampled("tls_handshake_failed", 10.0)
         self._no_cert = log.Sampled("tls_refused_no_certificate_yet", 10.0)
+        self._alpn_refused = log.Sampled("acme_tls_alpn_refused", 10.0)
 
     @property
     def port(self) -> int:
@@ -377,15 +379,15 @@ class DerpServer:
         self.tls_versions[version] = self.tls_versions.get(version, 0) + 1
         return tls
 
-
     async def _answer_tls_alpn01(self, transport: SocketTransport, initial: bytes, hello: ClientHello) -> None:
         """A CA validating TLS-ALPN-01 (RFC 8737): complete the handshake with the challenge
         certificate, then close; nothing else is ever said on such a connection."""
         assert self.challenges is not None
         context = self.challenges.tls_alpn01(hello.server_name)
         remote = format_addr(transport.remote)
-        if context is None:
-            log.info("acme_tls_alpn_refused", remote=remote, sni=hello.server_name, why="no challenge pending for it")
+        sni = Peer(hello.server_name) if hello.server_name is not None else None
+        if context is None:  # anyone may offer acme-tls/1: sampled, like other refused handshakes
+            self._alpn_refused.note(remote=remote, sni=sni, why="no challenge pending for it")
             with trio.move_on_after(1.0):
                 await transport.send_all(TLS_ALERT_INTERNAL_ERROR)
             return
@@ -394,9 +396,9 @@ class DerpServer:
             try:
                 await tls.handshake()
             except (ssl.SSLError, OSError) as e:
-                log.info("acme_tls_alpn_failed", remote=remote, sni=hello.server_name, reason=str(e))
+                self._alpn_refused.note(remote=remote, sni=sni, why=Peer(str(e) or type(e).__name__))
                 return
-            log.info("acme_tls_alpn_answered", remote=remote, sni=hello.server_name)
+            log.info("acme_tls_alpn_answered", remote=remote, sni=sni)
 
 
 def _trio_sockets(socks: list[socket.socket]) -> list[trio.socket.SocketType]:
