@@ -187,3 +187,25 @@ def test_workers_cpu_per_process(tmp_path: Path) -> None:
     assert len(procs) == 3  # the supervisor and two workers
     assert procs[0]["pid"] == proc.pid
     assert r["server"]["cpu_pct"] == pytest.approx(sum(p["cpu_pct"] for p in procs), abs=0.5)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_logins(tls: bool, derpd: tuple[str, int], derpd_tls: tuple[str, str, int]) -> None:
+    """bench.logins: complete logins over plain HTTP and pinned TLS, no errors, the server's CPU read."""
+    if tls:
+        url, pin, pid = derpd_tls
+        extra = ["--cert-name", pin]
+    else:
+        (url, pid), extra = derpd, []
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.logins", "--url", url, "--server-pid", str(pid), "--duration", "1",
+         "--concurrency", "2", *extra],
+        cwd=REPO, check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    r = json.loads(line)
+    assert r["target"] == url and r["tls"] == ("on" if tls else "off")
+    assert r["logins"] > 0 and r["errors"] == {}, r
+    assert r["server_cpu_s"] is not None and r["latency_ms"]["p50"] > 0
+    assert "logins/s" in out.stderr
