@@ -179,15 +179,14 @@ class CertManager:
     async def run(self) -> None:
         """Order, renew and retry for ever (cancel to stop)."""
         while True:
-            wait = await self._until_due()
-            if wait > 0:
-                await trio.sleep(wait)
-                continue
             try:
+                wait = await self._until_due()
+                if wait > 0:
+                    await trio.sleep(wait)
+                    continue
                 await self._obtain()
             except AcmeError as e:
-                delay = self._failed(e)
-                await trio.sleep(delay)
+                await trio.sleep(self._failed(e))
             except Exception as e:  # a bug here must not take the relay down with it
                 log.exception("acme_internal_error", error=repr(e))
                 await trio.sleep(self._failed(AcmeError("bad_response", f"internal error: {type(e).__name__}")))
@@ -237,8 +236,11 @@ class CertManager:
             data = self.store.cert_path.read_bytes()
         except OSError:
             return None
-        certs = x509.load_pem_x509_certificates(data) if b"CERTIFICATE" in data else []
-        return certs[0].public_bytes(serialization.Encoding.PEM) if certs else None
+        try:
+            certs = x509.load_pem_x509_certificates(data)
+        except ValueError:  # replaced by something unreadable since it was loaded: no renewal info then
+            return None
+        return certs[0].public_bytes(serialization.Encoding.PEM)
 
     def _kinds(self) -> list[str]:
         if self.config.challenge != "auto":

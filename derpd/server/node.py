@@ -333,14 +333,16 @@ class DerpServer:
         log.info("proxy_header_refused", remote=format_addr(peer), reason="no PROXY header in time")
         return None
 
-    async def _read_client_hello(self, transport: SocketTransport, initial: bytes) -> tuple[bytes, ClientHello | None]:
+    async def _read_client_hello(
+        self, transport: SocketTransport, initial: bytes, deadline: float
+    ) -> tuple[bytes, ClientHello | None]:
         """The bytes of the ClientHello (to replay into TLS) and what it offers; None if it is no
-        well-formed ClientHello (OpenSSL then refuses it as it always would) or not in time."""
+        well-formed ClientHello (OpenSSL then refuses it as it always would) or not by ``deadline``."""
         reader = ClientHelloReader()
         hello: ClientHello | None = None
         try:
             hello = reader.feed(initial) if initial else None
-            with trio.move_on_after(self.settings.head_timeout):
+            with trio.move_on_at(deadline):
                 while hello is None:
                     data = await transport.receive_some()
                     if not data:
@@ -352,10 +354,11 @@ class DerpServer:
 
     async def _tls_handshake(self, transport: SocketTransport, initial: bytes) -> TLSTransport | None:
         assert self.tls is not None
+        deadline = trio.current_time() + self.settings.head_timeout  # the hello and the handshake, together
         if self.challenges is not None:  # --certmode letsencrypt: the CA's validation, or no certificate yet
-            initial, hello = await self._read_client_hello(transport, initial)
+            initial, hello = await self._read_client_hello(transport, initial, deadline)
             if hello is not None and hello.acme_tls_alpn:
-                await self._answer_tls_alpn01(transport, initial, hello)
+                await self._answer_tls_alpn01(transport, initial, hello, deadline)
                 return None
             if not self.tls.has_certificate:
                 self.tls_handshake_failures += 1
@@ -364,7 +367,7 @@ class DerpServer:
                     await transport.send_all(TLS_ALERT_INTERNAL_ERROR)
                 return None
         tls = TLSTransport(transport, self.tls.context, initial)
-        with trio.move_on_after(self.settings.head_timeout) as scope:
+        with trio.move_on_at(deadline) as scope:
             try:
                 await tls.handshake()
             except (ssl.SSLError, OSError) as e:
@@ -379,7 +382,9 @@ class DerpServer:
         self.tls_versions[version] = self.tls_versions.get(version, 0) + 1
         return tls
 
-    async def _answer_tls_alpn01(self, transport: SocketTransport, initial: bytes, hello: ClientHello) -> None:
+    async def _answer_tls_alpn01(
+        self, transport: SocketTransport, initial: bytes, hello: ClientHello, deadline: float
+    ) -> None:
         """A CA validating TLS-ALPN-01 (RFC 8737): complete the handshake with the challenge
         certificate, then close; nothing else is ever said on such a connection."""
         assert self.challenges is not None
@@ -392,7 +397,7 @@ class DerpServer:
                 await transport.send_all(TLS_ALERT_INTERNAL_ERROR)
             return
         tls = TLSTransport(transport, context, initial)
-        with trio.move_on_after(self.settings.head_timeout):
+        with trio.move_on_at(deadline):
             try:
                 await tls.handshake()
             except (ssl.SSLError, OSError) as e:
