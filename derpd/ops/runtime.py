@@ -8,6 +8,7 @@ is up, WATCHDOG=1 from the event loop, RELOADING=1 around a reload, STOPPING=1 a
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 from typing import Any, Protocol
@@ -84,10 +85,16 @@ async def _announce_ready(service: Service, ready: trio.Event) -> None:
 
         async def extend() -> None:
             await trio.sleep(1.0)  # the common case: ready at once, and nothing else is said
+            said, extended_at = "", -math.inf
             while True:
-                sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(READY_WAIT_EXTEND * 1.5 * 1e6)}")
-                sdnotify.status(service.waiting_status())
-                await trio.sleep(READY_WAIT_EXTEND / 3)
+                if trio.current_time() - extended_at >= READY_WAIT_EXTEND / 3:
+                    sdnotify.notify(f"EXTEND_TIMEOUT_USEC={int(READY_WAIT_EXTEND * 1.5 * 1e6)}")
+                    extended_at = trio.current_time()
+                status = service.waiting_status()
+                if status != said:  # e.g. the last ACME error, as soon as it changes
+                    sdnotify.status(status)
+                    said = status
+                await trio.sleep(1.0)
 
         waiting.start_soon(extend)
         await service.until_ready()

@@ -454,6 +454,10 @@ async def test_ca_down_at_start_then_up(make_stack: MakeStack) -> None:
         assert failure_total(samples, "unreachable") >= 2
         await notify.collect(0.2)
         assert not any(b"READY=1" in d for _, d in notify.got), notify.got
+        # Meanwhile systemd is asked for more start-up time and told what derpd waits for.
+        assert any(b"EXTEND_TIMEOUT_USEC=" in d for _, d in notify.got), notify.got
+        waiting = [d for _, d in notify.got if b"STATUS=waiting for a certificate for derp.test" in d]
+        assert waiting and any(b"unreachable" in d for d in waiting), notify.got
         print(f"\nCA down: retry_in {[f['retry_in'] for f in failures]}")
 
         await trio.to_thread.run_sync(st.pebble.start)
