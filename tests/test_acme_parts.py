@@ -150,6 +150,10 @@ def test_unusable_account_key_is_refused(tmp_path: Path) -> None:
     cfg = build(_options(tmp_path))
     assert cfg.acme is not None
     cfg.acme.prepare()
+    cfg.acme.account_key_path.chmod(0o640)
+    with pytest.raises(ConfigurationError, match="must not be accessible by group or others"):
+        cfg.acme.prepare()
+    cfg.acme.account_key_path.chmod(0o600)
     cfg.acme.account_key_path.write_text("not a key")
     with pytest.raises(ConfigurationError, match="not a usable ACME account key"):
         cfg.acme.prepare()

@@ -53,6 +53,7 @@ from derpd.net.acme import (
     run_step,
 )
 from derpd.net.tls import CertError, CertStore, cert_file_stem, verify_hostname
+from derpd.ops.keyfiles import check_private_mode
 from derpd.server.challenges import ChallengeBook
 
 __all__ = ["CHALLENGE_CHOICES", "AcmeConfig", "CertManager", "bundle_name", "follow_certificate"]
@@ -142,6 +143,7 @@ class CertManager:
         path = self.account_key_path
         try:
             if path.exists() and not is_empty_file(path):
+                check_private_mode(path, path.stat())  # whoever reads it can act as the account
                 data = path.read_bytes()
                 try:
                     serialization.load_pem_private_key(data, password=None)

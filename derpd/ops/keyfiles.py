@@ -20,7 +20,8 @@ from derpd.proto.keys import (
 )
 
 
-def _check_private_mode(path: Path, st: os.stat_result) -> None:
+def check_private_mode(path: Path, st: os.stat_result) -> None:
+    """KeyFileError unless ``path`` is a regular file only its owner can access (a private key)."""
     if not stat.S_ISREG(st.st_mode):
         raise KeyFileError(f"{path} is not a regular file")
     mode = stat.S_IMODE(st.st_mode)
@@ -39,7 +40,7 @@ def load_key_file(path: str | os.PathLike[str]) -> NodePrivate:
     except OSError as e:
         raise KeyFileError(f"cannot read key file {p}: {e.strerror}") from None
     try:
-        _check_private_mode(p, os.fstat(fd))
+        check_private_mode(p, os.fstat(fd))
         with os.fdopen(fd, "r", encoding="utf-8", closefd=False) as f:
             text = f.read(MAX_KEY_FILE + 1)
     except UnicodeDecodeError:
