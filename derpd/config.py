@@ -19,14 +19,12 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from derpd.base.errors import ConfigurationError
 from derpd.base.files import is_empty_file
-from derpd.net.acme import AcmeSettings, directory_url
 from derpd.net.addr import AddressError, ip_or_none, parse_hostport
 from derpd.net.tls import CertStore
-from derpd.ops.acme import AcmeConfig, CertManager, bundle_name
 from derpd.ops.keyfiles import KeyFileOrigin, load_mesh_key_file, load_or_create_key_file
 from derpd.ops.metrics import parse_metrics_addr
 from derpd.ops.workers import worker_count
@@ -38,6 +36,9 @@ from derpd.server.limits import RateConfig
 from derpd.server.mesh import parse_targets
 from derpd.server.node import ServerSettings
 from derpd.server.relay import RelayConfig
+
+if TYPE_CHECKING:
+    from derpd.ops.acme import CertManager
 
 DEV_ADDR = "127.0.0.1:3340"
 DEV_KEY_FILE = ".derpd/derper.key"
@@ -302,6 +303,11 @@ def _acme(
     *,
     shared_challenges: bool,
 ) -> CertManager:
+    # Imported here, not at the top: the acme library and requests cost every other mode ~9 MB of RSS
+    # and ~0.2 s of start-up (tests/test_layers.py lists this as the one deliberate lazy import).
+    from derpd.net.acme import AcmeSettings, directory_url  # noqa: PLC0415 (weight, see above)
+    from derpd.ops.acme import AcmeConfig, CertManager, bundle_name  # noqa: PLC0415
+
     name = check_certificate_name(hostname)
     if o.acme_challenge not in ("auto", "tls-alpn-01", "http-01"):
         raise ConfigurationError("--acme-challenge must be auto, tls-alpn-01 or http-01")

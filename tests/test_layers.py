@@ -10,6 +10,8 @@ STUN codec) imports nothing from derpd; nothing imports inside a function to dod
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,11 +47,11 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def imports_of(path: Path, known: set[str]) -> tuple[set[str], list[str]]:
-    """(modules of ours imported at module level, descriptions of imports inside functions)."""
+def imports_of(path: Path, known: set[str]) -> tuple[set[str], list[tuple[str, set[str]]]]:
+    """(modules of ours imported at module level, (description, modules) of each import inside a function)."""
     tree = ast.parse(path.read_text(), str(path))
     top: set[str] = set()
-    lazy: list[str] = []
+    lazy: list[tuple[str, set[str]]] = []
 
     def targets(node: ast.Import | ast.ImportFrom) -> set[str]:
         names: set[str] = set()
@@ -66,7 +68,8 @@ def imports_of(path: Path, known: set[str]) -> tuple[set[str], list[str]]:
             if isinstance(child, ast.Import | ast.ImportFrom):
                 found = targets(child)
                 if in_function and found:
-                    lazy.append(f"{path.relative_to(REPO)}:{child.lineno} imports {sorted(found)} inside a function")
+                    where = f"{path.relative_to(REPO)}:{child.lineno} imports {sorted(found)} inside a function"
+                    lazy.append((where, found))
                 elif not in_function:
                     top.update(found)
             walk(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
@@ -75,8 +78,24 @@ def imports_of(path: Path, known: set[str]) -> tuple[set[str], list[str]]:
     return top, lazy
 
 
+# Deliberate lazy imports, for weight and never for a cycle: (importer, imported, why). Everything else
+# imports at the top.
+LAZY_ALLOWED = {
+    ("derpd.config", "derpd.net.acme"): "the acme library and requests: ~9 MB RSS only letsencrypt mode needs",
+    ("derpd.config", "derpd.ops.acme"): "the same (it imports derpd.net.acme)",
+}
+
 MODULES = modules()
-GRAPH = {m: imports_of(p, set(MODULES)) for m, p in MODULES.items()}
+_FOUND = {m: imports_of(p, set(MODULES)) for m, p in MODULES.items()}
+# Each module's dependencies (the allowed lazy ones count: they must point down and close no cycle too),
+# and its lazy imports that are not allowed.
+GRAPH = {
+    m: (
+        top | {t for _, found in lazy for t in found if (m, t) in LAZY_ALLOWED},
+        [where for where, found in lazy if any((m, t) not in LAZY_ALLOWED for t in found)],
+    )
+    for m, (top, lazy) in _FOUND.items()
+}
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -118,3 +137,14 @@ def test_every_module_has_a_layer() -> None:
     for m in MODULES:
         if m.startswith("derpd.") and m not in TOP:
             assert m.split(".")[1] in LAYERS, m
+
+
+def test_optional_heavy_libraries_load_only_when_used() -> None:
+    """Serving without --certmode letsencrypt never loads the acme library or requests (~9 MB RSS)."""
+    code = (
+        "import sys, derpd.cli, derpd.config, derpd.ops.runtime, derpd.ops.workers, derpd.ops.metrics; "
+        "heavy = ('acme', 'requests', 'josepy', 'derpd.net.acme', 'derpd.ops.acme'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -32,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import trio
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -61,6 +62,7 @@ __all__ = [
     "cert_name_pin",
     "check_pin",
     "fast_start_key",
+    "follow_certificate",
     "meta_certificate",
     "parse_meta_certificate",
     "peer_chain_der",
@@ -765,3 +767,27 @@ class CertStore:
         except Exception as e:
             log.warning("tls_sni_callback_failed", error=repr(e))
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+
+
+async def follow_certificate(store: CertStore, interval: float = 2.0) -> None:
+    """``--workers``: serve the certificate the supervisor's manager writes, as soon as it changes.
+
+    The file is replaced by an atomic rename, so a new inode (or size, or mtime) means a new whole file;
+    ``CertStore.reload`` keeps the current certificate if the new one is unusable. Polling a stat every
+    ``interval`` seconds needs no signal that could arrive before a worker is listening for it.
+    """
+
+    def identity() -> tuple[int, int, int] | None:
+        try:
+            st = store.cert_path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    seen = identity() if store.has_certificate else None
+    while True:
+        await trio.sleep(interval)
+        now = identity()
+        if now is not None and now != seen:
+            seen = now
+            store.reload()

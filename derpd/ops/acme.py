@@ -20,7 +20,10 @@ One task, :meth:`CertManager.run`, for the life of the node:
 Every blocking library call runs in a worker thread under a deadline (``derpd.net.acme.run_step``).
 
 With ``--workers N`` the supervisor runs the manager; the ``ChallengeBook`` then keeps its answers as
-files too, and each worker runs :func:`follow_certificate` to serve what the manager writes.
+files too, and each worker runs ``derpd.net.tls.follow_certificate`` to serve what the manager writes.
+
+Only ``--certmode letsencrypt`` imports this module (``derpd.config`` does, when it is asked for): it
+loads the ``acme`` library, ``requests`` and their dependencies, about 9 MB that no other mode needs.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from derpd.net.tls import CertError, CertStore, cert_file_stem, verify_hostname
 from derpd.ops.keyfiles import check_private_mode
 from derpd.server.challenges import ChallengeBook
 
-__all__ = ["CHALLENGE_CHOICES", "AcmeConfig", "CertManager", "bundle_name", "follow_certificate"]
+__all__ = ["CHALLENGE_CHOICES", "AcmeConfig", "CertManager", "bundle_name"]
 
 CHALLENGE_CHOICES = ("auto", "tls-alpn-01", "http-01")
 STEP_TIMEOUT = 45.0  # seconds for one exchange with the CA (a few HTTP requests of HTTP_TIMEOUT each)
@@ -69,7 +72,6 @@ BACKOFF_CAP = 3600.0
 NEXT_TYPE_DELAY = 1.0  # auto mode: a failed challenge type is followed by the next type this soon
 RATE_LIMIT_CAP = 7 * 86400.0  # a Retry-After beyond this is read as this
 JITTER = 0.2
-FOLLOW_INTERVAL = 2.0  # --workers: how often a worker looks for the certificate the supervisor wrote
 
 
 @dataclass(frozen=True)
@@ -380,26 +382,3 @@ class CertManager:
         why = f" (last error: {self.last_error})" if self.last_error else ""
         return f"waiting for a certificate for {self.config.hostname} from the ACME CA{why}"
 
-
-async def follow_certificate(store: CertStore, interval: float = FOLLOW_INTERVAL) -> None:
-    """``--workers``: serve the certificate the supervisor's manager writes, as soon as it changes.
-
-    The file is replaced by an atomic rename, so a new inode (or size, or mtime) means a new whole file;
-    ``CertStore.reload`` keeps the current certificate if the new one is unusable. Polling a stat every
-    ``interval`` seconds needs no signal that could arrive before a worker is listening for it.
-    """
-
-    def identity() -> tuple[int, int, int] | None:
-        try:
-            st = store.cert_path.stat()
-        except OSError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
-
-    seen = identity() if store.has_certificate else None
-    while True:
-        await trio.sleep(interval)
-        now = identity()
-        if now is not None and now != seen:
-            seen = now
-            store.reload()

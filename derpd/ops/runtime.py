@@ -11,17 +11,20 @@ from __future__ import annotations
 import math
 import signal
 import sys
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from derpd.base import log
+from derpd.net.tls import follow_certificate
 from derpd.ops import sdnotify
-from derpd.ops.acme import CertManager, follow_certificate
 from derpd.ops.metrics import registry_for, serve_metrics
 from derpd.ops.workers import READY_LINE
 from derpd.proto.keys import NodePrivate
 from derpd.server.node import DerpServer, ServerSettings
+
+if TYPE_CHECKING:
+    from derpd.ops.acme import CertManager  # imported only with --certmode letsencrypt (derpd.config)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

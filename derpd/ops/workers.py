@@ -19,17 +19,19 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
 from derpd.net.addr import bind_sockets, format_addr
-from derpd.ops.acme import CertManager
 from derpd.proto.keys import NodePrivate, parse_mesh_key
 from derpd.server.mesh import MeshTarget
 from derpd.server.node import ServerSettings
+
+if TYPE_CHECKING:
+    from derpd.ops.acme import CertManager  # imported only with --certmode letsencrypt (derpd.config)
 
 WORKER_ENV = "DERPD_WORKER"  # "i/N" inside a worker
 DIR_ENV = "DERPD_WORKER_DIR"
