@@ -62,8 +62,8 @@ def test_certificate_names_accepted(given: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "localhost", "bad_name!.test", "-x.test", "x-.test", "a..b", "*.example.com", "a b.test", "é.test",
-     "a" * 64 + ".test", ("a" * 60 + ".") * 5 + "test"],
+    ["", "localhost", "bad_name!.test", "192.0.2.1]", "[2001:db8::1", "-x.test", "x-.test", "a..b",
+     "*.example.com", "a b.test", "é.test", "a" * 64 + ".test", ("a" * 60 + ".") * 5 + "test"],
 )
 def test_certificate_names_refused(bad: str) -> None:
     with pytest.raises(ConfigurationError):

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import trio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -373,6 +373,8 @@ _MESH_ALPHABET = st.sampled_from([*"ab1.:/[]%@-_ ,\t", "::1", "10.0.0.5", "https
 
 
 @given(st.one_of(st.text(), st.lists(_MESH_ALPHABET, max_size=12).map("".join)), st.booleans())
+@example("0.0.0.0]", False)  # a lone bracket once passed as an IP and built a URL urlsplit refuses
+@example("[::1", True)
 @settings(max_examples=1000, deadline=None)
 def test_mesh_with_parse_raises_only_mesh_error(spec: str, tls: bool) -> None:
     try:

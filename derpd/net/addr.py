@@ -24,9 +24,11 @@ _NO_IPV6_ERRNOS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 
 
 def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP address ``text`` spells (``[v6]`` brackets allowed), or None for a name."""
+    """The IP address ``text`` spells (``[v6]`` brackets allowed, as a pair), or None for a name."""
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     try:
-        return ipaddress.ip_address(text.removeprefix("[").removesuffix("]"))
+        return ipaddress.ip_address(text)  # a lone bracket ("0.0.0.0]") is no address
     except ValueError:
         return None
 
