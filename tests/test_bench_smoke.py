@@ -209,3 +209,19 @@ def test_logins(tls: bool, derpd: tuple[str, int], derpd_tls: tuple[str, str, in
     assert r["logins"] > 0 and r["errors"] == {}, r
     assert r["server_cpu_s"] is not None and r["latency_ms"]["p50"] > 0
     assert "logins/s" in out.stderr
+
+
+def test_stun(tmp_path: Path) -> None:
+    """bench.stun: a closed loop of binding requests against derpd's STUN port, answers counted."""
+    ready = r"event=serving derp=127\.0\.0\.1:(\d+) tls=\w+ stun=127\.0\.0\.1:(\d+)"
+    with _serve(tmp_path, "--dev", "--stun-port", "0", ready=ready) as (proc, _, m):
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.stun", "--target", f"127.0.0.1:{m.group(2)}", "--server-pid",
+             str(proc.pid), "--duration", "1", "--sockets", "4", "--inflight", "2"],
+            cwd=REPO, check=False, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    r = json.loads(line)
+    assert r["answered"] > 0 and r["bad"] == 0 and r["answered"] <= r["sent"], r
+    assert r["server_cpu_s"] is not None and "resp/s" in out.stderr
