@@ -17,26 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import ssl
 import sys
 import time
-from pathlib import Path
 
 import trio
 
+from bench.relay import tree_cpu_seconds
 from derpd.net.client import DerpClient
 from derpd.proto.keys import NodePrivate
-
-
-def _cpu_seconds(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _percentile(sorted_values: list[float], p: float) -> float:
@@ -80,13 +69,13 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
             fast["fast_start" if getattr(client, "fast_start", False) else "upgrade"] += 1
             await client.aclose()
 
-    cpu0, t0 = _cpu_seconds(args.server_pid), time.perf_counter()
+    cpu0, t0 = tree_cpu_seconds(args.server_pid), time.perf_counter()
     with trio.move_on_after(args.duration):
         async with trio.open_nursery() as nursery:
             for i in range(args.concurrency):
                 nursery.start_soon(loop, i)
     elapsed = time.perf_counter() - t0
-    cpu1 = _cpu_seconds(args.server_pid)
+    cpu1 = tree_cpu_seconds(args.server_pid)
     lat = sorted(latencies)
     cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     return {

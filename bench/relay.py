@@ -109,6 +109,17 @@ def sample_tree(pid: int) -> dict[int, ProcSample]:
     return samples
 
 
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds of ``pid`` and its children (a ``--workers`` supervisor's workers); None without a pid
+    or when it cannot be read (the other benches report no server CPU then)."""
+    if pid is None:
+        return None
+    try:
+        return sum(s.cpu_s for s in sample_tree(pid).values())
+    except BenchError:
+        return None
+
+
 def _schedstat_cpu(pid: int) -> float | None:
     """On-CPU seconds of all threads in ns precision (stat's clock ticks are 10 ms)."""
     total = 0

@@ -17,25 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import select
 import socket
 import sys
 import time
 from multiprocessing.connection import Connection
-from pathlib import Path
 
+from bench.relay import tree_cpu_seconds
 from stun.codec import BINDING_SUCCESS, binding_request
-
-
-def _cpu_seconds(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _load(
@@ -122,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     target = (host.strip("[]"), int(port))
     ctx = mp.get_context("fork")
     pipes, procs = [], []
-    cpu0, t0 = _cpu_seconds(args.server_pid), time.perf_counter()
+    cpu0, t0 = tree_cpu_seconds(args.server_pid), time.perf_counter()
     for _ in range(args.procs):
         recv, send = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_load, args=(target, args.sockets, args.inflight, args.duration, args.resend, send))
@@ -136,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                 totals[i] += v
         p.join(10)
     elapsed = time.perf_counter() - t0
-    cpu1 = _cpu_seconds(args.server_pid)
+    cpu1 = tree_cpu_seconds(args.server_pid)
     sent, answered, lost, bad = totals
     cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     result = {
