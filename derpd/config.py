@@ -306,10 +306,10 @@ def _acme(
     # Imported here, not at the top: the acme library and requests cost every other mode ~9 MB of RSS
     # and ~0.2 s of start-up (tests/test_layers.py lists this as the one deliberate lazy import).
     from derpd.net.acme import AcmeSettings, directory_url  # noqa: PLC0415 (weight, see above)
-    from derpd.ops.acme import AcmeConfig, CertManager, bundle_name  # noqa: PLC0415
+    from derpd.ops.acme import CHALLENGE_CHOICES, AcmeConfig, CertManager, bundle_name  # noqa: PLC0415
 
     name = check_certificate_name(hostname)
-    if o.acme_challenge not in ("auto", "tls-alpn-01", "http-01"):
+    if o.acme_challenge not in CHALLENGE_CHOICES:
         raise ConfigurationError("--acme-challenge must be auto, tls-alpn-01 or http-01")
     if o.acme_challenge == "http-01" and http_port < 0:
         raise ConfigurationError("--acme-challenge http-01 needs the port-80 listener (--http-port)")

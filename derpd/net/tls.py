@@ -708,7 +708,9 @@ class CertStore:
         except OSError as e:
             raise CertError(f"cannot read certificate files: {one_line(str(e))}") from None
 
-    def _build(self, cert_pem: bytes, key_pem: bytes) -> tuple[ssl.SSLContext, x509.Certificate]:
+    def check_pair(self, cert_pem: bytes, key_pem: bytes) -> list[x509.Certificate]:
+        """The chain in ``cert_pem`` if its first certificate belongs to the key in ``key_pem`` and covers
+        the hostname; CertError (naming the files) otherwise. Nothing is read from disk or installed."""
         try:
             chain = x509.load_pem_x509_certificates(cert_pem)
         except ValueError:
@@ -727,6 +729,11 @@ class CertStore:
             verify_hostname(leaf, self.hostname)
         except CertError as e:
             raise CertError(f"{self.cert_path}: {e}") from None
+        return chain
+
+    def _build(self, cert_pem: bytes, key_pem: bytes) -> tuple[ssl.SSLContext, x509.Certificate]:
+        chain = self.check_pair(cert_pem, key_pem)
+        leaf = chain[0]
 
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

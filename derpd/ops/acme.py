@@ -55,7 +55,7 @@ from derpd.net.acme import (
     new_private_key_pem,
     run_step,
 )
-from derpd.net.tls import CertError, CertStore, cert_file_stem, verify_hostname
+from derpd.net.tls import CertError, CertStore, cert_file_stem
 from derpd.ops.keyfiles import check_private_mode
 from derpd.server.challenges import ChallengeBook
 
@@ -312,16 +312,7 @@ class CertManager:
     def _store_bundle(self, key_pem: bytes, chain_pem: bytes) -> x509.Certificate:
         """Check what the CA sent, write key + chain atomically, serve it."""
         try:
-            chain = x509.load_pem_x509_certificates(chain_pem)
-        except ValueError:
-            raise AcmeError("bad_response", "the certificate the CA sent is not PEM") from None
-        leaf = chain[0]
-        key = serialization.load_pem_private_key(key_pem, password=None)
-        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
-            raise AcmeError("bad_response", "the certificate the CA sent is not for our key")
-        try:
-            verify_hostname(leaf, self.config.hostname)
+            chain = self.store.check_pair(chain_pem, key_pem)
         except CertError as e:
             raise AcmeError("bad_response", f"the certificate the CA sent: {e}") from None
         pem = key_pem + b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)

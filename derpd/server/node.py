@@ -363,8 +363,7 @@ class DerpServer:
             if not self.tls.has_certificate:
                 self.tls_handshake_failures += 1
                 self._no_cert.note(remote=format_addr(transport.remote), why="no certificate from the ACME CA yet")
-                with trio.move_on_after(1.0):
-                    await transport.send_all(TLS_ALERT_INTERNAL_ERROR)
+                await _send_alert(transport)
                 return None
         tls = TLSTransport(transport, self.tls.context, initial)
         with trio.move_on_at(deadline) as scope:
@@ -393,8 +392,7 @@ class DerpServer:
         sni = Peer(hello.server_name) if hello.server_name is not None else None
         if context is None:  # anyone may offer acme-tls/1: sampled, like other refused handshakes
             self._alpn_refused.note(remote=remote, sni=sni, why="no challenge pending for it")
-            with trio.move_on_after(1.0):
-                await transport.send_all(TLS_ALERT_INTERNAL_ERROR)
+            await _send_alert(transport)
             return
         tls = TLSTransport(transport, context, initial)
         with trio.move_on_at(deadline):
@@ -404,6 +402,12 @@ class DerpServer:
                 self._alpn_refused.note(remote=remote, sni=sni, why=Peer(str(e) or type(e).__name__))
                 return
             log.info("acme_tls_alpn_answered", remote=remote, sni=sni)
+
+
+async def _send_alert(transport: SocketTransport) -> None:
+    """A fatal internal_error alert for a handshake we will not do, within a second (the caller closes)."""
+    with trio.move_on_after(1.0):
+        await transport.send_all(TLS_ALERT_INTERNAL_ERROR)
 
 
 def _trio_sockets(socks: list[socket.socket]) -> list[trio.socket.SocketType]:
