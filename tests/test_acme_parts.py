@@ -473,3 +473,21 @@ async def test_hostile_client_hellos_are_closed_and_the_listener_keeps_serving(
     with trio.fail_after(GUARD):
         assert (await client.receive_some(1000)).startswith(b"HTTP/1.1 200")
     await client.aclose()
+
+
+def test_a_certificate_that_cannot_be_saved_is_a_failure_and_the_old_one_serves(tmp_path: Path) -> None:
+    """OpenSSL loads the key from the bundle file: unsaved, the new pair cannot be served, so the order
+    counts as failed (reason storage, backed off) instead of being logged as issued."""
+    m = _manager(tmp_path)
+    ca = trustme.CA()
+    old = ca.issue_cert("derp.example.com")
+    m.store.cert_path.write_bytes(old.private_key_pem.bytes() + b"".join(p.bytes() for p in old.cert_chain_pems))
+    served = m.store.install_files()
+    new = ca.issue_cert("derp.example.com")
+    m.store.cert_path.unlink()
+    m.store.cert_path.mkdir()  # the rename onto it fails
+    chain = b"".join(p.bytes() for p in new.cert_chain_pems)
+    with pytest.raises(AcmeError) as caught:
+        m._store_bundle(new.private_key_pem.bytes(), chain)
+    assert caught.value.reason == "storage" and "keeps serving" in caught.value.detail
+    assert m.store.leaf_der == served.public_bytes(serialization.Encoding.DER)

@@ -67,6 +67,7 @@ REASONS = (
     "account",  # the account was refused (EAB required or wrong, terms, contact)
     "ca_error",  # any other error the CA answered
     "bad_response",  # an answer that is not what RFC 8555 says (bad JSON, missing fields)
+    "storage",  # the issued certificate could not be written to --certdir (disk full, permissions)
 )
 
 T = TypeVar("T")

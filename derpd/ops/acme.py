@@ -319,8 +319,9 @@ class CertManager:
         path = self.store.cert_path
         try:
             write_atomic(path, pem, 0o600, replace=True)
-        except OSError as e:  # the new certificate still serves from memory below; the next start orders again
-            log.warning("acme_certificate_not_saved", path=str(path), error=one_line(e))
+        except OSError as e:  # OpenSSL loads the key from this file: unsaved, it cannot be served
+            why = f"cannot write {path}: {one_line(e)}; the current certificate keeps serving"
+            raise AcmeError("storage", why) from None
         try:
             return self.store.install_files()
         except CertError as e:

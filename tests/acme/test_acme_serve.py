@@ -52,6 +52,7 @@ FAILURE_REASONS = {
     "account",
     "ca_error",
     "bad_response",
+    "storage",
 }
 
 
