@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import random
+import re
 import ssl
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from acme import errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from derpd.base import log
 from derpd.base.errors import ConfigurationError
 from derpd.config import ServeOptions, build, check_certificate_name
 from derpd.net.acme import (
@@ -40,6 +44,22 @@ from derpd.server.node import DerpServer
 from .conftest import start_server
 
 GUARD = 10.0
+# Never raw in a log line: C0 (tab too), DEL, C1, line separators, bidi controls, BOM (as tests/hostile).
+RAW_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+@pytest.fixture
+def debug_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """Every line the "derpd" logger writes, debug included (log.setup may have stopped propagation)."""
+    logger = logging.getLogger("derpd")
+    old_level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(old_level)
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -421,7 +441,7 @@ async def test_http01_on_port_80(nursery: trio.Nursery, tmp_path: Path) -> None:
 
 
 async def test_hostile_client_hellos_are_closed_and_the_listener_keeps_serving(
-    nursery: trio.Nursery, tmp_path: Path
+    nursery: trio.Nursery, tmp_path: Path, debug_log: pytest.LogCaptureFixture
 ) -> None:
     """Garbage, truncated and lying ClientHellos on a letsencrypt-mode listener: every connection is closed
     (at once, or at the head deadline for a stall), none gets the challenge certificate, and a real client
@@ -466,6 +486,14 @@ async def test_hostile_client_hellos_are_closed_and_the_listener_keeps_serving(
         for data in attacks:
             attackers.start_soon(attack, data)
     assert book.tls_alpn01_answered == 0
+    # What it logged (at debug, so every line the attacks caused): nothing at error level, every line
+    # bounded and escaped.
+    formatter = log.KeyValueFormatter()
+    assert debug_log.records, "the attacks left no log line at all"
+    for record in debug_log.records:
+        line = formatter.format(record)
+        assert record.levelno < logging.ERROR and "Traceback" not in line, line
+        assert len(line.encode()) <= 2048 and not RAW_CONTROL.search(line), line
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     client = await _tls(server.port, ctx, "derp.example.com")
