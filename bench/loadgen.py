@@ -322,6 +322,7 @@ class WorkerConfig:
     stall_timeout: float = 0.2  # window mode: in-flight packets written off after this long
     connect_timeout: float = 10.0
     total_pairs: int = 1
+    read_size: int = RECV_BUF  # at most this many bytes per receiver read (one recv, or one SSL read)
 
 
 @dataclass
@@ -633,7 +634,7 @@ class Worker:
     def _on_readable(self, p: Pair) -> None:
         fill = p.rfill
         try:
-            n = p.rsock.recv_into(memoryview(p.rbuf)[fill:])
+            n = p.rsock.recv_into(memoryview(p.rbuf)[fill : fill + self.cfg.read_size])
         except _SOFT:
             return
         if n == 0:
@@ -649,12 +650,13 @@ class Worker:
         """
         view = memoryview(p.rbuf)
         recv_into = p.rsock.recv_into
+        step = self.cfg.read_size
         while True:
             fill = start = p.rfill
             more = True
             while fill < RECV_BUF:
                 try:
-                    n = recv_into(view[fill:])
+                    n = recv_into(view[fill : fill + step])
                 except _TLS_SOFT:
                     more = False
                     break

@@ -30,7 +30,7 @@ from typing import Any
 
 from derpd.proto.frames import MAX_PACKET_SIZE
 
-from .loadgen import MIN_SIZE, Target, WorkerConfig, hist_lower, hist_percentiles, parse_url, worker_main
+from .loadgen import MIN_SIZE, RECV_BUF, Target, WorkerConfig, hist_lower, hist_percentiles, parse_url, worker_main
 
 MODES = ("per-packet", "batched")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,7 @@ class RunSpec:
     workers: int | None = None  # default min(pairs, cpu_count)
     batch_max: int = 256
     connect_timeout: float = 10.0
+    read_size: int = RECV_BUF  # receivers' bytes per read (Tailscale's client: a 4 KiB bufio.Reader)
 
 
 # --- /proc sampling -------------------------------------------------------------
@@ -231,6 +232,7 @@ def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> di
             batch_max=spec.batch_max,
             connect_timeout=spec.connect_timeout,
             total_pairs=spec.pairs,
+            read_size=spec.read_size,
         )
         proc = ctx.Process(target=worker_main, args=(child, cfg), daemon=True)
         proc.start()
@@ -300,6 +302,7 @@ def _summarize(
         "pairs": spec.pairs,
         "size": spec.size,
         "window": spec.window,
+        "read_size": spec.read_size,
         "rate": spec.rate,
         "duration_s": round(duration, 3),
         "sent": sent,
@@ -511,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--drain", type=float, default=1.0, help="max seconds to wait for in-flight packets")
     load.add_argument("--workers", type=int, help="load-generator processes (default min(pairs, cpus))")
     load.add_argument("--batch-max", type=int, default=256, help="max frames per write in batched rate mode")
+    load.add_argument(
+        "--read-size",
+        type=int,
+        default=RECV_BUF,
+        help="receivers' bytes per read (4096: Tailscale's client, a 4 KiB bufio.Reader; default 256 KiB)",
+    )
     sw = ap.add_argument_group("sweep")
     sw.add_argument("--sweep-pairs", type=_int_list, default=[1, 10, 100])
     sw.add_argument("--sweep-sizes", type=_int_list, default=[64, 1200])
@@ -548,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         drain=args.drain,
         workers=args.workers,
         batch_max=args.batch_max,
+        read_size=args.read_size,
     )
     try:
         url_target = None

@@ -27,7 +27,8 @@ import trio
 from derpd.base import log
 from derpd.base.text import Peer
 from derpd.net.addr import format_addr
-from derpd.net.transport import Transport
+from derpd.net.pump import ReadPump, Released
+from derpd.net.transport import SocketTransport, TLSTransport, Transport
 from derpd.proto.connection import NEED_DATA, ClientHello, DerpConnection, Event, NeedData, Role
 from derpd.proto.frames import (
     DISCO_MAGIC,
@@ -343,23 +344,87 @@ class ClientConn:
             self.close(f"connection broken: {e.__cause__ or e or 'closed'}")
 
     async def read_loop(self, reader: FrameReader) -> None:
-        """A client's reader task: read big, route every whole frame (the hot path)."""
+        """A client's reader (the hot path: read big, route every whole frame at once).
+
+        A plain or TLS socket without a receive rate limit is read by the relay's ``ReadPump``
+        (one task for every busy connection: no per-read task switch or epoll re-arm); anything
+        else, or while a rate limit applies, reads in this task. Both route through
+        ``_route_buffered``, and errors surface here either way.
+        """
+        while True:
+            if self._pumpable():
+                try:
+                    await self._read_in_pump(reader)
+                except Released:
+                    pass
+            await self._read_here(reader)
+
+    def _pumpable(self) -> bool:
+        return (
+            self.bucket is None
+            and self.server.pump.running
+            and isinstance(self.transport, (SocketTransport, TLSTransport))
+        )
+
+    async def _read_in_pump(self, reader: FrameReader) -> None:
+        """Route what is buffered already, then let the pump read; raises ``Released`` when a
+        rate limit arrives (``set_rate``) or the pump stops."""
+        transport = self.transport
+        assert isinstance(transport, (SocketTransport, TLSTransport))
+        pump = self.server.pump
+        fd = transport.sock.fileno()
+        read_ready = transport.read_ready
+        route = self._route_buffered
+
+        def on_readable() -> None:
+            if self.outbox.closed:  # closed by another connection's routing: its task ends it
+                return
+            if self.bucket is not None:
+                pump.release(fd)
+                return
+            data = read_ready()
+            if data is None:
+                return
+            if not data:
+                raise ConnectionClosed("client closed the connection")
+            self.bytes_in += len(data)
+            reader.feed(data)
+            route(reader)
+
+        route(reader)  # frames that came with the login
+        if isinstance(transport, TLSTransport):  # records OpenSSL holds: the epoll cannot see them
+            data = transport.read_ready(recv=False)
+            if data:
+                self.bytes_in += len(data)
+                reader.feed(data)
+                route(reader)
+        await pump.serve(fd, on_readable)
+
+    def _route_buffered(self, reader: FrameReader) -> None:
+        """Route every whole frame ``reader`` holds; raise its protocol error after the frames before it."""
+        buf, spans = reader.read_spans()
+        if spans:
+            self.server.handle_frames(self, buf, spans)
+        if reader.skipped:  # frame types a server ignores (forward compatibility)
+            self.server.stats.unknown_frames += reader.skipped
+            reader.skipped = 0
+        if reader.error is not None:
+            raise reader.error
+
+    async def _read_here(self, reader: FrameReader) -> None:
+        """Read in this task: for transports the pump does not serve, and under a rate limit
+        (not reading is TCP back-pressure: nothing is dropped). Returns when the pump can
+        take over again."""
         receive = self.transport.receive_some
-        handle = self.server.handle_frames
         wait = 0.0
         while True:
-            buf, spans = reader.read_spans()
-            if spans:
-                handle(self, buf, spans)
-            if reader.skipped:  # frame types a server ignores (forward compatibility)
-                self.server.stats.unknown_frames += reader.skipped
-                reader.skipped = 0
-            if reader.error is not None:
-                raise reader.error
-            if wait > 0:  # over the rate limit: not reading is TCP back-pressure, nothing is dropped
+            self._route_buffered(reader)
+            if wait > 0:  # over the rate limit
                 self.server.stats.rate_limit_waited += 1
                 await trio.sleep(wait)
             bucket = self.bucket
+            if bucket is None and self._pumpable():
+                return
             data = await receive() if bucket is None else await receive(int(bucket.burst))
             if not data:
                 raise ConnectionClosed("client closed the connection")
@@ -403,6 +468,8 @@ class RelayServer:
         self.config = config or RelayConfig()
         self.clock = clock
         self.stats = RelayStats()
+        # Reads every busy plain/TLS client connection in one task, once ``run_pump`` runs.
+        self.pump = ReadPump()
         self.clients: dict[bytes, ClientConn] = {}  # key -> the connection that gets its packets
         self.keys: dict[bytes, _KeyConns] = {}
         self.watchers: set[ClientConn] = set()
@@ -560,6 +627,10 @@ class RelayServer:
         """Forget every route through ``link`` (its connection broke)."""
         for key in [k for k, links in self.forwarders.items() if link in links]:
             self.remove_forwarder(key, link)
+
+    async def run_pump(self) -> None:
+        """Read client connections through the pump until cancelled (the node runs this)."""
+        await self.pump.run()
 
     def set_rate(self, rate: RateConfig) -> None:
         """A new per-client receive limit for everyone connected and everyone to come."""
