@@ -222,12 +222,16 @@ class TLSTransport:
         Each ``SSLObject.read`` yields one record's plaintext; reading into the scratch buffer
         (not ``read(n)``, which allocates ``n`` bytes per call) keeps a read full of small
         records from costing a large allocation per record. What does not fit stays in
-        OpenSSL for the next call, which comes before any wait.
+        OpenSSL for the next call, which comes before any wait. It reads only while bytes wait
+        in the BIO or in OpenSSL (OpenSSL reads records from the BIO one by one), so the usual
+        read ends without the cost of raising SSLWantReadError.
         """
         read = self.ssl.read
+        buffered = self.ssl.pending
+        incoming = self._incoming
         view = _SCRATCH
         got = 0
-        while got < max_bytes:
+        while got < max_bytes and (incoming.pending or buffered()):
             try:
                 # With a buffer, read() returns a count (typeshed says bytes).
                 n = cast("int", read(max_bytes - got, view[got:]))
