@@ -12,7 +12,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import trio
@@ -26,8 +26,15 @@ from derpd.ops.keyfiles import load_key_file, load_mesh_key_file, write_key_file
 from derpd.ops.workers import Supervisor, WorkerError, configure_worker, worker_identity
 from derpd.proto.keys import InvalidKeyError, public_key_text
 from derpd.proto.keys import NodePrivate as _NodePrivate
-from derpd.tools import derpmap as dm
-from derpd.tools.probe import ProbeOptions, ProbeReport, format_table, load_map, probe_map, probe_url, target_from_url
+
+if TYPE_CHECKING:
+    from derpd.tools.probe import ProbeOptions, ProbeReport
+
+# derpd.tools (derpmap, probe) is imported by the two commands that use it, not here: with cryptography
+# and the rest of what it imports, ~9 MB of RSS that `derpd serve` never needs (tests/test_layers.py
+# lists these lazy imports). The choices of `derpmap --format`, which click needs before the command
+# runs, are spelled out here; tests/test_cli.py checks they are derpd.tools.derpmap.FORMATS.
+MAP_FORMATS = ("headscale-yaml", "tailscale-json")
 
 F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -502,8 +509,8 @@ def pubkey(key_file: str) -> None:
     "--format",
     "headscale-yaml for Headscale's derp.paths; tailscale-json for a DERPMap (derp.urls, Tailscale ACL derpMap).",
     "fmt",
-    type=click.Choice(dm.FORMATS),
-    default=dm.HEADSCALE_YAML,
+    type=click.Choice(MAP_FORMATS),
+    default=MAP_FORMATS[0],
 )
 @_opt(
     "--merge",
@@ -514,6 +521,8 @@ def pubkey(key_file: str) -> None:
 )
 def derpmap(**o: Any) -> None:
     """Print a ready-to-use DERP map for this node (Headscale YAML or Tailscale JSON)."""
+    import derpd.tools.derpmap as dm  # noqa: PLC0415 (weight: see MAP_FORMATS)
+
     first = dm.NodeSpec(
         hostname=o["hostname"],
         name=o["node_name"],
@@ -600,6 +609,9 @@ def probe(url: str | None, **o: Any) -> None:
     URL is https://host[:port]/derp (http:// for a dev server); or probe every node of --derp-map.
     Exits 0 only when every check passed.
     """
+    from derpd.tools.derpmap import DerpMapError  # noqa: PLC0415 (weight: see MAP_FORMATS)
+    from derpd.tools.probe import ProbeOptions, format_table, target_from_url  # noqa: PLC0415
+
     if (url is None) == (o["derp_map"] is None):
         raise click.UsageError("give either a URL (https://host[:port]/derp) or --derp-map FILE|URL")
     if o["derp_map"] is not None:
@@ -637,7 +649,7 @@ def probe(url: str | None, **o: Any) -> None:
             raise _bad_value(str(e)) from None
     try:
         report = trio.run(_run_probe, url, o, opts)
-    except dm.DerpMapError as e:
+    except DerpMapError as e:
         raise _bad_value(str(e)) from None
     if o["as_json"]:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
@@ -655,6 +667,9 @@ def _from_command_line(ctx: click.Context, name: str) -> bool:
 
 
 async def _run_probe(url: str | None, o: dict[str, Any], opts: ProbeOptions) -> ProbeReport:
+    import derpd.tools.derpmap as dm  # noqa: PLC0415 (weight: see MAP_FORMATS)
+    from derpd.tools.probe import load_map, probe_map, probe_url  # noqa: PLC0415
+
     if url is not None:
         stun_port = o["stun_port"] if o["stun_port"] is not None else dm.DEFAULT_STUN_PORT
         return await probe_url(url, opts, stun_port=stun_port, can_port80=o["can_port80"])

@@ -16,10 +16,11 @@ import pytest
 import trio
 
 from derpd import __version__
-from derpd.cli import serve
+from derpd.cli import MAP_FORMATS, derpmap, serve
 from derpd.net.client import DerpClient, RestartingMessage
 from derpd.ops.keyfiles import load_key_file
 from derpd.proto.keys import public_key_text
+from derpd.tools.derpmap import FORMATS, HEADSCALE_YAML
 from stun import codec as stun_codec
 
 DERPD = [sys.executable, "-m", "derpd"]
@@ -73,6 +74,13 @@ def test_bad_flags_one_error_line_exit_2(args: list[str], tmp_path: Path) -> Non
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("derpd: error: "), out.stderr
     assert not (tmp_path / ".derpd").exists()  # nothing was started or created
+
+
+def test_derpmap_formats_are_the_tools() -> None:
+    """derpd.cli names `derpmap --format`'s choices itself (derpd.tools loads only when a tool runs)."""
+    assert MAP_FORMATS == FORMATS and MAP_FORMATS[0] == HEADSCALE_YAML
+    fmt = next(p for p in derpmap.params if p.name == "fmt")
+    assert isinstance(fmt.type, click.Choice) and tuple(fmt.type.choices) == FORMATS and fmt.default == HEADSCALE_YAML
 
 
 def test_bad_key_file_refused(tmp_path: Path) -> None:

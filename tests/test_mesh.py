@@ -15,12 +15,11 @@ import pytest
 import trio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from derpd.net.client import DerpClient, PeerGoneMessage, PeerPresentMessage, ReceivedPacket
 from derpd.net.transport import SocketTransport
-from derpd.ops.metrics import registry_for
+from derpd.ops.metrics import registry_for, render
 from derpd.proto.connection import NEED_DATA, DerpConnection, Role, ServerHello
 from derpd.proto.frames import ClientInfo, PeerGoneReason, ServerInfo, server_info_frame, server_key_frame
 from derpd.proto.keys import NodePrivate, parse_public_key
@@ -138,7 +137,7 @@ async def test_three_nodes_relay_across_the_mesh(nursery: trio.Nursery) -> None:
         assert n.server is not None
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(generate_latest(registry_for(n.server)).decode())
+            for family in text_string_to_metric_families(render(registry_for(n.server).collect()).decode())
             for s in family.samples
         }
         for peer in {"a", "b", "c"} - {n.name}:

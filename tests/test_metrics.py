@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -23,10 +24,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import prometheus_client
 import pytest
 import trio
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 import derpd
@@ -34,7 +36,18 @@ from derpd.net.acme import AcmeSettings
 from derpd.net.client import ConnectionLost, DerpClient, PeerGoneMessage
 from derpd.net.tls import CertStore
 from derpd.ops.acme import AcmeConfig, CertManager
-from derpd.ops.metrics import parse_metrics_addr, registry_for, serve_metrics
+from derpd.ops.metrics import (
+    CONTENT_TYPE,
+    Family,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    Registry,
+    parse_metrics_addr,
+    registry_for,
+    render,
+    serve_metrics,
+)
 from derpd.proto.frames import DISCO_MAGIC, DISCO_MIN_LEN, HandshakeError
 from derpd.proto.keys import NodePrivate
 from derpd.server.admission import Admission
@@ -268,11 +281,94 @@ def test_metrics_addr_parsing() -> None:
     assert parse_metrics_addr(":9464") == ("", 9464)
 
 
+# --- the text format, as prometheus_client writes it ----------------------------------------------
+
+
+class _Fixed:
+    """prometheus_client's view of families derpd collected once (so both render the same values)."""
+
+    def __init__(self, families: list[Family]) -> None:
+        self.families = families
+
+    def collect(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
+        out: list[CounterMetricFamily | GaugeMetricFamily] = []
+        for f in self.families:
+            kind = CounterMetricFamily if f.kind == "counter" else GaugeMetricFamily
+            metric = kind(f.name, f.doc, labels=list(f.labels))
+            for values, v in f.samples:
+                metric.add_metric(list(values), v)
+            out.append(metric)
+        return out
+
+
+def _library_render(families: list[Family]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(families))
+    return generate_latest(registry)
+
+
+class _Odd:
+    """Label values and help text that need escaping, and values at the edges of Go's float format."""
+
+    def collect(self) -> list[Family]:
+        odd = Family("derpd_test_odd", 'help with \\ and a\nnewline and "quotes"', "gauge", ("b", "a"))
+        for i, value in enumerate(
+            [0, 1, -1, 0.1, 1e-9, 123456.0, 1234567.0, 1e21, 2.5e9, -2.5e9, 2**63, math.inf, -math.inf, math.nan]
+        ):
+            odd.add([f'v"{i}', "x\\y\nz ü"], value)
+        plain = Family("derpd_test_plain", "a counter", "counter", samples=[((), 7)])
+        return [odd, plain, Family("derpd_test_empty", "no samples", "gauge", ("l",))]
+
+
+async def test_exposition_is_byte_for_byte_prometheus_clients(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """derpd writes the text format itself (prometheus_client is ~2.5 MB of RSS): the same families,
+    rendered by the library, must give the same bytes, for a fully configured node under traffic."""
+    a_key, b_key = NodePrivate.generate(), NodePrivate.generate()
+    server = await full_server(nursery, tmp_path, [a_key, b_key])
+    registry = registry_for(server)
+    registry.register(_Odd())
+    async with await DerpClient.connect(url_of(server), a_key) as a:
+        await a.ping()
+        await stun_exchange(server)
+        families = list(registry.collect())
+    assert render(families) == _library_render(families)
+    cert_families = list((await _certificate_registry(nursery, tmp_path)).collect())
+    assert render(cert_families) == _library_render(cert_families)
+    assert CONTENT_TYPE.decode() == prometheus_client.exposition.CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _shape(families: list[Family] | list[prometheus_client.Metric]) -> list[tuple[str, str, str, list[object]]]:
+    out: list[tuple[str, str, str, list[object]]] = []
+    for f in families:
+        if isinstance(f, Family):
+            name = f.name + "_total" if f.kind == "counter" else f.name
+            out.append((f.name, f.kind, f.doc, [(name, sorted(f.labels)) for _ in f.samples]))
+        else:
+            out.append((f.name, f.type, f.documentation, [(s.name, sorted(s.labels)) for s in f.samples]))
+    return out
+
+
+def test_process_and_python_families_are_the_librarys() -> None:
+    """process_*, python_info and python_gc_* as prometheus_client's own collectors name and fill them."""
+    lib = CollectorRegistry(auto_describe=False)
+    prometheus_client.ProcessCollector(registry=lib)
+    prometheus_client.PlatformCollector(registry=lib)
+    prometheus_client.GCCollector(registry=lib)
+    theirs = list(lib.collect())
+    ours = [f for c in (ProcessCollector(), PlatformCollector(), GCCollector()) for f in c.collect()]
+    assert _shape(ours) == _shape(theirs)
+    by_name = {m.name: m for m in theirs}
+    for f in ours:
+        if f.name in ("python_info", "process_max_fds", "process_start_time_seconds"):
+            want = {(tuple(s.labels[k] for k in f.labels), s.value) for s in by_name[f.name].samples}
+            assert set(f.samples) == want, f.name
+
+
 # --- the /metrics listener --------------------------------------------------------------------
 
 
 class _Exploding:
-    def collect(self) -> list[GaugeMetricFamily]:
+    def collect(self) -> list[Family]:
         raise RuntimeError("a collector bug")
 
 
@@ -315,8 +411,8 @@ async def test_listener_edge_cases(nursery: trio.Nursery) -> None:
 
 
 async def test_a_collector_bug_is_a_500_not_an_outage(nursery: trio.Nursery) -> None:
-    registry = CollectorRegistry()
-    registry.register(_Exploding())  # type: ignore[arg-type]
+    registry = Registry()
+    registry.register(_Exploding())
     port = await nursery.start(serve_metrics, "127.0.0.1", 0, registry)
     for _ in range(2):
         status, _, _ = await http_get(f"http://127.0.0.1:{port}/metrics")
@@ -327,7 +423,7 @@ async def test_a_collector_bug_is_a_500_not_an_outage(nursery: trio.Nursery) -> 
 
 async def test_idle_keepalive_and_slow_heads_end_at_the_head_deadline(nursery: trio.Nursery) -> None:
     """A head deadline (tiny here so the test is quick; no timing is asserted, only the outcome)."""
-    port = await nursery.start(functools.partial(serve_metrics, head_timeout=0.05), "127.0.0.1", 0, CollectorRegistry())
+    port = await nursery.start(functools.partial(serve_metrics, head_timeout=0.05), "127.0.0.1", 0, Registry())
     assert (await raw_http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n")).startswith(b"HTTP/1.1 408 ")
     assert await raw_http(port, b"") == b""  # an idle connection just closes
 
@@ -476,7 +572,7 @@ async def exposed(nursery: trio.Nursery, tmp_path: Path) -> set[str]:
     return names | await _certificate_names(nursery, tmp_path)
 
 
-async def _certificate_names(nursery: trio.Nursery, tmp_path: Path) -> set[str]:
+async def _certificate_registry(nursery: trio.Nursery, tmp_path: Path) -> Registry:
     """What a TLS node with --certmode letsencrypt adds: a certificate served (the self-signed IP one
     stands in for the CA's) and the ACME manager's counters (not run: no CA here; tests/acme runs it)."""
     key = NodePrivate.generate()
@@ -486,7 +582,11 @@ async def _certificate_names(nursery: trio.Nursery, tmp_path: Path) -> set[str]:
     manager = CertManager(AcmeConfig("127.0.0.1", tmp_path / "certs", settings), store, ChallengeBook())
     manager.next_renewal = 0.0
     server = await start_server(nursery, key, tls=store, challenges=manager.book)
-    port = await nursery.start(serve_metrics, "127.0.0.1", 0, registry_for(server, acme=manager, process=False))
+    return registry_for(server, acme=manager, process=False)
+
+
+async def _certificate_names(nursery: trio.Nursery, tmp_path: Path) -> set[str]:
+    port = await nursery.start(serve_metrics, "127.0.0.1", 0, await _certificate_registry(nursery, tmp_path))
     return names_in_scrape(await scrape(port))
 
 

@@ -32,12 +32,14 @@ class Released(Exception):
 
 
 class _Member:
-    __slots__ = ("error", "on_readable", "parked")
+    __slots__ = ("error", "on_readable", "task")
 
     def __init__(self, on_readable: Callable[[], None]) -> None:
         self.on_readable = on_readable
         self.error: BaseException | None = None
-        self.parked = trio.lowlevel.ParkingLot()
+        # The member's own task while it waits in ``serve`` (a bare trio wait: a ParkingLot per
+        # connection would cost ~1 KB of every idle connection).
+        self.task: trio.lowlevel.Task | None = None
 
 
 class ReadPump:
@@ -86,12 +88,18 @@ class ReadPump:
         m = _Member(on_readable)
         self._members[fd] = m
         self._ep.register(fd, select.EPOLLIN)
+        m.task = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            m.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
         try:
-            while m.error is None:
-                await m.parked.park()
+            await trio.lowlevel.wait_task_rescheduled(abort)
         finally:
             if self._members.get(fd) is m:
                 self._unregister(fd)
+        assert m.error is not None  # only _finish wakes the member, after setting it
         raise m.error
 
     def release(self, fd: int) -> None:
@@ -103,7 +111,9 @@ class ReadPump:
     def _finish(self, fd: int, m: _Member, error: BaseException) -> None:
         m.error = error
         self._unregister(fd)
-        m.parked.unpark_all()
+        if m.task is not None:
+            trio.lowlevel.reschedule(m.task)
+            m.task = None
 
     def _unregister(self, fd: int) -> None:
         del self._members[fd]

@@ -30,15 +30,9 @@ import tempfile
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import trio
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from derpd.base import log
 from derpd.base.errors import ConfigurationError
@@ -47,6 +41,13 @@ from derpd.base.text import one_line
 from derpd.net.addr import ip_or_none
 from derpd.proto.frames import PROTOCOL_VERSION
 from derpd.proto.keys import KEY_LEN, NodeKey
+
+# cryptography is imported inside the functions that use it, never at the top: it costs ~8 MB of RSS
+# (its Rust extension and the x509 modules), which a plain-HTTP node never needs. Everything that
+# builds or reads a certificate (``CertStore.load``, pins, the meta certificate) loads it on first use.
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 __all__ = [
     "ACME_TLS_ALPN",
@@ -82,7 +83,18 @@ PIN_RE = re.compile(PIN_PREFIX + r"[0-9a-f]{64}")  # a whole CertName pin
 # ours, a little off): clients' clocks differ from ours by as much anyway.
 NOT_BEFORE_SKEW = timedelta(minutes=5)
 ACME_TLS_ALPN = "acme-tls/1"  # RFC 8737
-ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # id-pe-acmeIdentifier
+ACME_IDENTIFIER_DOTTED = "1.3.6.1.5.5.7.1.31"  # id-pe-acmeIdentifier
+if TYPE_CHECKING:
+    ACME_IDENTIFIER_OID: x509.ObjectIdentifier
+else:
+
+    def __getattr__(name: str) -> Any:
+        """``ACME_IDENTIFIER_OID``, an ``x509.ObjectIdentifier``, made when first asked for (see above)."""
+        if name == "ACME_IDENTIFIER_OID":
+            from cryptography import x509  # noqa: PLC0415 (weight, see above)
+
+            return x509.ObjectIdentifier(ACME_IDENTIFIER_DOTTED)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CertError(ConfigurationError):
@@ -109,14 +121,12 @@ def _now(now: datetime | None) -> datetime:
 # --- the meta certificate (fast start) ---------------------------------------------------------------
 
 
-# The private keys that can sign a certificate (CertificateIssuerPrivateKeyTypes, as classes).
-_ISSUER_KEY_TYPES = (
-    ec.EllipticCurvePrivateKey,
-    rsa.RSAPrivateKey,
-    dsa.DSAPrivateKey,
-    ed25519.Ed25519PrivateKey,
-    ed448.Ed448PrivateKey,
-)
+def _is_issuer_key(key: object) -> TypeGuard[CertificateIssuerPrivateKeyTypes]:
+    """Whether ``key`` is a private key that can sign a certificate."""
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa  # noqa: PLC0415 (weight)
+
+    kinds = (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, dsa.DSAPrivateKey)
+    return isinstance(key, (*kinds, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey))
 
 
 def _long_common_name(cn: str) -> x509.NameAttribute[str]:
@@ -125,6 +135,9 @@ def _long_common_name(cn: str) -> x509.NameAttribute[str]:
     ``derpkey`` + 64 hex is 71 characters; cryptography refuses that unless told not to validate
     (``_validate=False``, which then warns; the warning is expected here and silenced).
     """
+    from cryptography import x509  # noqa: PLC0415 (weight, see the top)
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return x509.NameAttribute(NameOID.COMMON_NAME, cn, _validate=False)
@@ -138,6 +151,10 @@ def meta_certificate(server_public: bytes, *, now: datetime | None = None) -> by
     ago to 30 days ahead, and a critical BasicConstraints (CA false) as Go writes for
     ``BasicConstraintsValid: true`` (macOS wants it when subject == issuer).
     """
+    from cryptography import x509  # noqa: PLC0415 (weight, see the top)
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415
+
     if len(server_public) != KEY_LEN:
         raise ValueError(f"server public key must be {KEY_LEN} bytes")
     t = _now(now)
@@ -163,6 +180,8 @@ def parse_meta_certificate(der: bytes) -> NodeKey | None:
     Accepted as the Go client does: CN starts with ``derpkey`` followed by exactly 64 hex digits, and
     the serial number fits in 8 bits (protocol versions up to 255).
     """
+    from cryptography import x509  # noqa: PLC0415 (weight, see the top)
+
     try:
         cert = x509.load_der_x509_certificate(der)
     except (ValueError, x509.InvalidVersion):  # bytes from the peer: whatever they are, not a meta cert
@@ -178,6 +197,8 @@ def parse_meta_certificate(der: bytes) -> NodeKey | None:
 
 def _common_name(cert: x509.Certificate) -> str:
     """The subject CN, or "" (also for a subject cryptography cannot decode)."""
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415 (weight, see the top)
+
     try:
         with warnings.catch_warnings():  # the meta cert's 71-character CN is over RFC 5280's bound; expected
             warnings.simplefilter("ignore")
@@ -246,6 +267,11 @@ def self_signed_ip_certificate(
     ("EC PRIVATE KEY") like Go's MarshalECPrivateKey. With ``key``, the certificate is made for that
     key instead of a new one (the key PEM returned is then that key's).
     """
+    from cryptography import x509  # noqa: PLC0415 (weight, see the top)
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -299,11 +325,17 @@ def acme_tls_alpn_certificate(
     address as RFC 8738 wants) and the critical acmeIdentifier extension holding the SHA-256 of the
     key authorization, DER-encoded as an OCTET STRING. The CA looks at nothing else.
     """
+    from cryptography import x509  # noqa: PLC0415 (weight, see the top)
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
     t = _now(now)
     ip = ip_or_none(identifier)
     san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(ip)) if ip else x509.DNSName(identifier)
     digest = hashlib.sha256(key_authorization.encode()).digest()
     key = ec.generate_private_key(ec.SECP256R1())
+    oid = x509.ObjectIdentifier(ACME_IDENTIFIER_DOTTED)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derpd acme-tls/1 challenge")])
     cert = (
         x509.CertificateBuilder()
@@ -314,7 +346,7 @@ def acme_tls_alpn_certificate(
         .not_valid_before(t - timedelta(minutes=5))
         .not_valid_after(t + timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-        .add_extension(x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, b"\x04\x20" + digest), critical=True)
+        .add_extension(x509.UnrecognizedExtension(oid, b"\x04\x20" + digest), critical=True)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(
@@ -365,6 +397,8 @@ def verify_hostname(cert: x509.Certificate, hostname: str) -> None:
     Only subjectAltName counts (Go ignores the CN since 1.15): IP SAN for an IP, DNS SAN (wildcards
     for exactly one left-most label) for a name; compared case-insensitively, trailing dot ignored.
     """
+    from cryptography import x509  # noqa: PLC0415 (weight, see the top)
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -432,6 +466,8 @@ def check_pin(ssl_object: Any, pin: str, *, now: datetime | None = None) -> None
     the pinned leaf must cover the dialled server_hostname (when one was given) and be within its
     validity period.
     """
+    from cryptography import x509  # noqa: PLC0415 (weight, see the top)
+
     _check_pin_format(pin)
     obj = getattr(ssl_object, "_ssl_object", ssl_object)
     chain = peer_chain_der(obj)
@@ -627,6 +663,8 @@ class CertStore:
     # internals
 
     def _install(self, context: ssl.SSLContext, leaf: x509.Certificate) -> None:
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 (weight, see the top)
+
         self._context = context
         self._leaf_der = leaf.public_bytes(serialization.Encoding.DER)
         self._not_after = leaf.not_valid_after_utc
@@ -682,11 +720,14 @@ class CertStore:
             log.info("tls_cert_generated", hostname=self.hostname, cert=str(self.cert_path), key=str(self.key_path))
 
     def _load_issuer_key(self, key_pem: bytes) -> CertificateIssuerPrivateKeyTypes:
+        from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415 (weight, see the top)
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise CertError(f"{self.key_path}: not a usable private key: {one_line(str(e))}") from None
-        if not isinstance(key, _ISSUER_KEY_TYPES):
+        if not _is_issuer_key(key):
             raise CertError(f"{self.key_path}: this kind of key cannot sign a certificate")
         return key
 
@@ -711,6 +752,10 @@ class CertStore:
     def check_pair(self, cert_pem: bytes, key_pem: bytes) -> list[x509.Certificate]:
         """The chain in ``cert_pem`` if its first certificate belongs to the key in ``key_pem`` and covers
         the hostname; CertError (naming the files) otherwise. Nothing is read from disk or installed."""
+        from cryptography import x509  # noqa: PLC0415 (weight, see the top)
+        from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
         try:
             chain = x509.load_pem_x509_certificates(cert_pem)
         except ValueError:
@@ -732,6 +777,9 @@ class CertStore:
         return chain
 
     def _build(self, cert_pem: bytes, key_pem: bytes) -> tuple[ssl.SSLContext, x509.Certificate]:
+        from cryptography import x509  # noqa: PLC0415 (weight, see the top)
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
         chain = self.check_pair(cert_pem, key_pem)
         leaf = chain[0]
 

@@ -1,11 +1,18 @@
-"""Prometheus metrics: a collector over derpd's live counters, and a small ``/metrics`` listener.
+"""Prometheus metrics: a collector over derpd's live counters, the text exposition, and a small
+``/metrics`` listener.
 
 The relay, STUN, HTTP, limit and admission code keep plain integer counters (added per
 batch on the hot path). Nothing here runs until Prometheus scrapes: ``DerpCollector``
 reads those integers at scrape time and turns them into metric families, so metrics cost
 the relay nothing beyond the increments it already does. Names follow derper's expvar
-names (``derp_*``, ``stun_*``, ``tls_listener_*``) where one exists; the library adds
-``_total`` to counters as Prometheus conventions want. No key or secret is ever a label.
+names (``derp_*``, ``stun_*``, ``tls_listener_*``) where one exists; counters get ``_total``
+as Prometheus conventions want. No key or secret is ever a label.
+
+The text format (0.0.4) is written here, byte for byte as ``prometheus_client.generate_latest``
+writes the same families (``tests/test_metrics.py`` compares the two), and so are the standard
+``process_*``, ``python_info`` and ``python_gc_*`` families of that library's collectors: the
+library and what it imports (``http.server``, ``wsgiref``, ``urllib.request``, ...) cost every
+node ~2.5 MB of RSS for the few lines of formatting a scrape needs.
 
 Integration::
 
@@ -15,18 +22,20 @@ Integration::
 
 from __future__ import annotations
 
+import gc
+import math
+import os
+import platform
+import resource
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import h11
 import trio
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.registry import Collector
 
 from derpd import __version__
 from derpd.base import log
@@ -46,25 +55,112 @@ HEAD_TIMEOUT = 10.0  # a request head must arrive within this (its body within a
 MAX_CONNECTIONS = 64  # concurrent scrapers; more are closed at once
 INDEX_BODY = b"derpd metrics exporter: Prometheus metrics are at /metrics\n"
 NO_STORE = [(b"Cache-Control", b"no-store")]
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"  # prometheus_client's CONTENT_TYPE_PLAIN_0_0_4
+
+
+# --- metric families and the text format --------------------------------------------------------
+
+
+@dataclass
+class Family:
+    """One metric family: its samples are ``(label values, value)``, in the order of ``labels``.
+
+    ``name`` is the family name; a counter's samples and HELP/TYPE lines add ``_total`` to it.
+    """
+
+    name: str
+    doc: str
+    kind: Literal["counter", "gauge"]
+    labels: tuple[str, ...] = ()
+    samples: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
+
+    def add(self, values: Iterable[str], value: float) -> None:
+        values = tuple(values)
+        if len(values) != len(self.labels):
+            raise ValueError(f"{self.name}: {len(self.labels)} label values wanted, got {len(values)}")
+        self.samples.append((values, value))
+
+
+class Collector(Protocol):
+    """Anything that yields families when scraped."""
+
+    def collect(self) -> Iterable[Family]: ...
+
+
+class Registry:
+    """The collectors one ``/metrics`` listener serves, in the order they were registered."""
+
+    def __init__(self) -> None:
+        self.collectors: list[Collector] = []
+
+    def register(self, collector: Collector) -> None:
+        self.collectors.append(collector)
+
+    def collect(self) -> Iterator[Family]:
+        for collector in self.collectors:
+            yield from collector.collect()
+
+
+def go_float(value: float) -> str:
+    """A sample value as Prometheus' Go code (and prometheus_client's floatToGoString) writes it."""
+    d = float(value)
+    if d == math.inf:
+        return "+Inf"
+    if d == -math.inf:
+        return "-Inf"
+    if math.isnan(d):
+        return "NaN"
+    s = repr(d)
+    dot = s.find(".")
+    if d > 0 and dot > 6:  # Go switches to exponents sooner than Python
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1 :]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return s
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def render(families: Iterable[Family]) -> bytes:
+    """The text exposition format 0.0.4 of ``families`` (UTF-8), e.g. ``render(registry.collect())``."""
+    out: list[str] = []
+    for family in families:
+        name = family.name + "_total" if family.kind == "counter" else family.name
+        doc = family.doc.replace("\\", r"\\").replace("\n", r"\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.kind}\n")
+        for values, value in family.samples:
+            labels = ""
+            if values:
+                pairs = sorted(zip(family.labels, values, strict=True))
+                labels = "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in pairs) + "}"
+            out.append(f"{name}{labels} {go_float(value)}\n")
+    return "".join(out).encode()
 
 
 # --- the collector ------------------------------------------------------------------------------
 
 
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, value=value)
+def _counter(name: str, doc: str, value: float) -> Family:
+    return Family(name, doc, "counter", samples=[((), value)])
 
 
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, value=value)
+def _gauge(name: str, doc: str, value: float) -> Family:
+    return Family(name, doc, "gauge", samples=[((), value)])
 
 
-def _labelled(
-    family: CounterMetricFamily | GaugeMetricFamily, samples: Iterable[tuple[tuple[str, ...], float]]
-) -> CounterMetricFamily | GaugeMetricFamily:
+def _labelled(family: Family, samples: Iterable[tuple[tuple[str, ...], float]]) -> Family:
     for labels, value in samples:
-        family.add_metric(list(labels), value)
+        family.add(labels, value)
     return family
+
+
+def _counters(name: str, doc: str, *, labels: list[str]) -> Family:
+    return Family(name, doc, "counter", tuple(labels))
+
+
+def _gauges(name: str, doc: str, *, labels: list[str]) -> Family:
+    return Family(name, doc, "gauge", tuple(labels))
 
 
 def tls_version_label(version: str) -> str:
@@ -72,7 +168,7 @@ def tls_version_label(version: str) -> str:
     return version.removeprefix("TLSv")
 
 
-class DerpCollector(Collector):
+class DerpCollector:
     """Reads one ``DerpServer``'s counters at scrape time (no per-packet work, no copies kept)."""
 
     def __init__(self, server: DerpServer, *, start_time: float | None = None, acme: CertManager | None = None) -> None:
@@ -80,24 +176,19 @@ class DerpCollector(Collector):
         self.acme = acme
         self.start_time = time.time() if start_time is None else start_time
 
-    def describe(self) -> Iterable[Metric]:
-        # Nothing to check at registration (the registry is ours alone), and a server that is
-        # not running yet must not be read then.
-        return []
-
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Family]:
         yield from self._relay()
         yield from self._rate_limit()
         yield from self._admission()
         yield from self._stun()
         yield from self._front()
         yield from self._certificate()
-        build = GaugeMetricFamily("derpd_build_info", "derpd build; always 1", labels=["version"])
-        build.add_metric([__version__], 1)
+        build = _gauges("derpd_build_info", "derpd build; always 1", labels=["version"])
+        build.add([__version__], 1)
         yield build
         yield _gauge("derpd_start_time_seconds", "When this derpd started, in Unix seconds", self.start_time)
 
-    def _relay(self) -> Iterator[Metric]:
+    def _relay(self) -> Iterator[Family]:
         relay = self.server.relay
         st = relay.stats
         yield _gauge("derp_current_connections", "DERP client connections now open", st.current_connections)
@@ -120,7 +211,7 @@ class DerpCollector(Collector):
         yield _gauge("derp_clients_local", "Distinct client keys connected to this node", len(relay.keys))
         yield _gauge("derp_clients_remote", "Client keys reachable only through a mesh peer", remote)
         yield _labelled(
-            GaugeMetricFamily("derp_mesh_peer_up", "1 while the link to a --mesh-with peer is up", labels=["peer"]),
+            _gauges("derp_mesh_peer_up", "1 while the link to a --mesh-with peer is up", labels=["peer"]),
             [((name,), 0 if link is None else 1) for name, link in sorted(relay.mesh_links.items())],
         )
         yield _counter("derp_mesh_connects", "Mesh links established (reconnects included)", st.mesh_connects)
@@ -149,7 +240,7 @@ class DerpCollector(Collector):
         yield _counter("derp_bytes_sent", "Payload bytes of data packets written to clients", st.bytes_sent)
         disco = st.packets_received_disco
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derp_packets_received_kind", "Data packets received from clients, by kind", labels=["kind"]
             ),
             [(("disco",), disco), (("other",), st.packets_received - disco)],
@@ -158,13 +249,13 @@ class DerpCollector(Collector):
         every = [(reason, kind) for reason in DROP_REASONS for kind in KINDS]
         every += sorted(set(dropped_packets) - set(every))  # a reason added in relay.py still shows up
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derp_packets_dropped", "Data packets dropped, by reason and kind", labels=["reason", "kind"]
             ),
             [(k, dropped_packets.get(k, 0)) for k in every],
         )
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derp_bytes_dropped",
                 "Payload bytes of data packets dropped, by reason and kind",
                 labels=["reason", "kind"],
@@ -200,7 +291,7 @@ class DerpCollector(Collector):
             "derp_packets_forwarded_out", "Packets sent on to a mesh peer as ForwardPacket", st.packets_forwarded_out
         )
 
-    def _rate_limit(self) -> Iterator[Metric]:
+    def _rate_limit(self) -> Iterator[Family]:
         rate = self.server.relay.config.rate
         if not rate.enabled:  # as derper: only with a rate config
             return
@@ -218,13 +309,13 @@ class DerpCollector(Collector):
             self.server.relay.stats.rate_limit_waited,
         )
 
-    def _admission(self) -> Iterator[Metric]:
+    def _admission(self) -> Iterator[Family]:
         admission = self.server.settings.admission
         stats = getattr(admission, "stats", None)
         if stats is None:
             return
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derp_admission",
                 "Admission checks of non-mesh clients, by result (error = verify URL unreachable)",
                 labels=["result"],
@@ -236,7 +327,7 @@ class DerpCollector(Collector):
         yield _counter("derp_admission_cache_misses", "Admission checks not in the verify cache", stats.cache_misses)
         yield _counter("derp_admission_verify_requests", "HTTP requests sent to the verify URL", stats.requests)
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derp_admission_overflow",
                 "Checks decided by the fail-open/fail-closed policy at once because no verify request slot was "
                 "free (all busy, or the client's source already held its share); also counted as result=error",
@@ -245,27 +336,27 @@ class DerpCollector(Collector):
             [((reason,), n) for reason, n in stats.overflow.items()],
         )
 
-    def _stun(self) -> Iterator[Metric]:
+    def _stun(self) -> Iterator[Family]:
         stun = self.server.stun
         if stun is None:
             return
         st = stun.stats
         yield _labelled(
-            CounterMetricFamily("stun_requests", "STUN datagrams received, by disposition", labels=["disposition"]),
+            _counters("stun_requests", "STUN datagrams received, by disposition", labels=["disposition"]),
             [((d,), n) for d, n in st.requests().items()],
         )
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "stun_addrfamily", "STUN requests answered, by the address family replied", labels=["family"]
             ),
             [((f,), n) for f, n in st.addrfamily().items()],
         )
         yield _labelled(
-            CounterMetricFamily("stun_request_kind", "STUN requests answered, by request dialect", labels=["kind"]),
+            _counters("stun_request_kind", "STUN requests answered, by request dialect", labels=["kind"]),
             [((k,), n) for k, n in st.by_kind.items()],
         )
 
-    def _front(self) -> Iterator[Metric]:
+    def _front(self) -> Iterator[Family]:
         server = self.server
         yield _counter(
             "tls_listener_accepted_connections",
@@ -278,7 +369,7 @@ class DerpCollector(Collector):
             server.accept_limiter.rejected,
         )
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derper_tls_request_version", "TLS handshakes completed, by negotiated version", labels=["version"]
             ),
             [((tls_version_label(v),), n) for v, n in sorted(server.tls_versions.items())],
@@ -288,11 +379,11 @@ class DerpCollector(Collector):
         if server.http_addrs or server.settings.http_port >= 0:  # bound, inherited (systemd) or configured
             listeners.append(("port80", server.http80))
         yield _labelled(
-            CounterMetricFamily("derpd_http_requests", "HTTP requests read, by listener", labels=["listener"]),
+            _counters("derpd_http_requests", "HTTP requests read, by listener", labels=["listener"]),
             [((name,), front.requests) for name, front in listeners],
         )
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derpd_http_bad_requests",
                 "HTTP requests refused as malformed, too big or too slow",
                 labels=["listener"],
@@ -303,7 +394,7 @@ class DerpCollector(Collector):
             "derpd_connected_addresses", "Distinct client IP addresses with open connections", len(server.per_ip.active)
         )
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derpd_connections_refused", "Connections refused before relaying, by reason", labels=["reason"]
             ),
             [
@@ -316,7 +407,7 @@ class DerpCollector(Collector):
         )
 
 
-    def _certificate(self) -> Iterator[Metric]:
+    def _certificate(self) -> Iterator[Family]:
         store = self.server.tls
         if store is not None and store.not_after is not None and store.not_before is not None:
             yield _gauge(
@@ -333,7 +424,7 @@ class DerpCollector(Collector):
         if acme is None:
             return
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derpd_acme_failures",
                 "Failed attempts to get a certificate from the ACME CA, by reason",
                 labels=["reason"],
@@ -349,7 +440,7 @@ class DerpCollector(Collector):
             )
         book = acme.book
         yield _labelled(
-            CounterMetricFamily(
+            _counters(
                 "derpd_acme_challenges_answered",
                 "ACME validation requests answered, by challenge type",
                 labels=["type"],
@@ -358,17 +449,105 @@ class DerpCollector(Collector):
         )
 
 
+class ProcessCollector:
+    """``process_*`` from ``/proc/self``, as prometheus_client's ProcessCollector names and computes them
+    (Linux; elsewhere, or without /proc, it yields nothing)."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = proc
+        self.ticks = float(os.sysconf("SC_CLK_TCK"))
+        self.pagesize = resource.getpagesize()
+        self.btime = 0.0  # boot time; 0 = /proc cannot be read
+        try:
+            with open(os.path.join(proc, "stat"), "rb") as f:
+                for line in f:
+                    if line.startswith(b"btime "):
+                        self.btime = float(line.split()[1])
+        except OSError:
+            pass
+
+    def collect(self) -> Iterator[Family]:
+        if not self.btime:
+            return
+        me = os.path.join(self.proc, "self")
+        try:
+            with open(os.path.join(me, "stat"), "rb") as f:
+                parts = f.read().split(b")")[-1].split()
+        except OSError:
+            pass
+        else:
+            yield _gauge("process_virtual_memory_bytes", "Virtual memory size in bytes.", float(parts[20]))
+            yield _gauge(
+                "process_resident_memory_bytes", "Resident memory size in bytes.", float(parts[21]) * self.pagesize
+            )
+            yield _gauge(
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                float(parts[19]) / self.ticks + self.btime,
+            )
+            yield _counter(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                (float(parts[11]) + float(parts[12])) / self.ticks,
+            )
+        try:
+            max_fds = None
+            with open(os.path.join(me, "limits"), "rb") as f:
+                for line in f:
+                    if line.startswith(b"Max open file"):
+                        max_fds = float(line.split()[3])
+                        break
+            open_fds = len(os.listdir(os.path.join(me, "fd")))
+        except OSError:
+            return
+        yield _gauge("process_open_fds", "Number of open file descriptors.", open_fds)
+        if max_fds is not None:
+            yield _gauge("process_max_fds", "Maximum number of open file descriptors.", max_fds)
+
+
+class PlatformCollector:
+    """``python_info``, as prometheus_client's PlatformCollector labels it."""
+
+    def __init__(self) -> None:
+        major, minor, patchlevel = platform.python_version_tuple()
+        labels = ["version", "implementation", "major", "minor", "patchlevel"]
+        self.info = _gauges("python_info", "Python platform information", labels=labels)
+        self.info.add([platform.python_version(), platform.python_implementation(), major, minor, patchlevel], 1)
+
+    def collect(self) -> Iterator[Family]:
+        yield self.info
+
+
+class GCCollector:
+    """``python_gc_*`` per generation, as prometheus_client's GCCollector names them."""
+
+    def collect(self) -> Iterator[Family]:
+        collected = _counters("python_gc_objects_collected", "Objects collected during gc", labels=["generation"])
+        uncollectable = _counters(
+            "python_gc_objects_uncollectable", "Uncollectable objects found during GC", labels=["generation"]
+        )
+        collections = _counters(
+            "python_gc_collections", "Number of times this generation was collected", labels=["generation"]
+        )
+        for gen, stat in enumerate(gc.get_stats()):
+            collected.add([str(gen)], stat["collected"])
+            uncollectable.add([str(gen)], stat["uncollectable"])
+            collections.add([str(gen)], stat["collections"])
+        yield from (collected, uncollectable, collections)
+
+
 def registry_for(
     server: DerpServer, *, start_time: float | None = None, process: bool = True, acme: CertManager | None = None
-) -> CollectorRegistry:
-    """A dedicated registry (not the global one, so several servers in one process don't clash)
-    with derpd's collector and, unless ``process`` is False, the ``process_*``/``python_*`` ones."""
-    registry = CollectorRegistry()
+) -> Registry:
+    """A registry of its own (so several servers in one process don't clash) with derpd's collector
+    and, unless ``process`` is False, the ``process_*``/``python_*`` ones."""
+    registry = Registry()
     registry.register(DerpCollector(server, start_time=start_time, acme=acme))
     if process:
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
+        registry.register(ProcessCollector())
+        registry.register(PlatformCollector())
+        if platform.python_implementation() == "CPython":  # gc.get_stats means CPython's collector
+            registry.register(GCCollector())
     return registry
 
 
@@ -386,7 +565,7 @@ def parse_metrics_addr(text: str) -> tuple[str, int] | None:
 async def serve_metrics(
     host: str,
     port: int,
-    registry: CollectorRegistry,
+    registry: Registry,
     *,
     head_timeout: float = HEAD_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
@@ -416,7 +595,7 @@ async def serve_metrics(
 class _MetricsHTTP:
     """The endpoints of the metrics listener over the shared HTTP server core, and its connection cap."""
 
-    def __init__(self, registry: CollectorRegistry, head_timeout: float, max_connections: int) -> None:
+    def __init__(self, registry: Registry, head_timeout: float, max_connections: int) -> None:
         self.registry = registry
         self.limits = Limits(max_head=MAX_HEAD, max_body=MAX_BODY, head_timeout=head_timeout)
         self.max_connections = max_connections
@@ -465,12 +644,12 @@ class _MetricsHTTP:
         path = request_path(request.target)
         if path == b"/metrics":
             try:
-                body = generate_latest(self.registry)
+                body = render(self.registry.collect())
             except Exception:
                 log.exception("metrics_collect_failed")
                 await http.respond(500, NO_STORE, b"collecting metrics failed; see the log\n", head=head)
                 return False
-            content_type = (b"Content-Type", CONTENT_TYPE_PLAIN_0_0_4.encode())
+            content_type = (b"Content-Type", CONTENT_TYPE)
             await http.respond(200, [content_type, *NO_STORE], body, head=head)
         elif path == b"/":
             await http.respond(200, NO_STORE, INDEX_BODY, head=head)

@@ -8,6 +8,7 @@ is up, WATCHDOG=1 from the event loop, RELOADING=1 around a reload, STOPPING=1 a
 
 from __future__ import annotations
 
+import ctypes
 import math
 import signal
 import sys
@@ -59,6 +60,7 @@ async def run(service: Service) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
             await service.start(nursery)
+            release_free_memory()
             ready = trio.Event()
             nursery.start_soon(_announce_ready, service, ready)
             nursery.start_soon(sdnotify.watchdog_loop, service.status)
@@ -76,6 +78,20 @@ async def run(service: Service) -> None:
                 await service.stop()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's ``malloc_trim``); elsewhere, nothing.
+
+    Start-up (imports above all: each module's .pyc is read whole, then unmarshalled) leaves ~1 MB of
+    freed memory between live blocks of glibc's heap, which ``free`` never returns by itself because
+    it is not at the heap's top. Called once every listener is up; the call takes about a millisecond.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # this process's own symbols: glibc's where it is linked in
+    except (OSError, AttributeError):  # musl, macOS: no malloc_trim, and nothing lost
+        return
+    trim(0)
 
 
 READY_WAIT_EXTEND = 60.0  # seconds of start-up time asked of systemd at a time while not ready

@@ -136,6 +136,32 @@ _unpack_header = _HEADER.unpack_from
 pack_header = _HEADER.pack
 
 
+_SKIP_ANY_LENGTH = ~MAX_U32  # a table entry: this type is skipped, whatever its length
+
+# Every reader with the same rules shares one table (a relay has one per connection: 256 ints
+# each would be ~11 KB per idle connection).
+_TABLES: dict[tuple[int, tuple[tuple[int, int], ...], frozenset[int] | None], tuple[int, ...]] = {}
+
+
+def _limit_table(
+    max_frame_len: int, limits: tuple[tuple[int, int], ...], wanted: frozenset[int] | None
+) -> tuple[int, ...]:
+    """One lookup per frame: the payload limit of each type; for an unwanted type, bit-inverted
+    and any u32 length, since it is skipped as it streams in and never held (derper's
+    forward-compatibility rule: a newer client's frames of any size are read and discarded)."""
+    rules = (max_frame_len, limits, wanted)
+    table = _TABLES.get(rules)
+    if table is None:
+        by_type = dict(limits)
+        lims = [by_type.get(t, max_frame_len) for t in range(256)]
+        if wanted is not None:
+            lims = [lim if t in wanted else _SKIP_ANY_LENGTH for t, lim in enumerate(lims)]
+        if len(_TABLES) >= 64:  # a handful of rule sets exist; never grow without bound
+            _TABLES.clear()
+        table = _TABLES[rules] = tuple(lims)
+    return table
+
+
 class FrameReader:
     """Turns arbitrary byte chunks into whole frames.
 
@@ -161,7 +187,7 @@ class FrameReader:
         self._pos = 0
         self._need = 0  # bytes from _pos needed before another frame can complete
         self._skip = 0  # bytes of an unwanted frame still to discard
-        self._table: list[int] = []
+        self._table: tuple[int, ...] = ()
         self.configure(max_frame_len=max_frame_len, limits=limits, wanted=wanted)
 
     def configure(
@@ -172,14 +198,7 @@ class FrameReader:
         wanted: frozenset[int] | None = None,
     ) -> None:
         """Set the rules for frames not yet read (a server widens them after the handshake)."""
-        limits = limits or {}
-        # One lookup per frame: the payload limit of each type; for an unwanted type, bit-inverted
-        # and any u32 length, since it is skipped as it streams in and never held (derper's
-        # forward-compatibility rule: a newer client's frames of any size are read and discarded).
-        table = [limits.get(t, max_frame_len) for t in range(256)]
-        if wanted is not None:
-            table = [lim if t in wanted else ~MAX_U32 for t, lim in enumerate(table)]
-        self._table = table
+        self._table = _limit_table(max_frame_len, tuple(sorted((limits or {}).items())), wanted)
         self._need = 0
 
     def limit(self, frame_type: int) -> int:
