@@ -109,6 +109,23 @@ def test_server_login_one_byte_at_a_time() -> None:
         s.receive_data(b"x")
 
 
+def test_server_info_is_what_each_login_was_given() -> None:
+    """accept() writes each ServerInfo's JSON once and reuses it: never another login's, and not stale
+    after more distinct values than it keeps (a rate limit changed by SIGHUP, again and again)."""
+    nonce = bytes(range(24))
+    infos = [None, ServerInfo(), *(ServerInfo(token_bucket_bytes_per_second=n, token_bucket_bytes_burst=2 * n)
+                                   for n in range(1, 12))]  # fmt: skip
+    for info in infos + infos[::-1]:
+        s = DerpConnection(Role.SERVER, SERVER)
+        s.receive_data(client_info_frame(CLIENT, SERVER.public, INFO))
+        assert isinstance(s.next_event(), ClientHello)
+        frame = s.accept(info, nonce=nonce)
+        assert frame == server_info_frame(SERVER, CLIENT.public, info or ServerInfo(), nonce)
+        c = DerpConnection(Role.CLIENT, CLIENT, client_info=INFO)
+        c.receive_data(server_key_frame(SERVER.public) + frame)
+        assert c.next_event() == ServerHello(SERVER.public, info or ServerInfo())
+
+
 def test_server_accepts_fast_start_bytes_before_its_server_key_went_out() -> None:
     s = DerpConnection(Role.SERVER, SERVER)
     s.receive_data(client_info_frame(CLIENT, SERVER.public, INFO))  # came with the HTTP request

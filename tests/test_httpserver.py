@@ -9,22 +9,28 @@ import errno
 import logging
 import socket
 from collections.abc import Iterable
+from functools import partial
 
 import h11
 import pytest
 import trio
 import trio.testing
 
+from derpd.net.client import DerpClient
 from derpd.net.httpserver import (
+    ACCEPT_BATCH,
     Close,
     HttpServerConnection,
     Limits,
     Refused,
     accept_forever,
     header,
+    read_first,
     request_path,
 )
 from derpd.net.transport import SocketTransport
+
+from .conftest import start_server, url_of
 
 
 class Scripted:
@@ -352,3 +358,102 @@ async def test_accept_serves_a_real_listener() -> None:
     await client.aclose()
     await started[0].aclose()
     lsock.close()
+
+
+# --- the fast path's first read, and the plain-socket accept loop -----------------------------------
+
+
+async def test_read_first_parses_a_whole_plain_head_without_h11(autojump_clock: trio.testing.MockClock) -> None:
+    t = Scripted([b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\nDERP-BYTES"], hang=True)
+    first = await read_first(t, LIMITS)
+    assert first.head is not None and first.head.target == b"/derp" and not first.eof
+    assert first.data[first.head.size :] == b"DERP-BYTES" and t.reads == [LIMITS.max_head]
+    assert first.deadline == LIMITS.head_timeout
+
+
+async def test_read_first_reads_nothing_when_initial_bytes_are_there() -> None:
+    t = Scripted([])
+    first = await read_first(t, LIMITS, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert first.head is not None and t.reads == []
+
+
+async def test_read_first_reports_a_peer_that_closed_at_once() -> None:
+    first = await read_first(Scripted([]), LIMITS)
+    assert first.eof and first.head is None and first.data == b""
+
+
+async def test_a_head_the_fast_path_declines_keeps_its_first_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    """Half a head, then silence: h11 gets it, and the 408 comes at the first read's deadline, not one
+    head_timeout after h11 took over (a slow client gets no second budget)."""
+    t = Scripted([b"GET / HTTP/1.1\r\nHost: x\r\n"], hang=True)
+    await trio.sleep(3.0)
+    first = await read_first(t, LIMITS)
+    assert first.head is None and first.deadline == 3.0 + LIMITS.head_timeout
+    await trio.sleep(4.0)
+    http = HttpServerConnection(t, LIMITS, first.data, deadline=first.deadline)
+    with pytest.raises(Refused) as e:
+        await http.next_request()
+    assert e.value.status == 408 and trio.current_time() == first.deadline
+
+
+async def test_plain_listener_accepts_in_batches_with_the_peers_address() -> None:
+    """A stdlib listener (the DERP listener's fast path): accept() gives the peer's address, so no
+    getpeername; a queue longer than a batch is all accepted; refused ones are closed at once."""
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    lsock.setblocking(False)
+    n = ACCEPT_BATCH * 2 + 3
+    clients = [socket.create_connection(lsock.getsockname()) for _ in range(n)]
+    started: list[SocketTransport] = []
+    verdicts = iter([True, False] * n)
+    done = trio.Event()
+
+    def start(transport: SocketTransport) -> None:
+        started.append(transport)
+        if len(started) == n // 2 + 1:
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(accept_forever, lsock, start, admit=lambda: next(verdicts)))
+        with trio.fail_after(5):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert [t.remote for t in started] == [c.getsockname()[:2] for c in clients[::2]]
+    for c in clients[1::2]:  # refused: closed at once
+        c.settimeout(5)
+        assert c.recv(10) == b""
+    for t in started:
+        assert not t.sock.getblocking()
+        await t.aclose()
+    for c in clients:
+        c.close()
+    lsock.close()
+
+
+async def test_accepted_connections_carry_the_listeners_tcp_options(nursery: trio.Nursery) -> None:
+    """The node sets keepalive, TCP_USER_TIMEOUT and TCP_NODELAY once, on its listener: each
+    connection inherits them (and would get them one by one on a kernel that does not copy them)."""
+    server = await start_server(nursery)
+    client = await DerpClient.connect(url_of(server))
+    await client.ping()
+    (conn,) = [c for entry in server.relay.keys.values() for c in entry.conns]
+    sock = conn.transport.sock  # type: ignore[attr-defined]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 600
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 15_000
+    assert server._tuned(sock)
+    await client.aclose()
+
+
+async def test_read_first_takes_what_a_socket_holds_already() -> None:
+    """Over a real socket the request that is there is read without waiting; a peer that already
+    closed is an end; nothing yet means a wait (the scripted tests above)."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n\x02\x00")
+    first = await read_first(SocketTransport(ours), LIMITS)
+    assert first.head is not None and first.data[first.head.size :] == b"\x02\x00"
+    theirs.close()
+    assert (await read_first(SocketTransport(ours), LIMITS)).eof
+    ours.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.public import Box, PrivateKey, PublicKey
 
 from derpd.ops.keyfiles import KeyFileOrigin, load_key_file, load_mesh_key_file, load_or_create_key_file
 from derpd.proto.frames import (
@@ -473,3 +474,18 @@ def test_mesh_key_file(tmp_path: Path) -> None:
     assert not mesh_keys_equal(b"a" * 32, b"b" * 32)
     assert not mesh_keys_equal(None, None)
     assert not mesh_keys_equal(bytes(32), bytes(32))
+
+
+def test_boxes_match_nacl_for_more_peers_than_the_shared_key_cache_holds() -> None:
+    """seal_to/open_from (the bindings' *_afternm calls on a cached shared key) are NaCl's Box exactly,
+    also once the cache has been emptied and refilled; a key NaCl refuses opens nothing."""
+    me = NodePrivate.generate()
+    peers = [PrivateKey.generate() for _ in range(150)]
+    for peer in peers + peers[:10]:
+        box = Box(peer, PublicKey(bytes(me.public)))
+        nonce = os.urandom(24)
+        sealed = me.seal_to(bytes(peer.public_key), b"hello", nonce)
+        assert sealed == nonce + bytes(box.encrypt(b"hello", nonce).ciphertext)
+        assert me.open_from(bytes(peer.public_key), bytes(box.encrypt(b"back", nonce))) == b"back"
+        assert me.open_from(bytes(peer.public_key), sealed[:-1] + bytes([sealed[-1] ^ 1])) is None
+    assert me.open_from(bytes(32), os.urandom(64)) is None  # all-zero: a low-order point

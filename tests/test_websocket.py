@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -128,6 +129,6 @@ async def test_malformed_websocket_upgrade_gets_400(server: DerpServer) -> None:
 
 
 async def test_websocket_client_reports_refusal(server: DerpServer) -> None:
-    server.http.config.derp_enabled = False
+    server.http.config = dataclasses.replace(server.http.config, derp_enabled=False)
     with pytest.raises(WebSocketError, match="HTTP 404"):
         await DerpClient.connect(f"http://127.0.0.1:{server.port}/derp", websocket=True)

@@ -10,6 +10,10 @@ take within ``write_timeout`` ends the connection. Every refusal is a status wit
 ``Connection: close`` and then ``Refused``, so each caller counts and logs refusals its own way.
 What a request means is the caller's business (``derpd.server.front``, ``derpd.ops.metrics``).
 
+``read_first`` is the DERP front's fast path: a connection's first bytes, read without h11, and the
+head parsed by ``derpd.proto.httphead`` when it is a plain one (every DERP client's upgrade). What
+it declines goes to ``HttpServerConnection`` within the same head deadline.
+
 ``accept_forever`` is the accept loop of the DERP, port-80, worker and metrics listeners: it rides
 out descriptor and memory exhaustion instead of spinning or dying.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import email.utils
 import errno
 import re
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -29,7 +34,8 @@ import trio
 
 from derpd.base import log
 from derpd.base.text import Peer
-from derpd.net.transport import SocketTransport, Transport
+from derpd.net.transport import SocketTransport, TLSTransport, Transport
+from derpd.proto.httphead import RequestHead, head_size, parse_simple_head
 
 MAX_HEAD = 8 * 1024
 MAX_BODY = 64 * 1024
@@ -105,14 +111,43 @@ def header(headers: Headers, name: bytes) -> bytes | None:
     return None
 
 
-def _head_size(request: h11.Request) -> int:
-    """About what the head took on the wire: h11 bounds a head only while it is incomplete, not one
-    that arrives whole in a single read."""
-    return sum(len(k) + len(v) + 4 for k, v in request.headers) + len(request.target) + 16
-
-
 def _phrase(status: int) -> bytes:
     return HTTPStatus(status).phrase.encode() + b"\n"
+
+
+@dataclass(frozen=True, slots=True)
+class FirstRead:
+    """What a connection sent first, as :func:`read_first` found it."""
+
+    data: bytes  # every byte read so far (``initial`` included)
+    head: RequestHead | None  # the first request's head when proto.httphead could read it; else h11's job
+    deadline: float  # when the first head must be complete (trio clock)
+    eof: bool  # the peer closed without sending anything
+
+
+async def read_first(transport: Transport, limits: Limits, initial: bytes = b"") -> FirstRead:
+    """The fast path's look at a new connection: one read (none when ``initial`` holds bytes already)
+    within the head deadline, and the head parsed by ``proto.httphead`` if it is whole and plain.
+
+    A DERP client's upgrade request is then answered without h11 (``server.front``). Anything else,
+    or nothing in time, goes to :class:`HttpServerConnection` with ``data`` and ``deadline``: the
+    same checks and answers as if it had read the bytes itself, within the same deadline.
+    """
+    deadline = trio.current_time() + limits.head_timeout
+    data = initial
+    eof = False
+    if not data and isinstance(transport, SocketTransport | TLSTransport):
+        # Usually the request is there already (it left with the client's connect, or with its TLS
+        # Finished): take it without a cancel scope or a trip through the scheduler.
+        ready = transport.read_ready()
+        if ready is not None:
+            data, eof = ready, not ready
+    if not data and not eof:
+        with trio.move_on_at(deadline):
+            data = await transport.receive_some(limits.max_head)
+            eof = not data
+    head = parse_simple_head(data, limits.max_head) if data else None
+    return FirstRead(data, head, deadline, eof)
 
 
 class HttpServerConnection:
@@ -121,11 +156,16 @@ class HttpServerConnection:
     ``initial`` is bytes already read from the transport (after a PROXY header or a TLS handshake).
     """
 
-    def __init__(self, transport: Transport, limits: Limits, initial: bytes = b"") -> None:
+    def __init__(
+        self, transport: Transport, limits: Limits, initial: bytes = b"", *, deadline: float | None = None
+    ) -> None:
         self.transport = transport
         self.limits = limits
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
         self.request: h11.Request | None = None  # the one being answered
+        # When the first head must be complete (trio clock), if the caller started that clock already
+        # (read_first); later heads get head_timeout each.
+        self._deadline = deadline
         if initial:
             self.h11.receive_data(initial)
 
@@ -167,7 +207,10 @@ class HttpServerConnection:
         conn = self.h11
         event: _Received | None = None
         error: h11.RemoteProtocolError | None = None
-        with trio.move_on_after(self.limits.head_timeout) as scope:
+        deadline, self._deadline = self._deadline, None
+        if deadline is None:
+            deadline = trio.current_time() + self.limits.head_timeout
+        with trio.move_on_at(deadline) as scope:
             try:
                 event = await self._next_event()
             except h11.RemoteProtocolError as e:
@@ -182,7 +225,7 @@ class HttpServerConnection:
         if not isinstance(event, h11.Request):
             return None  # ConnectionClosed
         self.request = event
-        if _head_size(event) > self.limits.max_head:
+        if head_size(event.target, event.headers) > self.limits.max_head:
             await self.refuse(431, "request head too long", _phrase(431))
         if not event.http_version.startswith(b"1."):
             await self.refuse(505, "unsupported protocol version")
@@ -285,8 +328,11 @@ class HttpServerConnection:
             conn.receive_data(await self.transport.receive_some(self.limits.max_head))
 
 
+ACCEPT_BATCH = 16  # connections accepted from a busy listener between two yields to other tasks
+
+
 async def accept_forever(
-    listener: trio.socket.SocketType,
+    listener: trio.socket.SocketType | socket.socket,
     start: Callable[[SocketTransport], None],
     *,
     admit: Callable[[], bool] | None = None,
@@ -301,10 +347,15 @@ async def accept_forever(
     backs off (the connections wait in the kernel's queue) instead of spinning or ending the server;
     a connection that died before it was accepted is skipped. Any other error is the listener's own
     and raises.
+
+    A plain (non-blocking) ``socket.socket`` listener is the DERP listener's fast path: up to
+    ``ACCEPT_BATCH`` connections per wake-up, each with the peer address accept() returned (no
+    getpeername), and no trio socket wrapped around each one only to be unwrapped again.
     """
+    accept = _batch_acceptor(listener) if isinstance(listener, socket.socket) else listener.accept
     while True:
         try:
-            sock, _addr = await listener.accept()
+            sock, addr = await accept()
         except OSError as e:
             if e.errno in ACCEPT_BACKOFF_ERRNOS:
                 log.warning(event, reason=e.strerror, action=f"backing off {ACCEPT_BACKOFF * 1000:g}ms")
@@ -316,7 +367,10 @@ async def accept_forever(
             sock.close()
             continue
         try:
-            transport = SocketTransport.from_trio(sock)
+            if isinstance(sock, socket.socket):
+                transport = SocketTransport(sock, _peer(addr))
+            else:
+                transport = SocketTransport.from_trio(sock)
         except OSError:
             sock.close()
             continue
@@ -324,3 +378,33 @@ async def accept_forever(
             start(transport)
         except OSError:
             transport.sock.close()
+
+
+def _batch_acceptor(listener: socket.socket) -> Callable[[], Awaitable[tuple[socket.socket, object]]]:
+    """accept() on a non-blocking listener: at once while connections are queued, with a yield to
+    other tasks every ``ACCEPT_BATCH``; a readiness wait when the queue is empty."""
+    batch = 0
+
+    async def accept() -> tuple[socket.socket, object]:
+        nonlocal batch
+        while True:
+            if batch >= ACCEPT_BATCH:
+                batch = 0
+                await trio.lowlevel.checkpoint()
+            try:
+                got = listener.accept()
+            except BlockingIOError:
+                batch = 0
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            batch += 1
+            return got
+
+    return accept
+
+
+def _peer(addr: object) -> tuple[str, int] | None:
+    """The (host, port) of what accept() returned: None for a unix socket's peer."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return str(addr[0]), int(addr[1])
+    return None

@@ -41,6 +41,7 @@ from derpd.proto.frames import (
     ProtocolError,
     ServerInfo,
     client_info_frame,
+    encode_frame,
     open_client_info,
     open_server_info,
     parse_peer_gone,
@@ -50,7 +51,6 @@ from derpd.proto.frames import (
     parse_recv_packet,
     parse_restarting,
     parse_server_key,
-    server_info_frame,
     server_key_frame,
 )
 from derpd.proto.keys import NONCE_LEN, NodeKey, NodePrivate
@@ -179,6 +179,21 @@ def decode_server_frame(ftype: int, payload: bytes) -> ServerEvent:
     return Unknown(ftype, payload)
 
 
+_NO_LIMITS = ServerInfo()
+_SERVER_INFO_JSON: dict[ServerInfo, bytes] = {}
+
+
+def _server_info_json(info: ServerInfo) -> bytes:
+    """What ``info`` says, as Go's JSON: the same few values for every login of a node (one per rate
+    limit configured), so written once each rather than per login."""
+    data = _SERVER_INFO_JSON.get(info)
+    if data is None:
+        if len(_SERVER_INFO_JSON) >= 8:  # a SIGHUP'd rate limit replaces the old value
+            _SERVER_INFO_JSON.clear()
+        data = _SERVER_INFO_JSON[info] = info.to_json()
+    return data
+
+
 # --- the connection --------------------------------------------------------------------------
 
 
@@ -285,7 +300,8 @@ class DerpConnection:
         if self.state is not State.AWAIT_ACCEPT:
             raise RuntimeError(f"accept() in state {self.state.value}")
         self.state = State.OPEN
-        return server_info_frame(self.key, self.peer_key, info or ServerInfo(), nonce)
+        sealed = self.key.seal_to(self.peer_key, _server_info_json(info or _NO_LIMITS), nonce)
+        return encode_frame(FrameType.SERVER_INFO, sealed)
 
     def take_reader(self) -> FrameReader:
         """Server role, once accepted: the FrameReader for the relay's hot path, with the bytes

@@ -12,8 +12,9 @@ import hmac
 import re
 from typing import NewType
 
+from nacl.bindings import crypto_box_beforenm, crypto_box_easy_afternm, crypto_box_open_easy_afternm
 from nacl.exceptions import CryptoError
-from nacl.public import Box, PrivateKey, PublicKey
+from nacl.public import PrivateKey
 from nacl.utils import random as nacl_random
 
 from derpd.base.errors import ConfigurationError
@@ -80,14 +81,17 @@ def parse_public_key(text: str) -> NodeKey:
 class NodePrivate:
     """A Curve25519 node private key (the server's identity, or a client's)."""
 
-    __slots__ = ("_boxes", "_key", "public")
+    __slots__ = ("_key", "_shared", "public")
 
     def __init__(self, raw: bytes) -> None:
         if len(raw) != KEY_LEN:
             raise InvalidKeyError(f"private key must be {KEY_LEN} bytes")
         self._key = PrivateKey(raw)
         self.public = NodeKey(bytes(self._key.public_key))
-        self._boxes: dict[bytes, Box] = {}
+        # Peer public key -> the box's shared key (X25519 + HSalsa20, what NaCl's Box precomputes):
+        # the one expensive step of a login, done once per peer. The boxes themselves are the
+        # bindings' *_afternm calls, without a Box and EncryptedMessage object per message.
+        self._shared: dict[bytes, bytes] = {}
 
     @classmethod
     def generate(cls) -> NodePrivate:
@@ -103,29 +107,32 @@ class NodePrivate:
     def __repr__(self) -> str:  # never print private material
         return f"NodePrivate(public={public_key_text(self.public)})"
 
-    def _box(self, peer: bytes) -> Box:
-        box = self._boxes.get(peer)
-        if box is None:
+    def _shared_key(self, peer: bytes) -> bytes:
+        """Raises CryptoError for a key NaCl refuses (the caller's box then does not open)."""
+        shared = self._shared.get(peer)
+        if shared is None:
             if len(peer) != KEY_LEN:
                 raise InvalidKeyError(f"public key must be {KEY_LEN} bytes")
-            box = Box(self._key, PublicKey(peer))
-            if len(self._boxes) > 64:  # a tiny cache; handshakes are rare
-                self._boxes.clear()
-            self._boxes[peer] = box
-        return box
+            shared = crypto_box_beforenm(bytes(peer), bytes(self._key))
+            # A tiny cache: a server sees each client once per login (sealing ServerInfo right after
+            # opening ClientInfo), a client its one server.
+            if len(self._shared) >= 64:
+                self._shared.clear()
+            self._shared[peer] = shared
+        return shared
 
     def seal_to(self, peer: bytes, message: bytes, nonce: bytes | None = None) -> bytes:
         """nonce(24) || box(message), sealed from this key to ``peer``."""
         if nonce is None:
             nonce = nacl_random(NONCE_LEN)
-        return bytes(self._box(peer).encrypt(message, nonce))
+        return nonce + crypto_box_easy_afternm(message, nonce, self._shared_key(peer))
 
     def open_from(self, peer: bytes, sealed: bytes) -> bytes | None:
         """The plaintext of a box ``peer`` sealed to us, or None if it does not open."""
         if len(sealed) < NONCE_LEN + 16:
             return None
         try:
-            return bytes(self._box(peer).decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN]))
+            return crypto_box_open_easy_afternm(sealed[NONCE_LEN:], sealed[:NONCE_LEN], self._shared_key(peer))
         except CryptoError:
             return None
 

@@ -109,7 +109,7 @@ class DerpServer:
         self.http_addrs: list[tuple[str, int]] = []
         self.stun_addrs: list[tuple[str, int]] = []
         self._accept_scopes: list[trio.CancelScope] = []
-        self._listeners: list[trio.socket.SocketType] = []
+        self._listeners: list[socket.socket] = []
         self._refused = log.Sampled("connection_refused", 10.0)
         self._tls_failed = log.Sampled("tls_handshake_failed", 10.0)
         self._no_cert = log.Sampled("tls_refused_no_certificate_yet", 10.0)
@@ -124,17 +124,23 @@ class DerpServer:
         host, port = settings.addr
         activated = settings.activated or ActivatedSockets()
         # Socket activation: systemd holds the sockets across restarts.
-        listeners = _trio_sockets(activated.derp or await bind_sockets(host, port, socket.SOCK_STREAM))
-        side: list[trio.socket.SocketType] = []
+        # Plain non-blocking sockets: the accept loop's fast path (net.httpserver.accept_forever).
+        listeners = activated.derp or await bind_sockets(host, port, socket.SOCK_STREAM)
+        side: list[socket.socket] = []
+        internal: trio.socket.SocketType | None = None
         try:
             if activated.http:
-                side = _trio_sockets(activated.http)
+                side = activated.http
             elif settings.http_port >= 0:
-                side = _trio_sockets(await bind_sockets(host, settings.http_port, socket.SOCK_STREAM))
+                side = await bind_sockets(host, settings.http_port, socket.SOCK_STREAM)
             for s in listeners:
+                s.setblocking(False)
+                self._tune(s)  # accepted connections inherit these (checked on the first one)
                 s.listen(4096)
                 self.derp_addrs.append(tuple(s.getsockname()[:2]))
             for s in side:
+                s.setblocking(False)
+                self._tune(s)
                 s.listen(1024)
                 self.http_addrs.append(tuple(s.getsockname()[:2]))
             self._listeners = listeners + side
@@ -146,8 +152,8 @@ class DerpServer:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_port80, False)
                 if settings.internal_socket:
                     internal = await bind_unix(settings.internal_socket)
-                    side.append(internal)
                     nursery.start_soon(self._accept_loop, internal, nursery, self._serve_internal, False)
+                nursery.start_soon(self._tick_conn_log)
                 if settings.internal_peers and settings.internal_mesh_key and settings.internal_client_key:
                     for target in settings.internal_peers:
                         nursery.start_soon(
@@ -193,7 +199,9 @@ class DerpServer:
                 task_status.started(self)
         finally:
             for s in listeners + side:
-                s.close()
+                _close_listener(s)
+            if internal is not None:
+                internal.close()
 
     async def shutdown(self) -> None:
         """Stop accepting, send every client a Restarting frame, flush and close them within the
@@ -201,7 +209,7 @@ class DerpServer:
         for scope in self._accept_scopes:
             scope.cancel()
         for s in self._listeners:
-            s.close()
+            _close_listener(s)
         st = self.settings
         await self.relay.close_all((st.restart_reconnect_in, st.restart_try_for), st.shutdown_timeout)
 
@@ -224,19 +232,35 @@ class DerpServer:
 
     async def _accept_loop(
         self,
-        lsock: trio.socket.SocketType,
+        lsock: trio.socket.SocketType | socket.socket,
         nursery: trio.Nursery,
         serve: Callable[[SocketTransport], Awaitable[None]],
         limited: bool,
     ) -> None:
+        # Whether each connection needs its own socket options: unknown until the first one shows whether
+        # the listener's carried over (Linux copies them all; other kernels may not).
+        tune_each: bool | None = None
+
         def start(transport: SocketTransport) -> None:
-            self._tune(transport.sock)
+            nonlocal tune_each
+            if tune_each is None:
+                tune_each = not self._tuned(transport.sock)
+            if tune_each:
+                self._tune(transport.sock)
             nursery.start_soon(serve, transport)
 
         scope = trio.CancelScope()
         self._accept_scopes.append(scope)
         with scope:
             await accept_forever(lsock, start, admit=self._admit if limited else None)
+
+    async def _tick_conn_log(self) -> None:
+        """The client_churn summary of a busy second comes out within a second or so, even when no
+        connection comes after it."""
+        conn_log = self.relay.conn_log
+        while True:
+            await trio.sleep(conn_log.window)
+            conn_log.tick(self.relay.clock())
 
     def _admit(self) -> bool:
         """--accept-connection-limit: over it, a connection is closed at once, as derper does."""
@@ -245,20 +269,35 @@ class DerpServer:
         self._refused.note(reason="accept limit")
         return False
 
-    def _tune(self, sock: socket.socket) -> None:
-        """TCP keepalive and TCP_USER_TIMEOUT, as derper sets them on accepted sockets."""
+    def _wanted_options(self, sock: socket.socket) -> list[tuple[int, int, int]]:
+        """(level, option, value) of TCP keepalive and TCP_USER_TIMEOUT as derper sets them on accepted
+        sockets, and TCP_NODELAY; none for a unix socket (a worker's)."""
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return  # a worker's unix socket
+            return []
+        options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
         keepalive = self.settings.tcp_keepalive
         if keepalive > 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
             if hasattr(socket, "TCP_KEEPIDLE"):
                 secs = max(1, int(keepalive))
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs)
+                options.append((socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, secs))
+                options.append((socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, secs))
         user_timeout = self.settings.tcp_user_timeout
         if user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
+            options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000)))
+        return options
+
+    def _tune(self, sock: socket.socket) -> None:
+        """Set the wanted options on a listener (its connections inherit them) or on one connection."""
+        for level, option, value in self._wanted_options(sock):
+            sock.setsockopt(level, option, value)
+
+    def _tuned(self, sock: socket.socket) -> bool:
+        """Whether an accepted socket already has every wanted option (inherited from its listener)."""
+        try:
+            return all(sock.getsockopt(level, option) == value for level, option, value in self._wanted_options(sock))
+        except OSError:
+            return False
 
     async def _serve_main(self, transport: SocketTransport) -> None:
         try:
@@ -267,8 +306,9 @@ class DerpServer:
             # A bug in handling one connection must not take down everyone else's.
             log.exception("internal_error", remote=format_addr(transport.remote))
         finally:
-            with trio.CancelScope(shield=True):
-                await transport.aclose()
+            if transport.sock.fileno() >= 0:  # not closed already by whoever took the connection over
+                with trio.CancelScope(shield=True):
+                    await transport.aclose()
 
     async def _serve_connection(self, transport: SocketTransport) -> None:
         initial = b""
@@ -411,5 +451,7 @@ async def _send_alert(transport: SocketTransport) -> None:
         await transport.send_all(TLS_ALERT_INTERNAL_ERROR)
 
 
-def _trio_sockets(socks: list[socket.socket]) -> list[trio.socket.SocketType]:
-    return [trio.socket.from_stdlib_socket(s) for s in socks]
+def _close_listener(sock: socket.socket) -> None:
+    if sock.fileno() >= 0:
+        trio.lowlevel.notify_closing(sock)  # an accept loop still waiting on it wakes with an error
+        sock.close()

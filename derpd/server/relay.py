@@ -29,7 +29,7 @@ from derpd.base.text import Peer
 from derpd.net.addr import format_addr
 from derpd.net.pump import ReadPump, Released
 from derpd.net.transport import SocketTransport, TLSTransport, Transport
-from derpd.proto.connection import NEED_DATA, ClientHello, DerpConnection, Event, NeedData, Role
+from derpd.proto.connection import NEED_DATA, ClientHello, DerpConnection, Role
 from derpd.proto.frames import (
     DISCO_MAGIC,
     DISCO_MIN_LEN,
@@ -63,6 +63,7 @@ from derpd.proto.frames import (
 )
 from derpd.proto.keys import KEY_LEN, NodeKey, NodePrivate, mesh_keys_equal, public_key_text, short_key
 from derpd.server.admission import Verdict
+from derpd.server.connlog import ConnectionLog
 from derpd.server.limits import RateConfig, TokenBucket
 from derpd.server.outbox import RECV_PREFIX_LEN, ConnectionClosed, Outbox, WriteTimeout
 
@@ -445,6 +446,14 @@ def _cache_prefix(prefixes: dict[int, bytes], size: int, src: bytes) -> bytes:
     return prefix
 
 
+_PLAIN_SERVER_INFO = ServerInfo()  # what a client without a rate limit is told (its JSON is cached)
+
+
+def _who(conn: ClientConn) -> dict[str, object]:
+    """The fields both lines of a connection carry, so that they can be paired."""
+    return {"conn": conn.conn_id, "key": short_key(conn.key), "remote": format_addr(conn.remote)}
+
+
 DUP_KEY_HEALTH = (
     "this node key has {n} connections to this DERP server; only the one that spoke last gets packets "
     "(is the same node key in use on more than one device?)"
@@ -490,6 +499,7 @@ class RelayServer:
         # is a debug line, and at most one info line per interval says how many (log.Sampled).
         self._handshake_failed = log.Sampled("handshake_failed", SAMPLED_LOG_INTERVAL)
         self._rejected = log.Sampled("client_rejected", SAMPLED_LOG_INTERVAL)
+        self.conn_log = ConnectionLog()  # client_connected/_disconnected, summarised in reconnect storms
 
     # --- connection lifecycle -------------------------------------------------------
 
@@ -504,7 +514,6 @@ class RelayServer:
         """Run one upgraded DERP connection to the end. Never raises for client faults."""
         conn_id = next(self._conn_ids)
         self.stats.accepts += 1
-        remote = format_addr(transport.remote)
         try:
             try:
                 login, hello = await self._login(transport, initial, preamble)
@@ -518,7 +527,7 @@ class RelayServer:
             ) as e:
                 self.stats.handshake_failures += 1
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                self._handshake_failed.note(conn=conn_id, remote=remote, reason=reason)
+                self._handshake_failed.note(conn=conn_id, remote=format_addr(transport.remote), reason=reason)
                 return
             key, info = hello.key, hello.info
             internal = mesh_keys_equal(self.config.internal_mesh_key, info.mesh_key)
@@ -526,13 +535,14 @@ class RelayServer:
             if not can_mesh and not await self._admit(key, transport, conn_id):
                 return
             if self.closing:
+                remote = format_addr(transport.remote)
                 log.info("handshake_failed", conn=conn_id, remote=remote, reason="server shutting down")
                 return
             conn = ClientConn(
                 self, transport, key, info, conn_id, can_mesh=can_mesh, not_ideal=not_ideal, internal=internal
             )
             rate = self.config.rate
-            server_info = ServerInfo()
+            server_info = _PLAIN_SERVER_INFO
             if rate.enabled and not can_mesh:
                 conn.bucket = rate.bucket(trio.current_time())
                 server_info = ServerInfo(
@@ -540,22 +550,30 @@ class RelayServer:
                 )
             conn.outbox.ctrl.append(login.accept(server_info))
             self._register(conn)
-            who = {"conn": conn_id, "key": short_key(key), "remote": remote}  # on both lines of a connection
-            app = Peer(info.app_name) if info.app_name else None
-            log.info("client_connected", **who, mesh=can_mesh or None, app=app)
+            # Every connection gets both lines while they are few; in a reconnect storm most are only
+            # counted, in one client_churn line a second (server.connlog). Mesh peers always get both.
+            level = self.conn_log.connect_level(conn.connected_at, always=can_mesh)
+            if level is not None:
+                app = Peer(info.app_name) if info.app_name else None
+                log.event(level, "client_connected", **_who(conn), mesh=can_mesh or None, app=app)
             try:
                 conn.outbox.kick()
                 await conn.run(partial(conn.read_loop, login.take_reader()))
             finally:
                 self._unregister(conn)
-                log.info(
-                    "client_disconnected",
-                    **who,
-                    reason=conn.close_reason or "server shutdown",
-                    duration=f"{self.clock() - conn.connected_at:.1f}s",
-                    bytes_in=conn.bytes_in,
-                    bytes_out=conn.outbox.bytes_out,
-                )
+                reason = conn.close_reason or "server shutdown"
+                now = self.clock()
+                level = self.conn_log.disconnect_level(now, reason, always=can_mesh)
+                if level is not None:
+                    log.event(
+                        level,
+                        "client_disconnected",
+                        **_who(conn),
+                        reason=reason,
+                        duration=f"{now - conn.connected_at:.1f}s",
+                        bytes_in=conn.bytes_in,
+                        bytes_out=conn.outbox.bytes_out,
+                    )
         finally:
             with trio.CancelScope(shield=True):
                 await transport.aclose()
@@ -642,26 +660,36 @@ class RelayServer:
 
     async def _login(self, transport: Transport, initial: bytes, preamble: bytes) -> tuple[DerpConnection, ClientHello]:
         """The server's side of the login, up to the opened ClientInfo (``derpd.proto.connection``):
-        ServerKey out (after ``preamble``, the 101), then ClientInfo in, each within the
-        handshake timeout. ``initial``: bytes that came with the HTTP request (fast start)."""
+        ServerKey out (after ``preamble``, the 101), then ClientInfo in, both within the handshake
+        timeout (one deadline, as derper's). ``initial``: bytes that came with the HTTP request (fast
+        start)."""
         timeout = self.config.handshake_timeout
         login = DerpConnection(Role.SERVER, self.private_key)
-        with trio.move_on_after(timeout) as scope:
-            await transport.send_all(preamble + login.data_to_send())
-        if scope.cancelled_caught:
-            raise ConnectionClosed(f"timed out writing ServerKey after {timeout:g}s")
         if initial:
             login.receive_data(initial)
-        event: Event | NeedData = NEED_DATA
+        # The socket's buffer is empty: the kernel takes these few bytes at once, without a wait or
+        # a trip through the scheduler. (A TLS or WebSocket transport may keep some back.)
+        out = preamble + login.data_to_send()
+        sent = transport.try_send(out)
+        writing = sent < len(out) or transport.has_backlog
+        hello = login.next_event()
+        if not writing and isinstance(hello, ClientHello):
+            return login, hello  # fast start: the whole login came with the request, no deadline needed
         with trio.move_on_after(timeout):
-            while (event := login.next_event()) is NEED_DATA:
+            if writing:
+                await transport.send_all(memoryview(out)[sent:])
+                writing = False
+            while hello is NEED_DATA:
                 data = await transport.receive_some()
                 if not data:
                     raise ConnectionClosed("client closed before sending ClientInfo")
                 login.receive_data(data)
-        if not isinstance(event, ClientHello):
+                hello = login.next_event()
+        if writing:
+            raise ConnectionClosed(f"timed out writing ServerKey after {timeout:g}s")
+        if not isinstance(hello, ClientHello):
             raise ConnectionClosed(f"no ClientInfo within {timeout:g}s")
-        return login, event
+        return login, hello
 
     def _register(self, conn: ClientConn) -> None:
         st = self.stats
