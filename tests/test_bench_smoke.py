@@ -121,17 +121,20 @@ def test_compare_per_packet_low_rate(derpd: tuple[str, int]) -> None:
 def test_batched_window(derpd: tuple[str, int]) -> None:
     url, pid = derpd
     args = ("--mode", "batched", "--window", "4", "--pairs", "3", "--workers", "2", "--size", "64")
-    (r,) = _bench("--url", url, "--server-pid", str(pid), *args)
+    (r,) = _bench("--url", url, "--server-pid", str(pid), *args, "--read-size", "50")  # frames split across reads
     _check(r, url)
     assert r["window"] == 4
+    assert r["read_size"] == 50
     assert r["loadgen"]["workers"] == 2
 
 
 def test_tls_pinned_fast_start(derpd_tls: tuple[str, str, int]) -> None:
     """https:// with the self-signed certificate's pin: TLS 1.3, every client logs in by fast start."""
     url, pin, pid = derpd_tls
-    (r,) = _bench("--url", url, "--cert-name", pin, "--server-pid", str(pid), "--pairs", "2", "--rate", "200")
+    args = ("--pairs", "2", "--rate", "200", "--size", "6000", "--read-size", "4096")  # Tailscale's 4 KiB reads
+    (r,) = _bench("--url", url, "--cert-name", pin, "--server-pid", str(pid), *args)
     _check(r, url)
+    assert r["read_size"] == 4096
     tls = r["tls"]
     assert tls["version"] == "TLSv1.3"
     assert tls["alpn"] == "http/1.1"
@@ -225,3 +228,55 @@ def test_stun(tmp_path: Path) -> None:
     r = json.loads(line)
     assert r["answered"] > 0 and r["bad"] == 0 and r["answered"] <= r["sent"], r
     assert r["server_cpu_s"] is not None and "resp/s" in out.stderr
+
+
+@pytest.mark.parametrize("engine", [["--engine", "raw", "--procs", "2"], ["--engine", "client"]])
+def test_logins_engines(engine: list[str], derpd: tuple[str, int]) -> None:
+    """bench.logins: the raw engine split over load processes, and derpd's own client, both complete
+    logins (the 101 path over plain HTTP) and report what the load cost."""
+    url, pid = derpd
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.logins", "--url", url, "--server-pid", str(pid), "--duration", "1",
+         "--concurrency", "3", *engine],
+        cwd=REPO, check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["engine"] == engine[1] and r["procs"] == (2 if engine[1] == "raw" else 1)
+    assert r["logins"] > 0 and r["errors"] == {} and r["logins_by_path"] == {"fast_start": 0, "upgrade": r["logins"]}
+    assert r["load_cpu_s"] > 0 and r["server_ms_per_login"] is not None
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_idle(tls: bool, derpd: tuple[str, int], derpd_tls: tuple[str, str, int]) -> None:
+    """bench.idle: idle clients logged in and held (plain and pinned TLS), the server's RSS read three
+    times, everything closed; no memory threshold, only that the figures are there."""
+    if tls:
+        url, pin, pid = derpd_tls
+        extra = ["--cert-name", pin]
+    else:
+        (url, pid), extra = derpd, []
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.idle", "--url", url, "--server-pid", str(pid), "--connections", "20",
+         "--concurrency", "4", "--warmup", "2", "--settle", "0.2", "--timeout", "60", *extra],
+        cwd=REPO, check=False, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    r = json.loads(line)
+    assert r["target"] == url and r["tls"] == ("on" if tls else "off")
+    assert r["held"] == 20 and r["errors"] == {}, r
+    assert sum(r["logins_by_path"].values()) == 22
+    server = r["server"]
+    assert server["baseline_mb"] > 0 and server["loaded_mb"] > 0 and server["closed_mb"] > 0
+    assert server["kb_per_connection"] is not None and server["processes"][0]["pid"] == pid
+    assert "KB/conn" in out.stderr
+
+
+def test_idle_refuses_a_remote_target() -> None:
+    """Thousands of sockets go to loopback only: another host is refused before anything is opened."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.idle", "--url", "http://192.0.2.1:3340/derp", "--server-pid", "1"],
+        cwd=REPO, check=False, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2 and "loopback only" in out.stderr

@@ -467,6 +467,94 @@ def test_response_round_trip(txid: bytes, host: str, port: int) -> None:
     assert len(reply) == (32 if parsed.address.version == 4 else 44)
 
 
+# -- the fast path: tailscale_response == the codec, or None ----------------------------
+
+
+@st.composite
+def near_tailscale_requests(draw: st.DrawFn) -> bytes:
+    """Go's request, then 0-3 edits: a bit flipped or a byte set anywhere (the CRC, its header,
+    SOFTWARE's bytes, the length field), a byte cut or added; or a fresh FINGERPRINT over edits."""
+    data = bytearray(codec.binding_request(draw(txids)))
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["flip", "set", "cut", "add", "refingerprint"]))
+        pos = draw(st.integers(0, len(data) - 1)) if data else 0
+        if op == "flip" and data:
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "cut":
+            del data[pos : pos + 1]
+        elif op == "add":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif op == "refingerprint" and len(data) >= 8:
+            data[-4:] = struct.pack("!I", codec.fingerprint(bytes(data[:-8])))
+    return bytes(data)
+
+
+# What recvmmsg hands over (a v4-mapped peer stays 16 bytes), what pack_address gives, and junk.
+packed_addresses = st.one_of(
+    ip_addresses.map(lambda h: ipaddress.ip_address(h).packed),
+    ip_addresses.map(codec.pack_address),
+    st.binary(max_size=20),
+)
+any_port = st.one_of(ports, st.integers(-3, 70_000))
+datagrams = st.one_of(near_tailscale_requests(), mutations(), st.sampled_from(VALID_REQUESTS), st.binary(max_size=60))
+
+
+buffer_kinds = st.sampled_from([bytes, bytearray, lambda b: memoryview(bytearray(b))])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(datagrams, packed_addresses, any_port, st.binary(max_size=9), st.binary(max_size=9), buffer_kinds)
+def test_fast_path_is_the_codec_or_nothing(
+    datagram: bytes, packed: bytes, port: int, before: bytes, after: bytes, kind: Any
+) -> None:
+    """Whatever the datagram, address and port: the fast path answers exactly as the codec does,
+    and only Tailscale requests, or says None. It never raises."""
+    buffer = kind(before + datagram + after)
+    fast = codec.tailscale_response(buffer, len(before), len(datagram), packed, port)
+    if fast is None:
+        return
+    request = codec.parse_binding_request(datagram)
+    assert request.kind is RequestKind.TAILSCALE
+    assert fast == codec.build_response(request, ipaddress.ip_address(packed), port)
+    assert fast == derpd_reply(request, str(ipaddress.ip_address(packed)), port)
+
+
+@settings(max_examples=500, deadline=None)
+@given(datagrams, packed_addresses, any_port, st.binary(max_size=50), st.integers(0, 8))
+def test_fast_path_into_a_buffer_writes_the_same_bytes_or_nothing(
+    datagram: bytes, packed: bytes, port: int, scratch: bytes, at: int
+) -> None:
+    """tailscale_response_into writes exactly tailscale_response's bytes at ``at`` and touches
+    nothing else; when it says 0 (or the reply would not fit) the buffer is as it was."""
+    out = bytearray(scratch)
+    size = codec.tailscale_response_into(out, at, datagram, 0, len(datagram), packed, port)
+    reply = codec.tailscale_response(datagram, 0, len(datagram), packed, port)
+    if size == 0:
+        assert out == scratch
+        assert reply is None or at + len(reply) > len(scratch)
+        return
+    assert reply is not None and size == len(reply)
+    assert out == scratch[:at] + reply + scratch[at + size :]
+
+
+@settings(deadline=None)  # no timing limits in tests
+@given(txids, ip_addresses, ports, st.booleans())
+def test_fast_path_answers_every_request_tailscale_sends(txid: bytes, host: str, port: int, raw: bool) -> None:
+    """Go's own request, from any address and port, never falls back to the codec."""
+    data = codec.binding_request(txid)
+    packed = ipaddress.ip_address(host).packed if raw else codec.pack_address(host)
+    fast = codec.tailscale_response(data, 0, len(data), packed, port)
+    assert fast is not None and fast == codec.binding_response(txid, host, port)
+
+
+def test_fast_path_refuses_a_buffer_shorter_than_it_says() -> None:
+    data = codec.binding_request()
+    assert codec.tailscale_response(data[:39], 0, 40, bytes(4), 1) is None
+    assert codec.tailscale_response(data, 1, 40, bytes(4), 1) is None
+
+
 # -- unknown comprehension-required attributes: 420 ----------------------------------
 
 # What derpd understands below 0x8000, written out here independently of the codec's table:

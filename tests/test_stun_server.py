@@ -73,9 +73,21 @@ NEEDS_IPV6 = pytest.mark.skipif(not ipv6_loopback_works(), reason="no IPv6 loopb
 
 # -- helpers -------------------------------------------------------------------------
 
+# Every test that starts its server through start() runs twice: over recvmmsg/sendmmsg (where the
+# platform has them, else this run repeats the other) and over one recvfrom/sendto per datagram.
+IO_PATHS = {"batched": None, "per_datagram": False}
+io_path: dict[str, bool | None] = {"batch_io": None}
+
+
+@pytest.fixture(autouse=True, params=list(IO_PATHS))
+def each_io_path(request: pytest.FixtureRequest) -> Iterator[None]:
+    io_path["batch_io"] = IO_PATHS[request.param]
+    yield
+    io_path["batch_io"] = None
+
 
 async def start(nursery: trio.Nursery, host: str = "127.0.0.1", **kwargs: Any) -> StunServer:
-    server = StunServer(host, 0, **kwargs)
+    server = StunServer(host, 0, **{**io_path, **kwargs})
     port = await nursery.start(server.serve)
     assert port == server.port
     return server
@@ -272,6 +284,50 @@ async def test_ipv6_loopback(nursery: trio.Nursery, udp_client: MakeClient) -> N
     assert reply == codec.binding_response(txid, "::1", local(client)[1])
     assert reply[25] == 2 and len(reply) == 44
     assert server.stats.addrfamily() == {"ipv4": 0, "ipv6": 1}
+
+
+@NEEDS_IPV6
+async def test_bursts_of_mixed_peers_each_reply_goes_to_its_sender(nursery: trio.Nursery) -> None:
+    """Bursts bigger than one recvmmsg, on a dual-stack wildcard socket (pktinfo on): Tailscale,
+    generic and 420-bound requests and garbage, from IPv4 and IPv6 peers, interleaved, all queued
+    before the server reads (plain sends, no checkpoint between them). Every peer gets exactly the
+    codec's answers to its own requests, in order, whichever batch slot each request landed in
+    (garbage shifts the replies against the slots, IPv6 answers are longer)."""
+    server = await start(nursery, "::")
+    raw = [socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET, socket.SOCK_DGRAM) for h in HOSTS5]
+    for sock, host in zip(raw, HOSTS5, strict=True):
+        sock.bind((host, 0))
+    clients = [trio.socket.from_stdlib_socket(sock) for sock in raw]
+    dests = [(host, server.port) for host in HOSTS5]
+    rng = random.Random(20261124)
+    try:
+        for _ in range(4):
+            expected: list[list[bytes]] = [[] for _ in clients]
+            for n in range(90):
+                i = rng.randrange(len(clients))
+                choice = rng.random()
+                if choice < 0.5:
+                    data = codec.binding_request(codec.new_txid())
+                elif choice < 0.65:
+                    data = codec.encode_message(codec.BINDING_REQUEST, codec.new_txid(), with_fingerprint=n % 2 == 0)
+                elif choice < 0.75:
+                    data = codec.encode_message(codec.BINDING_REQUEST, codec.new_txid(), [(0x24 + n % 3, b"")])
+                else:
+                    data = rng.randbytes(rng.choice([0, 19, 40, 41, 300]))
+                try:
+                    expected[i].append(derpd_reply(codec.parse_binding_request(data), *local(clients[i])))
+                except StunError:
+                    pass
+                raw[i].sendto(data, dests[i])
+            for i, client in enumerate(clients):
+                assert await marker(client, dests[i]) == expected[i], i
+        assert server.stats.requests()["not_stun"] > 0 and server.stats.addrfamily()["ipv6"] > 0
+    finally:
+        for client in clients:
+            client.close()
+
+
+HOSTS5 = ("127.0.0.1", "::1", "127.0.0.1", "::1", "127.0.0.1")
 
 
 @NEEDS_IPV6

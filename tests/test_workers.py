@@ -147,6 +147,67 @@ async def test_fifty_pairs_across_two_workers(tmp_path: Path) -> None:
     assert d.proc.returncode == 0
 
 
+async def stun_from_many_sockets(stun_port: int, sockets: int = 32) -> None:
+    """One Tailscale request from each of ``sockets`` fresh UDP sockets; every one answered."""
+    for _ in range(sockets):
+        with trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) as udp:
+            await udp.bind(("127.0.0.1", 0))
+            txid = stun_codec.new_txid()
+            await udp.sendto(stun_codec.binding_request(txid), ("127.0.0.1", stun_port))
+            with trio.fail_after(10):
+                reply, _ = await udp.recvfrom(2048)
+            assert reply == stun_codec.binding_response(txid, "127.0.0.1", udp.getsockname()[1])
+
+
+async def stun_answered_by_worker(d: Derpd) -> dict[bytes, float]:
+    """stun_requests_total{disposition="success"} of each worker's own metrics listener."""
+    await d.drain_log()
+    ports = dict(re.findall(rb"event=metrics_serving worker=(\d) addr=127\.0\.0\.1:(\d+)", d.log))
+    return {w: (await scrape(int(p)))[("stun_requests_total", (("disposition", "success"),))] for w, p in ports.items()}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="one SO_REUSEPORT STUN socket per worker is Linux's")
+async def test_every_worker_answers_stun_on_its_own_socket(tmp_path: Path) -> None:
+    """Each worker has its own socket in one SO_REUSEPORT group on the STUN port: the kernel spreads
+    peers over them by address, so 32 client sockets reach both workers (all on one: odds 2^-31),
+    each worker counts what it answered, and a restarted worker is given its socket back."""
+    d, _, stun_port = await start(tmp_path, 2)
+    try:
+        await stun_from_many_sockets(stun_port)
+        answered = await stun_answered_by_worker(d)
+        assert set(answered) == {b"0", b"1"} and sum(answered.values()) == 32
+        assert min(answered.values()) > 0, answered
+        # Each worker holds one socket bound to the STUN port, its own.
+        held = [stun_sockets_of(pid, stun_port) for pid in d.worker_pids().values()]
+        assert [len(h) for h in held] == [1, 1] and held[0] != held[1]
+
+        os.kill(d.worker_pids()[0], signal.SIGKILL)
+        await d.read_until(rb"(?s)event=worker_exited worker=0.*event=worker_started worker=0")
+        await d.read_until(rb"(?s)event=worker_started worker=0.*event=metrics_serving worker=0")
+        await stun_from_many_sockets(stun_port)  # the port never closed; both workers answer again
+        again = await stun_answered_by_worker(d)
+        assert again[b"1"] >= answered[b"1"] and sum(again.values()) - answered[b"1"] == 32
+        assert again[b"0"] > 0, again
+    finally:
+        await stop(d)
+    assert d.proc.returncode == 0
+
+
+def stun_sockets_of(pid: int, port: int) -> set[int]:
+    """Inodes of the UDP sockets bound to ``port`` that process ``pid`` holds (Linux's /proc)."""
+    table = Path(f"/proc/{pid}/net/udp").read_text().splitlines()[1:]
+    bound = {int(f[9]) for f in map(str.split, table) if int(f[1].rpartition(":")[2], 16) == port}
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and int(link[8:-1]) in bound:
+            held.add(int(link[8:-1]))
+    return held
+
+
 async def test_killed_worker_loses_only_its_clients_and_comes_back(tmp_path: Path) -> None:
     d, port, _ = await start(tmp_path, 2)
     url = f"http://127.0.0.1:{port}/derp"

@@ -6,6 +6,15 @@ each worker also listens on a private unix socket and links to every sibling wit
 DERP's own mesh protocol (WatchConns/PeerPresent/ForwardPacket), so a client reaches any
 other client whichever worker the kernel gave it. A worker that dies is started again;
 the others keep serving.
+
+STUN: when the supervisor binds the STUN port itself, it binds one socket per worker per
+address, all in one SO_REUSEPORT group (Linux), and gives worker i only its own: the kernel
+spreads peers over the workers by address hash, and a datagram wakes one worker. One socket
+shared by every worker (what systemd-activated STUN sockets are, and the fallback where
+SO_REUSEPORT is refused) wakes every idle worker for each datagram, and measured a third more
+CPU per answer (``bench/results/stun-issue11.txt``). The supervisor holds every socket, so the
+port stays bound while a worker restarts; the requests that reach a restarting worker's socket
+wait there (up to its receive buffer) until it is back.
 """
 
 from __future__ import annotations
@@ -107,6 +116,45 @@ def adopt_inherited_sockets() -> None:
         os.environ["LISTEN_PID"] = str(os.getpid())
 
 
+def reuse_port_group(first: list[socket.socket], count: int) -> dict[int, list[socket.socket]]:
+    """One UDP socket per worker per address of ``first`` (worker 0's), in SO_REUSEPORT groups.
+
+    ``first`` is already bound (``bind_sockets`` resolved the host and picked the port); Linux
+    lets it join a group after the fact, and each sibling binds the same address with the
+    option set. Where SO_REUSEPORT is missing or refused, nothing changes and {} is returned:
+    the workers then share ``first``, which works everywhere.
+    """
+    reuse_port = getattr(socket, "SO_REUSEPORT", None)
+    if reuse_port is None or sys.platform != "linux":
+        return {}
+    groups: dict[int, list[socket.socket]] = {0: list(first)}
+    try:
+        for s in first:
+            s.setsockopt(socket.SOL_SOCKET, reuse_port, 1)
+        for index in range(1, count):
+            groups[index] = []
+            for s in first:
+                sibling = socket.socket(s.family, socket.SOCK_DGRAM)
+                groups[index].append(sibling)
+                if s.family == socket.AF_INET6:
+                    v6only = s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                    sibling.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+                sibling.setsockopt(socket.SOL_SOCKET, reuse_port, 1)
+                sibling.bind(s.getsockname())
+    except OSError as exc:
+        for index, group in groups.items():
+            for s in group if index else ():
+                s.close()
+        for s in first:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, reuse_port, 0)
+            except OSError:
+                pass
+        log.info("stun_reuse_port_unavailable", error=str(exc), action="workers share the STUN socket")
+        return {}
+    return groups
+
+
 class Supervisor:
     """Binds once, starts N workers, restarts the ones that die, passes signals on."""
 
@@ -119,6 +167,9 @@ class Supervisor:
         self.argv = argv
         self.internal_key = os.urandom(32)  # the workers' own mesh key, new each start
         self.sockets: list[tuple[str, socket.socket]] = []
+        # Worker i's own STUN sockets (SO_REUSEPORT siblings of the "stun" ones in self.sockets,
+        # which are worker 0's); empty: every worker shares the "stun" ones.
+        self.stun_by_worker: dict[int, list[socket.socket]] = {}
         self.procs: dict[int, trio.Process] = {}
         self.ready: set[int] = set()
         self.ready_event = trio.Event()
@@ -147,8 +198,17 @@ class Supervisor:
             self.sockets += [("stun", s) for s in activated.stun]
         elif st.stun_port >= 0:
             stun_host = host if st.stun_host is None else st.stun_host
-            for s in await bind_sockets(stun_host, st.stun_port, socket.SOCK_DGRAM, dual_stack_any=True):
-                self.sockets.append(("stun", s))
+            stun = await bind_sockets(stun_host, st.stun_port, socket.SOCK_DGRAM, dual_stack_any=True)
+            self.sockets += [("stun", s) for s in stun]
+            if self.count > 1:
+                self.stun_by_worker = reuse_port_group(stun, self.count)
+
+    def worker_sockets(self, index: int) -> list[tuple[str, socket.socket]]:
+        """What worker ``index`` inherits: every socket, but only its own STUN ones if it has them."""
+        own = self.stun_by_worker.get(index)
+        if own is None:
+            return list(self.sockets)
+        return [(name, s) for name, s in self.sockets if name != "stun"] + [("stun", s) for s in own]
 
     async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> None:
         await self.bind()
@@ -169,6 +229,9 @@ class Supervisor:
         finally:
             for _, s in self.sockets:
                 s.close()
+            for index, group in self.stun_by_worker.items():
+                for s in group if index else ():  # worker 0's are the "stun" ones, closed above
+                    s.close()
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def addresses(self, role: str) -> str:
@@ -190,14 +253,15 @@ class Supervisor:
             await trio.sleep(RESTART_DELAY)
 
     async def _run_worker(self, index: int) -> int | None:
-        high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 10) for _, s in self.sockets]
+        sockets = self.worker_sockets(index)
+        high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 10) for _, s in sockets]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_"))}
         env.update(
             {
                 WORKER_ENV: f"{index}/{self.count}",
                 DIR_ENV: self.workdir,
                 FDS_ENV: ",".join(map(str, high)),
-                NAMES_ENV: ":".join(name for name, _ in self.sockets),
+                NAMES_ENV: ":".join(name for name, _ in sockets),
             }
         )
         try:

@@ -95,6 +95,26 @@ def tls_seeds() -> dict[str, bytes]:
     }
 
 
+def http_head_seeds() -> dict[str, bytes]:
+    """The HTTP upgrade's fast path (proto.httphead): real clients' heads and what h11 handles differently."""
+    go_upgrade = b"GET /derp HTTP/1.1\r\nHost: 127.0.0.1:33341\r\nUser-Agent: Go-http-client/1.1\r\n"
+    go_upgrade += b"Connection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
+    return {
+        "go-upgrade": go_upgrade,
+        "fast-start": go_upgrade[:-2] + b"Derp-Fast-Start: 1\r\n\r\n" + b"\x02\x00\x00\x00\x38" + bytes(56),
+        "websocket": b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Protocol: derp\r\n\r\n",
+        "bare-lf": b"GET /derp HTTP/1.1\nHost: x\n\n",
+        "obs-fold": b"GET /derp HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n",
+        "two-hosts": b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+        "body": b"POST /derp/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        "ows": b"GET /derp?x HTTP/1.1\r\nHost:x\r\nUpgrade: \t DERP \t\r\nX:\r\n\r\n",
+        "h2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        "long-value": b"GET / HTTP/1.1\r\nHost: x\r\nX: \x00*\xff\x01a\r\n\r\n",  # expand(): 2048 x "a"
+    }
+
+
 def main() -> None:
     sys.path.insert(0, str(HERE.parents[1]))
     from derpd.net import tls
@@ -254,6 +274,8 @@ def main() -> None:
         "http": b"GET /derp HTTP/1.1\r\nHost: x\r\n\r\n",
         "trusted-list": b"10.0.0.0/8,::1/128,192.0.2.7,10.0.0.1/8,fe80::1%eth0",
     }
+
+    seeds["http_head"] = http_head_seeds()
 
     # --- STUN
     st = {}

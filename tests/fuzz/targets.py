@@ -396,6 +396,36 @@ def build_proxyproto() -> OneInput:
     return one_input
 
 
+def build_http_head() -> OneInput:
+    import h11
+
+    from derpd.net import httpserver
+    from derpd.proto import httphead
+
+    def one_input(data: bytes) -> None:
+        data = expand(data)
+        for max_head in (httpserver.MAX_HEAD, 64 + len(data) % 192):
+            head = httphead.parse_simple_head(data, max_head)  # must never raise
+            if head is None:
+                continue
+            # What the fast path reads, h11 reads the same way, and the HTTP core's checks pass.
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+            conn.receive_data(data)
+            event = conn.next_event()  # a RemoteProtocolError here is a crash: h11 refuses what we took
+            check(isinstance(event, h11.Request), f"h11 gives {event!r:.100} for an accepted head")
+            assert isinstance(event, h11.Request)
+            check(
+                (head.method, head.target, head.http_version, head.headers)
+                == (event.method, event.target, event.http_version, list(event.headers)),
+                f"fast path {head!r:.300} differs from h11's {event!r:.300}",
+            )
+            check(data[head.size :] == bytes(conn.trailing_data[0]), "different bytes after the head")
+            check(httphead.head_size(event.target, event.headers) <= max_head, "over the core's size limit")
+            check(httpserver.header(event.headers, b"content-length") is None, "a Content-Length taken")
+
+    return one_input
+
+
 # --- TLS ClientHello ---------------------------------------------------------------------------
 
 
@@ -485,6 +515,8 @@ def build_stun() -> OneInput:
     expected = {h: ipaddress.ip_address(s.pack_address(h)) for h, _ in peers}
     extra = [getattr(s, name) for name in ("parse_error_response",) if hasattr(s, name)]
 
+    fast = getattr(s, "tailscale_response", None)
+
     def one_input(data: bytes) -> None:
         req = only(s.StunError, s.parse_binding_request, data)
         if req is not REFUSED:
@@ -496,6 +528,13 @@ def build_stun() -> OneInput:
                     (got.txid, got.address, got.port) == (req.txid, expected[host], port),
                     f"reply to {req} for {host}:{port} reads back as {got}",
                 )
+        if fast is not None:  # the server's fast path: the codec's answer to a Tailscale request, or None
+            buffer = bytearray(b"\xff" + data + b"\xff")
+            for host, port in peers:
+                quick = fast(buffer, 1, len(data), s.pack_address(host), port)
+                if quick is not None:
+                    check(req is not REFUSED and req.kind is s.RequestKind.TAILSCALE, f"fast path answered {data!r}")
+                    check(quick == s.build_response(req, host, port), f"fast path reply to {data!r} differs")
         only(s.StunError, s.parse_response, data)
         for parse in extra:
             only(s.StunError, parse, data)
@@ -763,6 +802,14 @@ TARGETS = {
             dict="proxyproto.dict",
         ),
         Target(
+            "http_head",
+            build_http_head,
+            "proto.httphead.parse_simple_head (the DERP upgrade's fast path): what it reads, h11 reads the same "
+            "(method, target, version, headers, bytes after the head), within the core's limits.",
+            max_len=8192,
+            dict="http.dict",
+        ),
+        Target(
             "tlshello",
             build_tlshello,
             "ClientHelloReader (TLS records and ClientHello) whole, in pieces and a byte at a time (same answer); "
@@ -772,7 +819,8 @@ TARGETS = {
         Target(
             "stun",
             build_stun,
-            "stun.codec.parse_binding_request (+ build_response read back by parse_response), parse_response.",
+            "stun.codec.parse_binding_request (+ build_response read back by parse_response; tailscale_response "
+            "equal to it or None), parse_response.",
             dict="stun.dict",
         ),
         Target(
