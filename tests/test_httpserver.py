@@ -15,6 +15,8 @@ import h11
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from derpd.net.client import DerpClient
 from derpd.net.httpserver import (
@@ -25,6 +27,7 @@ from derpd.net.httpserver import (
     Refused,
     accept_forever,
     header,
+    http_date,
     read_first,
     request_path,
 )
@@ -457,3 +460,10 @@ async def test_read_first_takes_what_a_socket_holds_already() -> None:
     theirs.close()
     assert (await read_first(SocketTransport(ours), LIMITS)).eof
     ours.close()
+
+
+@given(st.floats(min_value=0, max_value=253402300799, allow_nan=False))
+def test_http_date_is_what_email_utils_writes(t: float) -> None:
+    import email.utils  # noqa: PLC0415  # the reference, loaded only by this test
+
+    assert http_date(t).decode() == email.utils.formatdate(t, usegmt=True)

@@ -33,10 +33,11 @@ async def test_members_are_called_when_readable_and_errors_reach_their_task() ->
         s.setblocking(False)
     got: list[bytes] = []
 
-    def read_a() -> None:
+    def read_a() -> int:
         got.append(a.recv(100))
+        return len(got[-1])
 
-    def read_c() -> None:
+    def read_c() -> int:
         raise ValueError(f"bad input: {c.recv(100)!r}")
 
     failed: list[BaseException] = []
@@ -74,7 +75,7 @@ async def test_release_and_stop_hand_members_back() -> None:
 
     async def member() -> None:
         try:
-            await pump.serve(a.fileno(), lambda: None)
+            await pump.serve(a.fileno(), lambda: 0)
         except Released:
             outcomes.append("released")
 
@@ -92,7 +93,7 @@ async def test_release_and_stop_hand_members_back() -> None:
         await wait_for(lambda: outcomes == ["released", "released"], what="the hand-back at stop")
     assert not pump.running
     with pytest.raises(Released):  # a stopped pump takes no one
-        await pump.serve(a.fileno(), lambda: None)
+        await pump.serve(a.fileno(), lambda: 0)
     a.close()
     b.close()
 

@@ -9,6 +9,7 @@ is up, WATCHDOG=1 from the event loop, RELOADING=1 around a reload, STOPPING=1 a
 from __future__ import annotations
 
 import ctypes
+import gc
 import math
 import signal
 import sys
@@ -60,7 +61,7 @@ async def run(service: Service) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
             await service.start(nursery)
-            release_free_memory()
+            settle_startup_objects()
             ready = trio.Event()
             nursery.start_soon(_announce_ready, service, ready)
             nursery.start_soon(sdnotify.watchdog_loop, service.status)
@@ -78,6 +79,15 @@ async def run(service: Service) -> None:
                 await service.stop()
                 nursery.cancel_scope.cancel()
                 break
+
+
+def settle_startup_objects() -> None:
+    """Once every listener is up: move what start-up made (modules, settings, listeners) out of the
+    garbage collector's sight (``gc.freeze``: it lives as long as the process, and rescanning it on
+    every full collection cost ~5 % of the CPU of a login storm), then return freed heap pages."""
+    gc.collect()
+    gc.freeze()
+    release_free_memory()
 
 
 def release_free_memory() -> None:

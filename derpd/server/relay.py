@@ -377,20 +377,21 @@ class ClientConn:
         read_ready = transport.read_ready
         route = self._route_buffered
 
-        def on_readable() -> None:
+        def on_readable() -> int:
             if self.outbox.closed:  # closed by another connection's routing: its task ends it
-                return
+                return 0
             if self.bucket is not None:
                 pump.release(fd)
-                return
+                return 0
             data = read_ready()
             if data is None:
-                return
+                return 0
             if not data:
                 raise ConnectionClosed("client closed the connection")
             self.bytes_in += len(data)
             reader.feed(data)
             route(reader)
+            return len(data)
 
         route(reader)  # frames that came with the login
         if isinstance(transport, TLSTransport):  # records OpenSSL holds: the epoll cannot see them
