@@ -8,6 +8,7 @@ is lost on the way.
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import trustme
 
 from derpd.net.client import DerpClient
 from derpd.net.pump import ReadPump, Released
+from derpd.proto.frames import FrameType, pack_header
 from derpd.server.node import DerpServer
 
 from .conftest import start_server, url_of, wait_for
@@ -163,3 +165,55 @@ async def test_a_rate_limit_by_reload_takes_a_client_out_of_the_pump_and_back(
         await relay_both_ways(sink, heavy, b"and pumped")
         await _pumped(server, 2)
         assert server.relay.stats.dropped("queue_head") == 0
+
+
+# --- hostile input through the pump ----------------------------------------------------------
+
+
+def _quiet_close(caplog: pytest.LogCaptureFixture, key: bytes) -> str:
+    """The one client_disconnected line of ``key``; and nothing at error level, no traceback anywhere."""
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    closes = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "client_disconnected" and r.fields["key"] == key[:4].hex()  # type: ignore[attr-defined]
+    ]
+    assert len(closes) == 1
+    reason: str = closes[0].fields["reason"]  # type: ignore[attr-defined]
+    assert len(reason) < 1100 and reason.isprintable()
+    return reason
+
+
+async def test_a_lying_length_read_by_the_pump_closes_only_that_client(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="derpd")
+    server = await start_server(nursery)
+    a, b, bad = [await DerpClient.connect(url_of(server)) for _ in range(3)]
+    async with a, b, bad:
+        await _pumped(server, 3)
+        await bad.send_raw(pack_header(FrameType.SEND_PACKET, 0xFFFFFFFF) + b"k" * 100)  # claims 4 GiB
+        await wait_for(lambda: len(server.relay.pump) == 2, what="the liar's member to go")
+        await relay_both_ways(a, b, b"unaffected")
+    assert "protocol error" in _quiet_close(caplog, bad.public_key)
+
+
+async def test_a_forged_tls_record_read_by_the_pump_closes_only_that_client(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="derpd")
+    ca = trustme.CA()
+    issue(ca, tmp_path)
+    server = await tls_server(nursery, tmp_path)
+    url = https_url(server)
+    a, b, bad = [await DerpClient.connect(url, cert_name=HOST, ssl_context=trusting(ca)) for _ in range(3)]
+    async with a, b:
+        await _pumped(server, 3)
+        tls = bad.stream
+        assert isinstance(tls, trio.SSLStream)
+        # An application-data record the server cannot authenticate: OpenSSL's bad record MAC.
+        await tls.transport_stream.send_all(b"\x17\x03\x03\x00\x40" + b"\x00" * 64)
+        await wait_for(lambda: len(server.relay.pump) == 2, what="the forger's member to go")
+        await relay_both_ways(a, b, b"unaffected")
+    await trio.aclose_forcefully(tls)
+    assert "socket error" in _quiet_close(caplog, bad.public_key)

@@ -411,6 +411,7 @@ async def test_malformed_frame_closes_only_that_connection(
     assert len(closes) == 1
     reason = closes[0].fields["reason"]  # type: ignore[attr-defined]
     assert "protocol error" in reason or "insufficient permissions" in reason
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
 
 
 HANDSHAKE_FAULTS = {
