@@ -388,18 +388,18 @@ class ClientConn:
                 return 0
             if not data:
                 raise ConnectionClosed("client closed the connection")
+            return take(data)
+
+        def take(data: bytes) -> int:
             self.bytes_in += len(data)
             reader.feed(data)
             route(reader)
             return len(data)
 
         route(reader)  # frames that came with the login
-        if isinstance(transport, TLSTransport):  # records OpenSSL holds: the epoll cannot see them
-            data = transport.read_ready(recv=False)
-            if data:
-                self.bytes_in += len(data)
-                reader.feed(data)
-                route(reader)
+        # Records OpenSSL already holds (they came with the login): the epoll cannot see them.
+        if isinstance(transport, TLSTransport) and (data := transport.read_ready(recv=False)):
+            take(data)
         await pump.serve(fd, on_readable)
 
     def _route_buffered(self, reader: FrameReader) -> None:
