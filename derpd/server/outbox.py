@@ -1,7 +1,7 @@
 """The output side of one connection: what waits to be written, and the task that writes it.
 
-The relay routes in its readers' tasks: while one client's reader task routes a read's worth
-of frames (``RelayServer.handle_frames``), it appends to the outboxes of the destinations, marks
+The relay routes where it reads (the read pump, or a connection's own reader task): while it routes
+a read's worth of frames (``RelayServer.handle_frames``), it appends to the outboxes of the destinations, marks
 each one it touched, and at the end of that batch asks each to ``kick``: write everything queued
 in one non-blocking send. A destination whose kernel buffer is full hands the rest to its own
 writer task (``run``), which waits, under the write deadline, so that no reader ever waits for a
@@ -113,7 +113,7 @@ class Outbox:
         self.keepalive = keepalive
         self.counts_sent = counts_sent
 
-        # Queued by any reader task while it routes (RelayServer.handle_frames and what it calls),
+        # Queued by whichever task routes (RelayServer.handle_frames and what it calls),
         # and by the relay's bookkeeping (PeerGone, PeerPresent, Health, Restarting); taken all at
         # once by whoever writes next: kick() in that same task, or the writer task while `writing`.
         self.ctrl: list[bytes | bytearray] = []  # PeerGone, PeerPresent, KeepAlive, ServerInfo, Health: never dropped
@@ -128,7 +128,7 @@ class Outbox:
         # The routing task, within one handle_frames call (set when touched, cleared at its kick).
         self.dirty = False
 
-        # Set by kick() (any reader task) when the kernel is full, or by the writer task (a
+        # Set by kick() (the routing task) when the kernel is full, or by the writer task (a
         # keepalive is due); cleared only by the writer task once nothing is left. While set, the
         # writer task owns the transport's output and `flight`; kick() writes nothing.
         self.writing = False

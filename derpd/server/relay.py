@@ -262,10 +262,10 @@ class ClientConn:
             keepalive=math.inf if outbound else config.keepalive + random.uniform(0.0, KEEPALIVE_JITTER),
             counts_sent=not outbound,
         )
-        # Routing state, changed by the task routing a batch (any client's reader task).
+        # Routing state, changed by the task routing a batch (the read pump, or a reader task).
         self.is_dup = False  # another connection has the same key
         self.saw_src: set[bytes] = set()  # keys this connection received from (they owe it a PeerGone)
-        # This connection's own reader task: what it sent.
+        # What this connection sent: changed only while its own reads are routed.
         self.preferred = False
         self.recv_prefixes: dict[int, bytes] = {}  # RecvPacket header + our key, by payload size
         self.tokens = 3.0  # PeerGone(NotHere) limiter: 1/s, burst 3
