@@ -32,45 +32,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from bench.relay import tree_cpu_seconds
+from derpd.net.mmsg import MMSG, IOVec, MMsgHdr
 from stun.codec import BINDING_SUCCESS, binding_request
 
 SLOT = 2048  # a reply is 32-100 bytes; anything longer is counted bad anyway
 SUCCESS = BINDING_SUCCESS.to_bytes(2, "big")
-
-
-class _IOVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-class _MsgHdr(ctypes.Structure):
-    _fields_ = [
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.c_void_p),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_uint32),
-    ]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint32)]
-
-
-def _libc_mmsg() -> tuple[Any, Any] | None:
-    """libc's recvmmsg and sendmmsg (Linux), or None."""
-    if sys.platform != "linux":
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
-    except (OSError, AttributeError):
-        return None
-    recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
-    sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-    recvmmsg.restype = sendmmsg.restype = ctypes.c_int
-    return recvmmsg, sendmmsg
 
 
 class _Batch:
@@ -84,9 +50,9 @@ class _Batch:
         self.data = ctypes.create_string_buffer(slots * SLOT)
         self.view = memoryview(self.data).cast("B")
         self.request = ctypes.create_string_buffer(request, len(request))
-        self.iov = (_IOVec * (slots + 1))()
-        self.rx = (_MMsgHdr * slots)()
-        self.tx = (_MMsgHdr * slots)()
+        self.iov = (IOVec * (slots + 1))()
+        self.rx = (MMsgHdr * slots)()
+        self.tx = (MMsgHdr * slots)()
         base = ctypes.addressof(self.data)
         self.iov[slots].iov_base, self.iov[slots].iov_len = ctypes.addressof(self.request), len(request)
         for i in range(slots):
@@ -94,9 +60,9 @@ class _Batch:
             self.rx[i].msg_hdr.msg_iov, self.rx[i].msg_hdr.msg_iovlen = ctypes.addressof(self.iov[i]), 1
             self.tx[i].msg_hdr.msg_iov, self.tx[i].msg_hdr.msg_iovlen = ctypes.addressof(self.iov[slots]), 1
         self.rx_at, self.tx_at = ctypes.addressof(self.rx), ctypes.addressof(self.tx)
-        size = ctypes.sizeof(_MMsgHdr)
-        assert size % 4 == 0 and _MMsgHdr.msg_len.offset % 4 == 0
-        self.lengths = memoryview(self.rx).cast("B").cast("I")[_MMsgHdr.msg_len.offset // 4 :: size // 4]
+        size = ctypes.sizeof(MMsgHdr)
+        assert size % 4 == 0 and MMsgHdr.msg_len.offset % 4 == 0
+        self.lengths = memoryview(self.rx).cast("B").cast("I")[MMsgHdr.msg_len.offset // 4 :: size // 4]
 
     def receive(self, fd: int) -> int:
         """Replies read now (0: none waiting, or the socket reported an ICMP error)."""
@@ -114,7 +80,7 @@ class _Batch:
         """Send ``count`` requests; how many the kernel took."""
         sent = 0
         while sent < count:
-            n: int = self.sendmmsg(fd, self.tx_at + sent * ctypes.sizeof(_MMsgHdr), count - sent, socket.MSG_DONTWAIT)
+            n: int = self.sendmmsg(fd, self.tx_at + sent * ctypes.sizeof(MMsgHdr), count - sent, socket.MSG_DONTWAIT)
             if n <= 0:
                 if ctypes.get_errno() == errno.EINTR:
                     continue
@@ -179,7 +145,7 @@ def _load(
     ep = select.epoll()
     sent = answered = lost = bad = 0
     request = binding_request()  # the same bytes each time: the server does not track transactions
-    mmsg = _libc_mmsg() if io == "mmsg" else None
+    mmsg = MMSG if io == "mmsg" else None
     batch = _Batch(min(64, inflight), request, mmsg) if mmsg is not None else None
     cpu0 = time.process_time()
 
@@ -255,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
     ap.add_argument("--resend", type=float, default=0.2, help="seconds without an answer before a socket's "
                     "requests count as lost and are sent again (default 0.2)")  # fmt: skip
-    ap.add_argument("--io", choices=["mmsg", "plain"], default="mmsg" if _libc_mmsg() else "plain",
+    ap.add_argument("--io", choices=["mmsg", "plain"], default="mmsg" if MMSG else "plain",
                     help="mmsg: one recvmmsg + one sendmmsg per ready socket (Linux, the default there); "
                     "plain: one recv + one send per datagram")  # fmt: skip
     args = ap.parse_args(argv)
@@ -263,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--procs 1..64, --sockets 1..4096, --inflight 1..64")
     if not 0 < args.duration <= 600 or not 0 < args.resend <= 10:
         ap.error("--duration must be 0..600 s and --resend 0..10 s")
-    if args.io == "mmsg" and _libc_mmsg() is None:
+    if args.io == "mmsg" and MMSG is None:
         ap.error("--io mmsg needs Linux's recvmmsg/sendmmsg")
     host, _, port = args.target.rpartition(":")
     target = (host.strip("[]"), int(port))

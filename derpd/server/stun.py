@@ -59,6 +59,7 @@ import trio
 
 from derpd.base import log
 from derpd.net.addr import bind_sockets, format_addr
+from derpd.net.mmsg import MMSG, IOVec, MMsgHdr, MsgHdr
 from stun.codec import (
     MAX_REPLY_RATIO,
     RequestKind,
@@ -192,64 +193,16 @@ def _grow_receive_buffer(sock: socket.socket) -> None:
         log.debug("stun_receive_buffer", error=str(exc))
 
 
-# -- recvmmsg / sendmmsg ---------------------------------------------------------------------
+# -- recvmmsg / sendmmsg (derpd.net.mmsg) ----------------------------------------------------
 
-
-class _IOVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-class _MsgHdr(ctypes.Structure):
-    # The kernel's struct user_msghdr (what glibc's and musl's msghdr amount to on Linux).
-    _fields_ = [
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.c_void_p),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_uint32),
-    ]
-
-
-class _MMsgHdr(ctypes.Structure):
-    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint32)]
-
-
-def _load_mmsg() -> tuple[Any, Any] | None:
-    """libc's recvmmsg and sendmmsg, or None where they cannot be used safely.
-
-    The buffers below are read and written through ``unsigned long`` and ``uint32`` views, so
-    pointers and ``size_t`` must be the size of an ``unsigned long`` (true on every Linux ABI
-    but x32) and every field must sit on its own size.
-    """
-    if sys.platform != "linux":
-        return None
-    word = ctypes.sizeof(ctypes.c_ulong)
-    if not ctypes.sizeof(ctypes.c_void_p) == ctypes.sizeof(ctypes.c_size_t) == word:
-        return None
-    if ctypes.sizeof(_MMsgHdr) % word or _MsgHdr.msg_namelen.offset % 4 or _MMsgHdr.msg_len.offset % 4:
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
-    except (OSError, AttributeError):
-        return None
-    recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
-    recvmmsg.restype = ctypes.c_int
-    sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-    sendmmsg.restype = ctypes.c_int
-    return recvmmsg, sendmmsg
-
-
-_MMSG: Final = _load_mmsg()
+_MMSG: Final = MMSG
 _WORD: Final = ctypes.sizeof(ctypes.c_ulong)
-_MSG_SIZE: Final = ctypes.sizeof(_MMsgHdr)
+_MSG_SIZE: Final = ctypes.sizeof(MMsgHdr)
 _MSG_U32: Final = _MSG_SIZE // 4  # a message's stride in the uint32 view
 _MSG_WORDS: Final = _MSG_SIZE // _WORD  # and in the unsigned long view
-_MSGLEN: Final = _MMsgHdr.msg_len.offset // 4
-_NAME: Final = _MsgHdr.msg_name.offset // _WORD
-_CONTROLLEN: Final = _MsgHdr.msg_controllen.offset // _WORD
+_MSGLEN: Final = MMsgHdr.msg_len.offset // 4
+_NAME: Final = MsgHdr.msg_name.offset // _WORD
+_CONTROLLEN: Final = MsgHdr.msg_controllen.offset // _WORD
 _NAME_SIZE: Final = 32  # sockaddr_in6 (28 bytes), rounded up
 _REPLY_SIZE: Final = 256  # the largest reply the codec builds is under 100 bytes
 _USUAL_REPLY: Final = 32  # Go's answer to a Tailscale request from IPv4
@@ -292,7 +245,7 @@ class _BatchIO:
         self.tx_control = bytearray(max(1, slots * self.control_size))
         self.rx_msgs = bytearray(slots * _MSG_SIZE)
         self.tx_msgs = bytearray(slots * _MSG_SIZE)
-        self.iovecs = bytearray(2 * slots * ctypes.sizeof(_IOVec))
+        self.iovecs = bytearray(2 * slots * ctypes.sizeof(IOVec))
         # The kernel gets raw addresses of these buffers: each stays exported (so it cannot be
         # resized or closed, and never moves) for as long as this object lives.
         self._pins: list[ctypes.Array[ctypes.c_char]] = []
@@ -302,9 +255,9 @@ class _BatchIO:
         rx_control_at, tx_control_at = self._address(self.rx_control), self._address(self.tx_control)
         self.rx_at, self.tx_at = self._address(self.rx_msgs), self._address(self.tx_msgs)
         self.names_at = names_at
-        iov = (_IOVec * (2 * slots)).from_buffer(self.iovecs)
-        rx = (_MMsgHdr * slots).from_buffer(self.rx_msgs)
-        tx = (_MMsgHdr * slots).from_buffer(self.tx_msgs)
+        iov = (IOVec * (2 * slots)).from_buffer(self.iovecs)
+        rx = (MMsgHdr * slots).from_buffer(self.rx_msgs)
+        tx = (MMsgHdr * slots).from_buffer(self.tx_msgs)
         for i in range(slots):
             iov[i].iov_base, iov[i].iov_len = data_at + i * RECV_BUFFER_SIZE, RECV_BUFFER_SIZE
             iov[slots + i].iov_base, iov[slots + i].iov_len = replies_at + i * _REPLY_SIZE, _USUAL_REPLY
