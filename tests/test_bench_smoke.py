@@ -91,6 +91,26 @@ def _bench(*args: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
+def _module(module: str, *args: str, timeout: float = 60) -> tuple[dict[str, Any], str]:
+    """Run ``python -m bench.<module> ARGS``: its one JSON line (it must exit 0), and its stderr (the table)."""
+    out = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args], cwd=REPO, check=False, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.splitlines()
+    return json.loads(line), out.stderr
+
+
+def _target(tls: bool, derpd: tuple[str, int], derpd_tls: tuple[str, str, int]) -> tuple[str, int, list[str]]:
+    """The plain or the pinned-TLS server: (URL, pid, the TLS options a bench needs for it)."""
+    if tls:
+        url, pin, pid = derpd_tls
+        return url, pid, ["--cert-name", pin]
+    url, pid = derpd
+    return url, pid, []
+
+
 def _check(r: dict[str, Any], target: str) -> None:
     assert r.keys() >= KEYS
     assert r["target"] == target
@@ -195,39 +215,25 @@ def test_workers_cpu_per_process(tmp_path: Path) -> None:
 @pytest.mark.parametrize("tls", [False, True])
 def test_logins(tls: bool, derpd: tuple[str, int], derpd_tls: tuple[str, str, int]) -> None:
     """bench.logins: complete logins over plain HTTP and pinned TLS, no errors, the server's CPU read."""
-    if tls:
-        url, pin, pid = derpd_tls
-        extra = ["--cert-name", pin]
-    else:
-        (url, pid), extra = derpd, []
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.logins", "--url", url, "--server-pid", str(pid), "--duration", "1",
-         "--concurrency", "2", *extra],
-        cwd=REPO, check=False, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    (line,) = out.stdout.splitlines()
-    r = json.loads(line)
+    url, pid, extra = _target(tls, derpd, derpd_tls)
+    args = ("--url", url, "--server-pid", str(pid), "--duration", "1", "--concurrency", "2", *extra)
+    r, table = _module("logins", *args)
     assert r["target"] == url and r["tls"] == ("on" if tls else "off")
     assert r["logins"] > 0 and r["errors"] == {}, r
     assert r["server_cpu_s"] is not None and r["latency_ms"]["p50"] > 0
-    assert "logins/s" in out.stderr
+    assert "logins/s" in table
 
 
 def test_stun(tmp_path: Path) -> None:
     """bench.stun: a closed loop of binding requests against derpd's STUN port, answers counted."""
     ready = r"event=serving derp=127\.0\.0\.1:(\d+) tls=\w+ stun=127\.0\.0\.1:(\d+)"
     with _serve(tmp_path, "--dev", "--stun-port", "0", ready=ready) as (proc, _, m):
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.stun", "--target", f"127.0.0.1:{m.group(2)}", "--server-pid",
-             str(proc.pid), "--duration", "1", "--sockets", "4", "--inflight", "2"],
-            cwd=REPO, check=False, capture_output=True, text=True, timeout=60,
+        r, table = _module(
+            "stun", "--target", f"127.0.0.1:{m.group(2)}", "--server-pid", str(proc.pid), "--duration", "1",
+            "--sockets", "4", "--inflight", "2",
         )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    (line,) = out.stdout.splitlines()
-    r = json.loads(line)
     assert r["answered"] > 0 and r["bad"] == 0 and r["answered"] <= r["sent"], r
-    assert r["server_cpu_s"] is not None and "resp/s" in out.stderr
+    assert r["server_cpu_s"] is not None and "resp/s" in table
 
 
 @pytest.mark.parametrize("engine", [["--engine", "raw", "--procs", "2"], ["--engine", "client"]])
@@ -235,13 +241,7 @@ def test_logins_engines(engine: list[str], derpd: tuple[str, int]) -> None:
     """bench.logins: the raw engine split over load processes, and derpd's own client, both complete
     logins (the 101 path over plain HTTP) and report what the load cost."""
     url, pid = derpd
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.logins", "--url", url, "--server-pid", str(pid), "--duration", "1",
-         "--concurrency", "3", *engine],
-        cwd=REPO, check=False, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    r = json.loads(out.stdout)
+    r, _ = _module("logins", "--url", url, "--server-pid", str(pid), "--duration", "1", "--concurrency", "3", *engine)
     assert r["engine"] == engine[1] and r["procs"] == (2 if engine[1] == "raw" else 1)
     assert r["logins"] > 0 and r["errors"] == {} and r["logins_by_path"] == {"fast_start": 0, "upgrade": r["logins"]}
     assert r["load_cpu_s"] > 0 and r["server_ms_per_login"] is not None
@@ -251,26 +251,18 @@ def test_logins_engines(engine: list[str], derpd: tuple[str, int]) -> None:
 def test_idle(tls: bool, derpd: tuple[str, int], derpd_tls: tuple[str, str, int]) -> None:
     """bench.idle: idle clients logged in and held (plain and pinned TLS), the server's RSS read three
     times, everything closed; no memory threshold, only that the figures are there."""
-    if tls:
-        url, pin, pid = derpd_tls
-        extra = ["--cert-name", pin]
-    else:
-        (url, pid), extra = derpd, []
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.idle", "--url", url, "--server-pid", str(pid), "--connections", "20",
-         "--concurrency", "4", "--warmup", "2", "--settle", "0.2", "--timeout", "60", *extra],
-        cwd=REPO, check=False, capture_output=True, text=True, timeout=90,
+    url, pid, extra = _target(tls, derpd, derpd_tls)
+    r, table = _module(
+        "idle", "--url", url, "--server-pid", str(pid), "--connections", "20", "--concurrency", "4", "--warmup", "2",
+        "--settle", "0.2", "--timeout", "60", *extra, timeout=90,
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    (line,) = out.stdout.splitlines()
-    r = json.loads(line)
     assert r["target"] == url and r["tls"] == ("on" if tls else "off")
     assert r["held"] == 20 and r["errors"] == {}, r
     assert sum(r["logins_by_path"].values()) == 22
     server = r["server"]
     assert server["baseline_mb"] > 0 and server["loaded_mb"] > 0 and server["closed_mb"] > 0
     assert server["kb_per_connection"] is not None and server["processes"][0]["pid"] == pid
-    assert "KB/conn" in out.stderr
+    assert "KB/conn" in table
 
 
 def test_idle_refuses_a_remote_target() -> None:
