@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +107,18 @@ async def send_until_delivered(src: DerpClient, dst: DerpClient, data: bytes, li
                 got = await dst.recv_packet()
                 assert (got.src, got.data) == (src.public_key, data)
                 return got
+
+
+@contextmanager
+def derpd_logger(caplog: pytest.LogCaptureFixture, level: int) -> Iterator[pytest.LogCaptureFixture]:
+    """Capture the "derpd" logger at ``level`` even if something set propagate=False on it (log.setup
+    does), and put the logger back as it was."""
+    logger = logging.getLogger("derpd")
+    old_level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(level)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(old_level)

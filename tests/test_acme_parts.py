@@ -41,7 +41,7 @@ from derpd.proto.keys import NodePrivate
 from derpd.server.challenges import ChallengeBook, tls_alpn_server_name
 from derpd.server.node import DerpServer
 
-from .conftest import start_server
+from .conftest import derpd_logger, start_server
 
 GUARD = 10.0
 # Never raw in a log line: C0 (tab too), DEL, C1, line separators, bidi controls, BOM (as tests/hostile).
@@ -51,15 +51,8 @@ RAW_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2
 @pytest.fixture
 def debug_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """Every line the "derpd" logger writes, debug included (log.setup may have stopped propagation)."""
-    logger = logging.getLogger("derpd")
-    old_level = logger.level
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(old_level)
+    with derpd_logger(caplog, logging.DEBUG) as captured:
+        yield captured
 
 
 # --- settings ------------------------------------------------------------------------------------

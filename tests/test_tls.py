@@ -40,6 +40,8 @@ from derpd.net.tls import (
 )
 from derpd.net.transport import SocketTransport, TLSTransport
 
+from .conftest import derpd_logger
+
 HOST = "derp.example.test"
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -52,15 +54,8 @@ def server_key() -> bytes:
 @pytest.fixture
 def derpd_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
     """Capture the "derpd" logger even if something set propagate=False on it (log.setup does)."""
-    logger = logging.getLogger("derpd")
-    old_level = logger.level
-    logger.addHandler(caplog.handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(old_level)
+    with derpd_logger(caplog, logging.INFO) as captured:
+        yield captured
 
 
 # --- helpers -------------------------------------------------------------------------------------------
