@@ -5,7 +5,10 @@ a read's worth of frames (``RelayServer.handle_frames``), it appends to the outb
 each one it touched, and at the end of that batch asks each to ``kick``: write everything queued
 in one non-blocking send. A destination whose kernel buffer is full hands the rest to its own
 writer task (``run``), which waits, under the write deadline, so that no reader ever waits for a
-slow receiver. Everything runs on one trio thread; who "owns" a field below means who may change
+slow receiver. The writer task starts the first time it is needed (most connections never fill
+their kernel buffer, and a task per connection is most of what a login costs), then stays for the
+connection. KeepAlive frames come from one ``KeepaliveTimer`` for the whole relay, which queues
+them and kicks like any other writer. Everything runs on one trio thread; who "owns" a field below means who may change
 it, knowing that nobody else does until it next awaits (derper's ``sclient`` says the same of its
 fields, for goroutines).
 
@@ -16,9 +19,12 @@ policy); control frames are never dropped.
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from itertools import count
+from typing import Final, Protocol
 
 import trio
 
@@ -66,10 +72,10 @@ class Flight:
 class Outbox:
     """Everything waiting to be written to one connection, and its writer task (``run``).
 
-    ``keepalive``: seconds between KeepAlive frames (``math.inf``: none, for an outbound mesh
-    link, whose peer sends them). ``counts_sent``: add packets written to ``packets_sent``
-    (a mesh link's ForwardPackets were counted when routed). ``close``: ends the connection
-    (a write error in ``kick``).
+    ``keepalive``: seconds between KeepAlive frames, sent by the relay's ``KeepaliveTimer``
+    (``math.inf``: none, for an outbound mesh link, whose peer sends them). ``counts_sent``: add
+    packets written to ``packets_sent`` (a mesh link's ForwardPackets were counted when routed).
+    ``close``: ends the connection (a write error in ``kick``).
     """
 
     __slots__ = (
@@ -86,9 +92,11 @@ class Outbox:
         "express_pkts",
         "flight",
         "keepalive",
+        "keepalive_scheduled",
         "pong",
         "q_disco",
         "q_other",
+        "start_writer",
         "stats",
         "transport",
         "write_timeout",
@@ -128,10 +136,16 @@ class Outbox:
         # The routing task, within one handle_frames call (set when touched, cleared at its kick).
         self.dirty = False
 
-        # Set by kick() (the routing task) when the kernel is full, or by the writer task (a
-        # keepalive is due); cleared only by the writer task once nothing is left. While set, the
-        # writer task owns the transport's output and `flight`; kick() writes nothing.
+        # Set by kick() (the routing task) when the kernel is full; cleared only by the writer task
+        # once nothing is left. While set, the writer task owns the transport's output and
+        # `flight`; kick() writes nothing.
         self.writing = False
+        # Starts the writer task (``run``) in the connection's nursery: set by the connection while
+        # it runs, and called (then forgotten) by the first kick() that needs it. Until then the
+        # connection has no writer task; afterwards kick() wakes the one it has.
+        self.start_writer: Callable[[], None] | None = None
+        # In the KeepaliveTimer's schedule (the timer's, and the connection's when it ends).
+        self.keepalive_scheduled = False
         # Whoever owns the output: kick() while not `writing`, the writer task while it is.
         self.flight = Flight()
         self.bytes_out = 0
@@ -139,8 +153,10 @@ class Outbox:
         # Set once, by the connection's close() (any task): nothing more is written.
         self.closed = False
 
-        self._lot = trio.lowlevel.ParkingLot()  # the writer task waits here for work
-        self._idle = trio.lowlevel.ParkingLot()  # flushed() waits here for the writer to finish
+        # Made by the first that needs one (most connections never do): the writer task waits
+        # in `_lot` for work, flushed() in `_idle` for the writer to finish.
+        self._lot: trio.lowlevel.ParkingLot | None = None
+        self._idle: trio.lowlevel.ParkingLot | None = None
 
     # --- queueing (the routing task) --------------------------------------------------------
 
@@ -175,7 +191,11 @@ class Outbox:
     def close(self) -> None:
         """Write nothing more (the connection's close() calls this); wakes flushed()."""
         self.closed = True
-        self._idle.unpark_all()
+        self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.unpark_all()
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -252,7 +272,12 @@ class Outbox:
         self.bytes_out += n
         self.flight.data = memoryview(data)[n:]
         self.writing = True
-        self._lot.unpark()
+        start = self.start_writer
+        if start is not None:
+            self.start_writer = None
+            start()
+        elif self._lot is not None:
+            self._lot.unpark()
 
     async def _send(self, data: bytes | bytearray | memoryview) -> None:
         timeout = self.write_timeout
@@ -269,24 +294,16 @@ class Outbox:
                 await send_all(piece)
 
     async def run(self) -> None:
-        """The writer task: finishes what kick() could not write, and sends the keepalives.
-        Raises WriteTimeout, or the transport's error, when a write fails."""
-        interval = self.keepalive
-        next_keepalive = trio.current_time() + interval  # math.inf: never
-        lot = self._lot
+        """The writer task: finishes what kick() could not write, then waits for the next such
+        batch. Started on the first one (``start_writer``). Raises WriteTimeout, or the
+        transport's error, when a write fails."""
+        lot = self._lot = trio.lowlevel.ParkingLot()
         flight = self.flight
         try:
             while True:
                 if not self.writing:
-                    with trio.move_on_at(next_keepalive):
-                        await lot.park()
-                    now = trio.current_time()
-                    if now >= next_keepalive:
-                        next_keepalive = now + interval
-                        self.ctrl.append(KEEP_ALIVE_FRAME)
-                        self.writing = True
-                    if not self.writing:
-                        continue
+                    await lot.park()
+                    continue
                 try:
                     while True:
                         data: bytes | bytearray | memoryview | None = flight.data
@@ -304,12 +321,102 @@ class Outbox:
                     self._batch_failed()
                     raise
                 self.writing = False
-                self._idle.unpark_all()
+                self._wake_idle()
         finally:
-            self._idle.unpark_all()
+            self._wake_idle()
 
     async def flushed(self) -> None:
         """Wait until the writer task has written everything it had (or the connection closed).
         What kick() could write at once never waits; bound this with the caller's cancel scope."""
         while self.writing and not self.closed:
+            if self._idle is None:
+                self._idle = trio.lowlevel.ParkingLot()
             await self._idle.park()
+
+
+KEEPALIVE_BATCH: Final = 512  # KeepAlives sent before the timer yields to the rest of the relay
+
+
+class KeepaliveTimer:
+    """Every connection's KeepAlive frames, from one task (``run``) for the whole relay.
+
+    Why: a timer per connection means a task per connection waiting on it, a few KB each and
+    the cost of starting one at every login. Here each outbox has one entry in a heap ordered
+    by when its next KeepAlive is due. A KeepAlive is queued as a control frame and kicked, so
+    it is written at once, or by the writer task behind what is already waiting. Each outbox
+    keeps its own interval (the relay draws its jitter once per connection), and its ticks
+    stay on its own grid (due, due + interval, ...) as a Go ticker's do; a tick the timer is
+    late for by more than an interval is skipped, not sent twice.
+
+    A connection that ends is only marked (``discard``); its entry leaves when it comes up,
+    or when marked entries are most of the heap (a reconnect storm), which rebuilds it.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Outbox]] = []
+        self._seq = count()  # ties never compare outboxes
+        self._discarded = 0  # entries in the heap whose outbox was discarded
+        self._wake: trio.CancelScope | None = None  # the run task's wait, while it waits
+        self.sent = 0  # KeepAlive frames queued
+
+    def __len__(self) -> int:
+        """Outboxes scheduled."""
+        return len(self._heap) - self._discarded
+
+    def add(self, box: Outbox, now: float) -> None:
+        """Schedule ``box``'s KeepAlives, the first one ``box.keepalive`` seconds after ``now``."""
+        if box.keepalive == math.inf or box.keepalive_scheduled:
+            return
+        box.keepalive_scheduled = True
+        self._push(now + box.keepalive, box)
+
+    def discard(self, box: Outbox) -> None:
+        """``box``'s connection ended: send it nothing more."""
+        if not box.keepalive_scheduled:
+            return
+        box.keepalive_scheduled = False
+        self._discarded += 1
+        heap = self._heap
+        if self._discarded > KEEPALIVE_BATCH and self._discarded * 2 > len(heap):
+            heap[:] = [entry for entry in heap if entry[2].keepalive_scheduled]
+            heapq.heapify(heap)
+            self._discarded = 0
+
+    def _push(self, due: float, box: Outbox) -> None:
+        heapq.heappush(self._heap, (due, next(self._seq), box))
+        wake = self._wake
+        if wake is not None and due < wake.deadline:
+            wake.deadline = due
+
+    def fire(self, now: float) -> int:
+        """Queue the KeepAlives due at ``now`` (at most KEEPALIVE_BATCH); how many were due."""
+        heap = self._heap
+        fired = 0
+        while heap and heap[0][0] <= now and fired < KEEPALIVE_BATCH:
+            due, _, box = heapq.heappop(heap)
+            if not box.keepalive_scheduled:
+                self._discarded -= 1
+                continue
+            fired += 1
+            if box.closed:
+                box.keepalive_scheduled = False
+                continue
+            box.ctrl.append(KEEP_ALIVE_FRAME)
+            self.sent += 1
+            box.kick()
+            interval = box.keepalive
+            due += interval
+            if due <= now:  # late by a whole interval (a stalled process): skip, as a Go ticker does
+                due = now + interval
+            heapq.heappush(heap, (due, next(self._seq), box))
+        return fired
+
+    async def run(self) -> None:
+        """Send KeepAlives as they fall due, until cancelled."""
+        heap = self._heap
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as wait:
+                self._wake = wait
+                await trio.sleep_forever()
+            self._wake = None
+            self.fire(trio.current_time())

@@ -65,7 +65,7 @@ from derpd.proto.keys import KEY_LEN, NodeKey, NodePrivate, mesh_keys_equal, pub
 from derpd.server.admission import Verdict
 from derpd.server.connlog import ConnectionLog
 from derpd.server.limits import RateConfig, TokenBucket
-from derpd.server.outbox import RECV_PREFIX_LEN, ConnectionClosed, Outbox, WriteTimeout
+from derpd.server.outbox import RECV_PREFIX_LEN, ConnectionClosed, KeepaliveTimer, Outbox, WriteTimeout
 
 DROP_REASONS = (
     "unknown_dest",
@@ -318,15 +318,26 @@ class ClientConn:
     # --- lifecycle ----------------------------------------------------------------
 
     async def run(self, read_loop: Callable[[], Awaitable[None]]) -> None:
-        """Run ``read_loop`` (this connection's reader) and the outbox's writer task until
-        either ends or close() is called; the reason is in ``close_reason``."""
-        async with trio.open_nursery() as nursery:
-            self.cancel_scope = nursery.cancel_scope
-            if self.closed:
+        """Run ``read_loop`` (this connection's reader), and the outbox's writer task once it is
+        needed, until either ends or close() is called; the reason is in ``close_reason``."""
+        outbox = self.outbox
+        try:
+            async with trio.open_nursery() as nursery:
+                self.cancel_scope = nursery.cancel_scope
+                if self.closed:
+                    nursery.cancel_scope.cancel()
+
+                def start_writer() -> None:
+                    nursery.start_soon(self._guard, outbox.run)
+
+                if outbox.writing:  # the login's frames did not fit already
+                    start_writer()
+                else:
+                    outbox.start_writer = start_writer
+                await self._guard(read_loop)
                 nursery.cancel_scope.cancel()
-            nursery.start_soon(self._guard, self.outbox.run)
-            await self._guard(read_loop)
-            nursery.cancel_scope.cancel()
+        finally:
+            outbox.start_writer = None  # the nursery is gone
 
     async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -478,8 +489,10 @@ class RelayServer:
         self.config = config or RelayConfig()
         self.clock = clock
         self.stats = RelayStats()
-        # Reads every busy plain/TLS client connection in one task, once ``run_pump`` runs.
+        # Reads every busy plain/TLS client connection in one task, and sends every connection's
+        # KeepAlives from another, once ``run_tasks`` runs.
         self.pump = ReadPump()
+        self.keepalives = KeepaliveTimer()
         self.clients: dict[bytes, ClientConn] = {}  # key -> the connection that gets its packets
         self.keys: dict[bytes, _KeyConns] = {}
         self.watchers: set[ClientConn] = set()
@@ -559,8 +572,10 @@ class RelayServer:
                 log.event(level, "client_connected", **_who(conn), mesh=can_mesh or None, app=app)
             try:
                 conn.outbox.kick()
+                self.keepalives.add(conn.outbox, trio.current_time())
                 await conn.run(partial(conn.read_loop, login.take_reader()))
             finally:
+                self.keepalives.discard(conn.outbox)
                 self._unregister(conn)
                 reason = conn.close_reason or "server shutdown"
                 now = self.clock()
@@ -647,9 +662,12 @@ class RelayServer:
         for key in [k for k, links in self.forwarders.items() if link in links]:
             self.remove_forwarder(key, link)
 
-    async def run_pump(self) -> None:
-        """Read client connections through the pump until cancelled (the node runs this)."""
-        await self.pump.run()
+    async def run_tasks(self) -> None:
+        """The relay's own tasks, until cancelled (the node runs this): the read pump and the
+        KeepAlive timer."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.pump.run)
+            nursery.start_soon(self.keepalives.run)
 
     def set_rate(self, rate: RateConfig) -> None:
         """A new per-client receive limit for everyone connected and everyone to come."""
