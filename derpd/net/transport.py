@@ -147,11 +147,15 @@ class SocketTransport:
         except OSError:
             pass
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close now (nothing to wait for)."""
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+
+    async def aclose(self) -> None:
+        self.close()
         await trio.lowlevel.checkpoint()
 
 
@@ -319,6 +323,11 @@ class TLSTransport:
             del backlog[:sent]
 
     async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """Close now: a close_notify if the kernel takes it at once, never waiting."""
         if not self._closed:
             self._closed = True
             try:  # a close_notify, best effort, never waiting
@@ -332,7 +341,17 @@ class TLSTransport:
                     pass
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
-        await trio.lowlevel.checkpoint()
+
+
+async def close_transport(transport: Transport) -> None:
+    """Close ``transport``, even inside a cancelled scope. A socket or TLS transport closes at once:
+    no shielded scope and no trip through the scheduler, which every login and logout would pay
+    for; any other (WebSocket) gets a shielded ``aclose``."""
+    if isinstance(transport, SocketTransport | TLSTransport):
+        transport.close()
+    else:
+        with trio.CancelScope(shield=True):
+            await transport.aclose()
 
 
 class StreamTransport:

@@ -35,7 +35,7 @@ from derpd.net.httpserver import (
     read_first,
     request_path,
 )
-from derpd.net.transport import Transport
+from derpd.net.transport import Transport, close_transport
 from derpd.net.websocket import WebSocketError, WebSocketTransport, wants_derp
 from derpd.proto.frames import PROTOCOL_VERSION
 from derpd.proto.httphead import RequestHead
@@ -125,8 +125,7 @@ class HttpFront:
             log.info("http_bad_request", remote=_remote(transport), reason=Peer(str(e)))
         finally:
             if not handed_off:
-                with trio.CancelScope(shield=True):
-                    await transport.aclose()
+                await close_transport(transport)
 
     async def _dispatch(self, http: HttpServerConnection, req: h11.Request) -> bool:
         """Answer one request; True when the connection was handed to DERP."""

@@ -20,7 +20,7 @@ from derpd.base.text import Peer
 from derpd.net.addr import ActivatedSockets, bind_sockets, bind_unix, format_addr
 from derpd.net.httpserver import HEAD_TIMEOUT, accept_forever
 from derpd.net.tls import CertStore
-from derpd.net.transport import SocketTransport, TLSTransport, Transport
+from derpd.net.transport import SocketTransport, TLSTransport, Transport, close_transport
 from derpd.proto.keys import NodePrivate, public_key_text
 from derpd.proto.proxyproto import Network, ProxyHeaderReader, ProxyProtocolError, is_trusted
 from derpd.proto.tlshello import ClientHello, ClientHelloError, ClientHelloReader
@@ -307,8 +307,7 @@ class DerpServer:
             log.exception("internal_error", remote=format_addr(transport.remote))
         finally:
             if transport.sock.fileno() >= 0:  # not closed already by whoever took the connection over
-                with trio.CancelScope(shield=True):
-                    await transport.aclose()
+                await close_transport(transport)
 
     async def _serve_connection(self, transport: SocketTransport) -> None:
         initial = b""

@@ -28,7 +28,7 @@ from derpd.base import log
 from derpd.base.text import Peer
 from derpd.net.addr import format_addr
 from derpd.net.pump import ReadPump, Released
-from derpd.net.transport import SocketTransport, TLSTransport, Transport
+from derpd.net.transport import SocketTransport, TLSTransport, Transport, close_transport
 from derpd.proto.connection import NEED_DATA, ClientHello, DerpConnection, Role
 from derpd.proto.frames import (
     DISCO_MAGIC,
@@ -591,8 +591,7 @@ class RelayServer:
                         bytes_out=conn.outbox.bytes_out,
                     )
         finally:
-            with trio.CancelScope(shield=True):
-                await transport.aclose()
+            await close_transport(transport)
 
     async def _admit(self, key: NodeKey, transport: Transport, conn_id: int) -> bool:
         """Mesh peers never get here; everyone else passes every configured check or is closed."""
