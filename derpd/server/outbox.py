@@ -6,11 +6,11 @@ each one it touched, and at the end of that batch asks each to ``kick``: write e
 in one non-blocking send. A destination whose kernel buffer is full hands the rest to its own
 writer task (``run``), which waits, under the write deadline, so that no reader ever waits for a
 slow receiver. The writer task starts the first time it is needed (most connections never fill
-their kernel buffer, and a task per connection is most of what a login costs), then stays for the
-connection. KeepAlive frames come from one ``KeepaliveTimer`` for the whole relay, which queues
-them and kicks like any other writer. Everything runs on one trio thread; who "owns" a field below means who may change
-it, knowing that nobody else does until it next awaits (derper's ``sclient`` says the same of its
-fields, for goroutines).
+their kernel buffer, and starting a task per connection was a good part of what a login cost),
+then stays for the connection. KeepAlive frames come from one ``KeepaliveTimer`` for the whole
+relay, which queues them and kicks like any other writer. Everything runs on one trio thread; who
+"owns" a field below means who may change it, knowing that nobody else does until it next awaits
+(derper's ``sclient`` says the same of its fields, for goroutines).
 
 The order of a batch is fixed: control frames, the pong, disco packets, packets written straight
 through (runs, ``express``), then the queue. Queues are bounded by the caller (the relay's drop
@@ -364,7 +364,8 @@ class KeepaliveTimer:
         return len(self._heap) - self._discarded
 
     def add(self, box: Outbox, now: float) -> None:
-        """Schedule ``box``'s KeepAlives, the first one ``box.keepalive`` seconds after ``now``."""
+        """Schedule ``box``'s KeepAlives, the first one ``box.keepalive`` seconds after ``now``
+        (once per connection: at login, before anything can discard it)."""
         if box.keepalive == math.inf or box.keepalive_scheduled:
             return
         box.keepalive_scheduled = True
