@@ -27,15 +27,14 @@ import argparse
 import ipaddress
 import json
 import resource
-import ssl
 import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
 
+from bench.options import add_tls_options, client_context, dial_address
 from bench.relay import BenchError, sample_tree
 from derpd.net.client import DerpClient
 from derpd.proto.keys import NodePrivate
@@ -109,16 +108,8 @@ class Opener:
     def __init__(self, args: argparse.Namespace, keys: list[NodePrivate]) -> None:
         self.url = args.url
         self.cert_name = args.cert_name
-        self.ctx: ssl.SSLContext | None = None
-        if args.url.startswith("https://") and not args.cert_name:
-            self.ctx = ssl.create_default_context(cafile=args.ca_file)
-            if args.insecure:
-                self.ctx.check_hostname = False
-                self.ctx.verify_mode = ssl.CERT_NONE
-        self.dial: tuple[str, int] | None = None
-        if args.dial:
-            host, _, port = args.dial.rpartition(":")
-            self.dial = (host.strip("[]"), int(port))
+        self.ctx = client_context(args)
+        self.dial = dial_address(args) if args.dial else None
         self.keys = keys
         self.next_key = 0
         self.errors: dict[str, int] = {}
@@ -222,9 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.idle", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", required=True, help="the DERP URL, http:// or https:// (a loopback host)")
     ap.add_argument("--dial", help="HOST:PORT to connect to instead of the URL's host (loopback)")
-    ap.add_argument("--cert-name", help="the node's CertName: a sha256-raw:<hex> pin, or the name to verify")
-    ap.add_argument("--ca-file", help="PEM of CAs to trust for https:// instead of the system's")
-    ap.add_argument("--insecure", action="store_true", help="do not verify the certificate at all")
+    add_tls_options(ap)
     ap.add_argument("--server-pid", type=int, required=True, help="the server's PID (its RSS is what is measured)")
     ap.add_argument("--connections", type=int, default=1000, help=f"idle clients to hold (1..{MAX_CONNECTIONS})")
     ap.add_argument("--concurrency", type=int, default=32, help="logins in flight at once (default 32)")
@@ -236,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--connections must be 1..{MAX_CONNECTIONS} and --concurrency 1..1024")
     if not 0 <= args.warmup <= 1000 or not 0 <= args.settle <= 60 or not 0 < args.timeout <= 600:
         ap.error("--warmup must be 0..1000, --settle 0..60 s, --timeout 0..600 s")
-    host = args.dial.rpartition(":")[0] if args.dial else (urlsplit(args.url).hostname or "")
+    host = dial_address(args)[0]
     if not _is_loopback(host):
         ap.error(f"loopback only: {host!r} is not a loopback address (give --dial 127.0.0.1:PORT)")
     try:

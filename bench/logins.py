@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from bench.options import add_tls_options, client_context, dial_address
 from bench.relay import tree_cpu_seconds
 from derpd.net.client import DerpClient
 from derpd.proto.frames import PROTOCOL_VERSION, ClientInfo, FrameType, client_info_frame
@@ -62,31 +63,12 @@ def _percentile(sorted_values: list[float] | array[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
 
 
-def _dial(args: argparse.Namespace) -> tuple[str, int]:
-    if args.dial:
-        host, _, port = args.dial.rpartition(":")
-        return host.strip("[]"), int(port)
-    parts = urlsplit(args.url)
-    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-
-
-def _client_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    """What DerpClient verifies with (None: its own choice for ``--cert-name`` or the system's CAs)."""
-    if not args.url.startswith("https://") or args.cert_name:
-        return None
-    ctx = ssl.create_default_context(cafile=args.ca_file)
-    if args.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 # --- the client engine: derpd's own DerpClient for every login ------------------------------------
 
 
 async def _run_client(args: argparse.Namespace) -> dict[str, object]:
-    ctx = _client_context(args)
-    dial = _dial(args) if args.dial else None
+    ctx = client_context(args)
+    dial = dial_address(args) if args.dial else None
     keys = [NodePrivate.generate() for _ in range(KEYS_PER_SLOT * args.concurrency)]  # not measured
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -131,10 +113,10 @@ def _own_cpu() -> float:
 
 async def _probe(args: argparse.Namespace) -> tuple[bytes, bool]:
     """The server's key and whether it offers fast start, from one login with the full verification."""
-    dial = _dial(args) if args.dial else None
+    dial = dial_address(args) if args.dial else None
     with trio.fail_after(LOGIN_TIMEOUT):
         client = await DerpClient.connect(
-            args.url, NodePrivate.generate(), ssl_context=_client_context(args), dial=dial, cert_name=args.cert_name
+            args.url, NodePrivate.generate(), ssl_context=client_context(args), dial=dial, cert_name=args.cert_name
         )
     try:
         return bytes(client.server_key), bool(client.fast_start)
@@ -167,7 +149,7 @@ def _plan(args: argparse.Namespace, server_key: bytes, fast_start: bool) -> _Pla
     if fast_start:
         lines.append("Derp-Fast-Start: 1")
     request = ("\r\n".join(lines) + "\r\n\r\n").encode()
-    address = _dial(args)
+    address = dial_address(args)
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     ctx: ssl.SSLContext | None = None
     name: str | None = None
@@ -526,9 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.logins", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", required=True, help="the DERP URL, http:// or https://")
     ap.add_argument("--dial", help="HOST:PORT to connect to instead of the URL's host (TLS still uses its name)")
-    ap.add_argument("--cert-name", help="the node's CertName: a sha256-raw:<hex> pin, or the name to verify")
-    ap.add_argument("--ca-file", help="PEM of CAs to trust for https:// instead of the system's")
-    ap.add_argument("--insecure", action="store_true", help="do not verify the certificate at all")
+    add_tls_options(ap)
     ap.add_argument("--server-pid", type=int, help="the server's PID, for its CPU time per login")
     ap.add_argument("--concurrency", type=int, default=8, help="logins in flight at once (default 8)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")

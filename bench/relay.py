@@ -31,6 +31,7 @@ from typing import Any
 from derpd.proto.frames import MAX_PACKET_SIZE
 
 from .loadgen import MIN_SIZE, RECV_BUF, Target, WorkerConfig, hist_lower, hist_percentiles, parse_url, worker_main
+from .options import add_tls_options
 
 MODES = ("per-packet", "batched")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -491,13 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--sweep", action="store_true", help="pairs × size × mode matrix, baseline and --url")
     tgt.add_argument("--server-pid", type=int, help="CPU and RSS of this process and its children, from /proc")
     tls = ap.add_argument_group("TLS (https:// URLs)")
-    tls.add_argument(
-        "--cert-name",
-        help="the DERP node's CertName: sha256-raw:<hex> pins the leaf (self-signed IP certificate), "
-        "a name is verified (and sent as SNI) instead of the URL's host",
-    )
-    tls.add_argument("--ca-file", help="PEM file of CA certificates to trust instead of the system's")
-    tls.add_argument("--insecure", action="store_true", help="do not verify the server's certificate at all")
+    add_tls_options(tls)
     tls.add_argument(
         "--no-fast-start",
         action="store_true",
