@@ -62,6 +62,17 @@ def https_url(server: DerpServer) -> str:
     return f"https://127.0.0.1:{server.port}/derp"
 
 
+async def tls13_and_tls12_clients(nursery: trio.Nursery, certdir: Path) -> tuple[DerpServer, DerpClient, DerpClient]:
+    """A TLS server for HOST with a certificate from a fresh CA, and two clients of it: one over
+    TLS 1.3 (fast start) and one held to TLS 1.2 (the 101 path)."""
+    ca = trustme.CA()
+    issue(ca, certdir)
+    server = await tls_server(nursery, certdir)
+    fast = await DerpClient.connect(https_url(server), cert_name=HOST, ssl_context=trusting(ca))
+    slow = await DerpClient.connect(https_url(server), cert_name=HOST, ssl_context=trusting(ca, tls12=True))
+    return server, fast, slow
+
+
 async def relay_both_ways(a: DerpClient, b: DerpClient, payload: bytes = b"edge") -> None:
     with trio.fail_after(5):
         await a.send(b.public_key, payload)
@@ -74,11 +85,7 @@ async def relay_both_ways(a: DerpClient, b: DerpClient, payload: bytes = b"edge"
 
 
 async def test_tls13_takes_fast_start_and_tls12_the_101_path(nursery: trio.Nursery, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    issue(ca, tmp_path)
-    server = await tls_server(nursery, tmp_path)
-    fast = await DerpClient.connect(https_url(server), cert_name=HOST, ssl_context=trusting(ca))
-    slow = await DerpClient.connect(https_url(server), cert_name=HOST, ssl_context=trusting(ca, tls12=True))
+    server, fast, slow = await tls13_and_tls12_clients(nursery, tmp_path)
     async with fast, slow:
         assert fast.fast_start and fast.http_response is None  # the meta certificate was found
         assert not slow.fast_start and slow.http_response is not None and slow.http_response.status_code == 101

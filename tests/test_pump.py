@@ -22,7 +22,7 @@ from derpd.proto.frames import FrameType, pack_header
 from derpd.server.node import DerpServer
 
 from .conftest import start_server, url_of, wait_for
-from .test_edge import HOST, https_url, issue, relay_both_ways, tls_server, trusting
+from .test_edge import HOST, https_url, issue, relay_both_ways, tls13_and_tls12_clients, tls_server, trusting
 
 # --- ReadPump over socket pairs ------------------------------------------------------------
 
@@ -125,11 +125,7 @@ async def test_plain_clients_are_read_by_the_pump(nursery: trio.Nursery) -> None
 
 
 async def test_tls_clients_are_read_by_the_pump(nursery: trio.Nursery, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    issue(ca, tmp_path)
-    server = await tls_server(nursery, tmp_path)
-    fast = await DerpClient.connect(https_url(server), cert_name=HOST, ssl_context=trusting(ca))
-    slow = await DerpClient.connect(https_url(server), cert_name=HOST, ssl_context=trusting(ca, tls12=True))
+    server, fast, slow = await tls13_and_tls12_clients(nursery, tmp_path)
     async with fast, slow:
         await _pumped(server, 2)
         await relay_both_ways(fast, slow, b"x" * 1200)
