@@ -19,6 +19,17 @@ from derpd.server.node import DerpServer, ServerSettings
 from derpd.server.relay import RelayConfig
 
 REPO = Path(__file__).resolve().parents[1]
+
+# What a derpd child must not inherit from the process running the tests: systemd's socket, notify and
+# watchdog variables.
+SYSTEMD_ENV_PREFIXES = ("LISTEN_", "NOTIFY_", "WATCHDOG_")
+
+
+def child_env(*, derpd_settings: bool = False) -> dict[str, str]:
+    """This process's environment for a derpd child, without systemd's variables and (unless
+    ``derpd_settings``) without any DERPD_ setting, the suite's own DERPD_METRICS_ADDR included."""
+    drop = SYSTEMD_ENV_PREFIXES if derpd_settings else (*SYSTEMD_ENV_PREFIXES, "DERPD_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 # The golden vectors live in the repo (copied from Tailscale-generated ../shared/vectors) so a
 # fresh clone anywhere can run the suite; DERPD_VECTORS points elsewhere if wanted.
 VECTORS = Path(os.environ.setdefault("DERPD_VECTORS", str(REPO / "tests" / "vectors")))

@@ -25,6 +25,8 @@ import trio.testing
 from derpd.net.addr import InheritedSocket
 from derpd.ops import sdnotify
 
+from .conftest import child_env
+
 REPO = Path(__file__).resolve().parents[1]
 SERVICE = REPO / "systemd" / "derpd.service"
 SOCKET = REPO / "systemd" / "derpd.socket"
@@ -291,7 +293,7 @@ def _spawn_activated(
 ) -> subprocess.Popen[str]:
     """A child that inherits ``socks`` at fds 3.. the way systemd passes them; ours are closed."""
     high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 10) for s in socks]  # clear of 3, 4, ...
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
+    env = child_env(derpd_settings=True)
     env["PYTHONPATH"] = str(REPO)
     env["LISTEN_FDS"] = str(len(socks))
     if fdnames is not None:

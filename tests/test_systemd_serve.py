@@ -17,7 +17,7 @@ import trio
 from derpd.net.client import DerpClient
 from stun import codec as stun_codec
 
-from .conftest import send_until_delivered
+from .conftest import child_env, send_until_delivered
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ async def notifications(sock: trio.socket.SocketType, want: bytes, limit: float 
 
 def spawn(tmp_path: Path, notify_path: Path, inherit: list[socket.socket], args: list[str]) -> subprocess.Popen[bytes]:
     high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 10) for s in inherit]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
+    env = child_env(derpd_settings=True)
     env.update(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="300000", PYTHONPATH=str(REPO))
     try:
         cmd = [sys.executable, "-c", TRAMPOLINE, ",".join(map(str, high)), *args]
@@ -125,7 +125,7 @@ async def test_serve_under_systemd_with_socket_activation(tmp_path: Path) -> Non
 
 async def test_without_systemd_nothing_is_sent_and_it_binds_itself(tmp_path: Path) -> None:
     """No NOTIFY_SOCKET and no LISTEN_FDS: derpd runs exactly as before."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_"))}
+    env = child_env(derpd_settings=True)
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "derpd", "serve", "--dev", "--addr", "127.0.0.1:0", "--stun-port", "-1"],
         cwd=tmp_path,

@@ -5,7 +5,6 @@ notifications, DERP clients."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import socket
@@ -27,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from derpd.net.client import DerpClient
 from derpd.net.httpclient import start_tls
 
+from ..conftest import child_env
 from .pebble import stop_process, tail
 
 DERPD_CMD = [sys.executable, "-m", "derpd"]
@@ -73,7 +73,7 @@ def _go_duration(value: str) -> float:
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_", "DERPD_"))}
+    env = child_env()
     env["PYTHONPATH"] = str(REPO)
     env.update(extra or {})
     return env

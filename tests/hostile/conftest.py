@@ -37,6 +37,8 @@ from derpd.net.client import DerpClient
 from derpd.proto.frames import FRAME_HEADER_LEN, ClientInfo, FrameType, client_info_frame, encode_frame
 from derpd.proto.keys import KEY_LEN, NodePrivate
 
+from ..conftest import child_env
+
 PYTHON = [sys.executable]
 DERPD_CMD = [*PYTHON, "-m", "derpd"]
 START_TIMEOUT = 30.0
@@ -111,7 +113,7 @@ class Derpd:
     def start(self) -> None:
         self.starts += 1
         self.log_path = self.workdir / f"{self.name}-{self.starts}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_", "DERPD_"))}
+        env = child_env()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.command(),

@@ -26,6 +26,7 @@ import pytest
 from derpd.ops.keyfiles import load_key_file, load_or_create_key_file
 from derpd.proto.keys import KeyFileError
 
+from ..conftest import child_env
 from . import conftest
 from .conftest import Derpd
 
@@ -87,7 +88,7 @@ def _start_and_kill(forks: subprocess.Popen[str], key: Path, limit: float = 10.0
 
 def test_sigkill_during_key_creation(tmp_path: Path) -> None:
     keys = [tmp_path / f"try{i:02d}" / "state" / "derper.key" for i in range(TRIES)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_", "DERPD_"))}
+    env = child_env()
     forks = subprocess.Popen(
         [*conftest.PYTHON, "-c", FORK_SERVER],
         stdin=subprocess.PIPE,
