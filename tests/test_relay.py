@@ -21,6 +21,7 @@ from derpd.net.client import (
     PeerPresentMessage,
     ReceivedPacket,
 )
+from derpd.net.transport import SocketTransport
 from derpd.proto.frames import (
     DISCO_MAGIC,
     MAX_PACKET_SIZE,
@@ -347,8 +348,10 @@ async def test_stuck_reader_does_not_delay_others_and_is_dropped(
             await flooder.send_many([(stuck_key.public, blob)] * 4)
             await a.send(b.public_key, i.to_bytes(2, "big"))
             assert (await recv_data(b)).data == i.to_bytes(2, "big")
+        assert server.relay.writer_tasks >= 1  # the stuck client's, in the relay's nursery
         await wait_for(lambda: server.relay.stats.sclient_write_timeouts == 1, what="write timeout")
         await wait_for(lambda: stuck_key.public not in server.relay.clients, what="stuck client dropped")
+        await wait_for(lambda: server.relay.writer_tasks == 0, what="its writer task ended with it")
         await assert_relays(a, b)
     stuck.close()
     assert any(
@@ -357,6 +360,55 @@ async def test_stuck_reader_does_not_delay_others_and_is_dropped(
     st = server.relay.stats
     lost = st.dropped("gone_disconnected") + st.dropped("queue_head") + st.dropped("write_error")
     assert lost > 0  # what the stuck client never read is accounted for, not silently lost
+
+
+async def test_a_writer_waiting_on_a_full_kernel_ends_when_its_client_leaves(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery)
+    full_key = NodePrivate.generate()
+    full = await raw_login(server.port, server.key.public, full_key, rcvbuf=4096)
+    async with await DerpClient.connect(url_of(server)) as flooder:
+        await wait_for(lambda: full_key.public in server.relay.clients, what="client registered")
+        for _ in range(100):  # until the server's send buffer for it is full (a few MB)
+            await flooder.send_many([(full_key.public, b"z" * 60000)] * 4)
+            if server.relay.writer_tasks:
+                break
+        await wait_for(lambda: server.relay.writer_tasks == 1, what="a writer task waiting on the kernel")
+        full.close()
+        await wait_for(lambda: full_key.public not in server.relay.clients, what="client gone")
+        await wait_for(lambda: server.relay.writer_tasks == 0, what="its writer task ended")
+        st = server.relay.stats
+        assert st.dropped("gone_disconnected") > 0  # the batch it was writing, counted as lost
+
+
+async def test_a_bug_in_a_writer_task_ends_only_its_connection(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer tasks share the relay's nursery: an unexpected error in one is logged and ends
+    its connection, not the relay."""
+    caplog.set_level(logging.INFO, logger="derpd")
+    server = await start_server(nursery)
+    victim_key = NodePrivate.generate()
+    victim = await raw_login(server.port, server.key.public, victim_key, rcvbuf=4096)
+    victim_port = victim.getsockname()[1]
+    real_send_all = SocketTransport.send_all
+
+    async def send_all(self: SocketTransport, data: bytes | bytearray | memoryview) -> None:
+        if self.remote is not None and self.remote[1] == victim_port:
+            raise RuntimeError("a bug in the writer")
+        await real_send_all(self, data)
+
+    monkeypatch.setattr(SocketTransport, "send_all", send_all)
+    async with await DerpClient.connect(url_of(server)) as a, await DerpClient.connect(url_of(server)) as b:
+        await wait_for(lambda: victim_key.public in server.relay.clients, what="victim registered")
+        for _ in range(100):  # until its writer task starts, and fails
+            await a.send_many([(victim_key.public, b"z" * 60000)] * 4)
+            if victim_key.public not in server.relay.clients:
+                break
+        await wait_for(lambda: victim_key.public not in server.relay.clients, what="victim closed")
+        assert server.relay.writer_tasks == 0
+        await assert_relays(a, b)
+    victim.close()
+    assert any("internal_error" in r.getMessage() for r in caplog.records)
 
 
 async def test_vanished_peer_times_out_in_handshake(nursery: trio.Nursery) -> None:

@@ -145,7 +145,7 @@ class DerpServer:
                 self.http_addrs.append(tuple(s.getsockname()[:2]))
             self._listeners = listeners + side
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.relay.run_tasks)
+                await nursery.start(self.relay.run_tasks)
                 for s in listeners:
                     nursery.start_soon(self._accept_loop, s, nursery, self._serve_main, True)
                 for s in side:

@@ -140,8 +140,8 @@ class Outbox:
         # once nothing is left. While set, the writer task owns the transport's output and
         # `flight`; kick() writes nothing.
         self.writing = False
-        # Starts the writer task (``run``) in the connection's nursery: set by the connection while
-        # it runs, and called (then forgotten) by the first kick() that needs it. Until then the
+        # Starts the writer task (``run``, in the relay's nursery): set by the connection while it
+        # runs, and called (then forgotten) by the first kick() that needs it. Until then the
         # connection has no writer task; afterwards kick() wakes the one it has.
         self.start_writer: Callable[[], None] | None = None
         # In the KeepaliveTimer's schedule (the timer's, and the connection's when it ends).

@@ -227,6 +227,7 @@ class ClientConn:
         "tokens",
         "tokens_at",
         "transport",
+        "writer_scope",
     )
 
     def __init__(
@@ -272,9 +273,11 @@ class ClientConn:
         self.tokens_at = self.connected_at
         self.bytes_in = 0
         self.bucket: TokenBucket | None = None  # the receive rate limit, when configured (set_rate too)
-        # Lifecycle: run() sets the scope, close() (any task) cancels it once, with the reason.
+        # Lifecycle: run() sets the reader's scope and write_loop() the writer's (while each runs);
+        # close() (any task) cancels both, once, with the reason.
         self.close_reason = ""
         self.cancel_scope: trio.CancelScope | None = None
+        self.writer_scope: trio.CancelScope | None = None
 
     def __repr__(self) -> str:
         return f"<ClientConn {self.conn_id} {short_key(self.key)} {format_addr(self.remote)}>"
@@ -302,6 +305,8 @@ class ClientConn:
         self.close_reason = reason
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
+        if self.writer_scope is not None:
+            self.writer_scope.cancel()
 
     def note_not_here(self, dst: bytes) -> bool:
         """Queue PeerGone(NotHere) for a disco packet to an unknown key, 1/s burst 3."""
@@ -318,42 +323,71 @@ class ClientConn:
     # --- lifecycle ----------------------------------------------------------------
 
     async def run(self, read_loop: Callable[[], Awaitable[None]]) -> None:
-        """Run ``read_loop`` (this connection's reader), and the outbox's writer task once it is
-        needed, until either ends or close() is called; the reason is in ``close_reason``."""
+        """Run ``read_loop`` (this connection's reader) until it ends or close() is called; the
+        reason is in ``close_reason`` ("" when cancelled from outside).
+
+        The outbox's writer task, once it is needed (``Outbox.start_writer``), runs in the relay's
+        nursery (``write_loop``), not in one of this connection's own: most connections never need
+        it, and a nursery per connection, with the trip through the scheduler its exit takes, was
+        a good part of what a login cost. It ends with the connection (close() cancels it)."""
         outbox = self.outbox
+        reason: str | None = None
         try:
-            async with trio.open_nursery() as nursery:
-                self.cancel_scope = nursery.cancel_scope
+            with trio.CancelScope() as scope:
+                self.cancel_scope = scope
                 if self.closed:
-                    nursery.cancel_scope.cancel()
-
-                def start_writer() -> None:
-                    nursery.start_soon(self._guard, outbox.run)
-
+                    scope.cancel()
+                outbox.start_writer = self._start_writer
                 if outbox.writing:  # the login's frames did not fit already
-                    start_writer()
-                else:
-                    outbox.start_writer = start_writer
-                await self._guard(read_loop)
-                nursery.cancel_scope.cancel()
+                    self._start_writer()
+                reason = await self._guard(read_loop)
         finally:
-            outbox.start_writer = None  # the nursery is gone
+            self.cancel_scope = None  # the scope is gone: close() must not cancel it again
+            outbox.start_writer = None
+            self.close(reason or "")  # ends the writer task too
 
-    async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
+    def _start_writer(self) -> None:
+        self.server.start_writer(self)
+
+    async def write_loop(self) -> None:
+        """The outbox's writer task, in the relay's nursery (``RelayServer.start_writer``): until
+        the connection closes, or a write fails (which closes it)."""
+        reason: str | None = None
+        server = self.server
+        server.writer_tasks += 1
+        with trio.CancelScope() as scope:
+            self.writer_scope = scope
+            if self.closed:
+                scope.cancel()
+            try:
+                reason = await self._guard(self.outbox.run)
+            except Exception:  # a bug: it ends this connection, never the relay's other tasks
+                log.exception("internal_error", **_who(self))
+                reason = "internal error"
+            finally:
+                self.writer_scope = None
+                server.writer_tasks -= 1
+        if reason is not None:
+            self.close(reason)
+
+    async def _guard(self, task: Callable[[], Awaitable[None]]) -> str | None:
+        """Run ``task``; the reason the connection ends when it raises what a connection's
+        end raises (counted here), None when it returns."""
         try:
             await task()
         except WriteTimeout as e:
             self.server.stats.sclient_write_timeouts += 1
-            self.close(str(e))
+            return str(e)
         except ConnectionClosed as e:
-            self.close(str(e))
+            return str(e)
         except ProtocolError as e:
             self.server.stats.protocol_errors += 1
-            self.close(f"protocol error: {e}")
+            return f"protocol error: {e}"
         except OSError as e:
-            self.close(f"socket error: {e.strerror or e}")
+            return f"socket error: {e.strerror or e}"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self.close(f"connection broken: {e.__cause__ or e or 'closed'}")
+            return f"connection broken: {e.__cause__ or e or 'closed'}"
+        return None
 
     async def read_loop(self, reader: FrameReader) -> None:
         """A client's reader (the hot path: read big, route every whole frame at once).
@@ -493,6 +527,8 @@ class RelayServer:
         # KeepAlives from another, once ``run_tasks`` runs.
         self.pump = ReadPump()
         self.keepalives = KeepaliveTimer()
+        self._tasks: trio.Nursery | None = None  # while run_tasks runs: where writer tasks start
+        self.writer_tasks = 0  # connections' writer tasks running now (most connections have none)
         self.clients: dict[bytes, ClientConn] = {}  # key -> the connection that gets its packets
         self.keys: dict[bytes, _KeyConns] = {}
         self.watchers: set[ClientConn] = set()
@@ -661,12 +697,26 @@ class RelayServer:
         for key in [k for k, links in self.forwarders.items() if link in links]:
             self.remove_forwarder(key, link)
 
-    async def run_tasks(self) -> None:
-        """The relay's own tasks, until cancelled (the node runs this): the read pump and the
-        KeepAlive timer."""
+    async def run_tasks(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The relay's own tasks, until cancelled (the node starts this before it accepts): the
+        read pump, the KeepAlive timer, and every connection's writer task once it needs one."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.pump.run)
             nursery.start_soon(self.keepalives.run)
+            self._tasks = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._tasks = None
+
+    def start_writer(self, conn: ClientConn) -> None:
+        """Start ``conn``'s writer task (``ClientConn.write_loop``) in the relay's nursery."""
+        nursery = self._tasks
+        if nursery is None:  # not running (yet, or any more): nothing can finish this write
+            conn.close("no writer task: the relay is not running")
+            return
+        nursery.start_soon(conn.write_loop)
 
     def set_rate(self, rate: RateConfig) -> None:
         """A new per-client receive limit for everyone connected and everyone to come."""
