@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from nacl.public import Box, PrivateKey, PublicKey
 
 from derpd.ops.keyfiles import KeyFileOrigin, load_key_file, load_mesh_key_file, load_or_create_key_file
+from derpd.proto import frames
 from derpd.proto.frames import (
     CLIENT_FRAME_LIMITS,
     DISCO_MAGIC,
@@ -372,6 +373,36 @@ def test_hex_keys_with_spaces_are_refused(parse: object) -> None:
 def test_bad_client_info_json(text: bytes) -> None:
     with pytest.raises(HandshakeError):
         ClientInfo.from_json(text)
+
+
+def test_remembered_client_info_decodes_as_fresh() -> None:
+    """Short ClientInfo documents are decoded once and remembered (every login of one client version
+    sends the same bytes): a repeat gives the same value, a malformed one raises every time, and a
+    long one (past what is remembered) still decodes."""
+    text = b'{"version":2,"CanAckPings":true,"AppName":"remembered"}'
+    first = ClientInfo.from_json(text)
+    assert first == ClientInfo(version=2, can_ack_pings=True, app_name="remembered")
+    assert ClientInfo.from_json(bytearray(text)) == first
+    for _ in range(3):
+        with pytest.raises(HandshakeError):
+            ClientInfo.from_json(b'{"meshKey":"abc"}')
+    long_text = b'{"AppName":"' + b"x" * 600 + b'","version":2}'
+    assert ClientInfo.from_json(long_text) == ClientInfo(version=2, app_name="x" * 600)
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=80))
+def test_remembered_client_info_agrees_with_a_fresh_decode(data: bytes) -> None:
+    try:
+        fresh: ClientInfo | str = frames._client_info(data)
+    except HandshakeError as e:
+        fresh = str(e)
+    for _ in range(2):
+        try:
+            got: ClientInfo | str = ClientInfo.from_json(data)
+        except HandshakeError as e:
+            got = str(e)
+        assert got == fresh
 
 
 def test_server_info_json() -> None:

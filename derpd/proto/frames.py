@@ -10,6 +10,7 @@ decoding of a server's frames into events are ``derpd.proto.connection``'s.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Iterable, Mapping
@@ -594,19 +595,38 @@ class ClientInfo:
 
     @classmethod
     def from_json(cls, data: bytes) -> ClientInfo:
-        f = _go_fields(data, _CLIENT_INFO_FIELDS, "ClientInfo")
-        mesh: bytes | None = None
-        if f.get("meshKey"):
-            mesh = hex_key(f["meshKey"])
-            if mesh is None:
-                raise HandshakeError("ClientInfo: meshKey must be 64 hex digits")
-        return cls(
-            version=f.get("version", 0),
-            mesh_key=mesh,
-            can_ack_pings=f.get("CanAckPings", False),
-            is_prober=f.get("IsProber", False),
-            app_name=f.get("AppName", ""),
-        )
+        """The decoded JSON (as Go's client wrote it; HandshakeError if it cannot be).
+
+        Clients of one version send the same few bytes at every login, so short ones are decoded
+        once and the answer remembered (64 of them; a frozen value). A malformed one raises, and
+        is never remembered."""
+        if len(data) <= _REMEMBERED_INFO_LEN:
+            return _remembered_client_info(bytes(data))
+        return _client_info(data)
+
+
+_REMEMBERED_INFO_LEN = 512  # bytes: a client's ClientInfo is ~40-140; a mesh peer's ~180
+
+
+@functools.lru_cache(maxsize=64)
+def _remembered_client_info(data: bytes) -> ClientInfo:
+    return _client_info(data)
+
+
+def _client_info(data: bytes) -> ClientInfo:
+    f = _go_fields(data, _CLIENT_INFO_FIELDS, "ClientInfo")
+    mesh: bytes | None = None
+    if f.get("meshKey"):
+        mesh = hex_key(f["meshKey"])
+        if mesh is None:
+            raise HandshakeError("ClientInfo: meshKey must be 64 hex digits")
+    return ClientInfo(
+        version=f.get("version", 0),
+        mesh_key=mesh,
+        can_ack_pings=f.get("CanAckPings", False),
+        is_prober=f.get("IsProber", False),
+        app_name=f.get("AppName", ""),
+    )
 
 
 @dataclass(frozen=True, slots=True)
