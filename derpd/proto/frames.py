@@ -351,7 +351,9 @@ def encode_frames(frames: Iterable[Frame]) -> bytes:
     return b"".join(parts)
 
 
+@functools.lru_cache(maxsize=8)
 def server_key_frame(server_public: bytes) -> bytes:
+    """The frame a server sends first at every login: the same bytes each time (remembered)."""
     return encode_frame(FrameType.SERVER_KEY, MAGIC + server_public)
 
 

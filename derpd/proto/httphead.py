@@ -17,6 +17,7 @@ ASCII (spaces inside, no tabs, no obs-text), with optional spaces or tabs around
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class RequestHead:
     method: bytes
     target: bytes
     http_version: bytes
-    headers: list[tuple[bytes, bytes]]
+    headers: tuple[tuple[bytes, bytes], ...]
     size: int  # bytes of the head, its blank line included: what follows is the body or a new protocol
 
 
@@ -54,11 +55,36 @@ def head_size(target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> int:
 
 def parse_simple_head(data: bytes | bytearray, max_head: int) -> RequestHead | None:
     """The request head at the start of ``data``, if it is complete and within the subset (module
-    docstring) and no bigger than ``max_head`` by either measure; None otherwise (let h11 decide)."""
+    docstring) and no bigger than ``max_head`` by either measure; None otherwise (let h11 decide).
+
+    Every login of one client (and of every client of one version) sends the same head, so short
+    heads are parsed once and the answer remembered (``_REMEMBERED_HEADS`` of them; the value is
+    frozen, its headers a tuple). What is parsed is only ``data`` up to the first blank line: no
+    line of the subset is empty, so a head that matches ends exactly there, and the bytes after it
+    cannot change the answer."""
+    end = data.find(b"\r\n\r\n", 0, max_head)
+    if end < 0:
+        return None  # incomplete within max_head: no match is possible (h11 decides)
+    head = data[: end + 4]
+    if len(head) <= _REMEMBERED_HEAD_LEN:
+        return _remembered_head(bytes(head), max_head)
+    return _parse_head(head, max_head)
+
+
+_REMEMBERED_HEAD_LEN = 1024  # a DERP upgrade is ~100-250 bytes; longer heads are parsed every time
+_REMEMBERED_HEADS = 64
+
+
+@functools.lru_cache(maxsize=_REMEMBERED_HEADS)
+def _remembered_head(head: bytes, max_head: int) -> RequestHead | None:
+    return _parse_head(head, max_head)
+
+
+def _parse_head(data: bytes | bytearray, max_head: int) -> RequestHead | None:
     m = _HEAD.match(data, 0, max_head)
     if m is None:
         return None
-    headers = [(name.lower(), value) for name, value in _FIELD.findall(m.group(3))]
+    headers = tuple([(name.lower(), value) for name, value in _FIELD.findall(m.group(3))])
     hosts = 0
     for name, _ in headers:
         if name == b"host":
