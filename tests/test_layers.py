@@ -85,6 +85,8 @@ LAZY_ALLOWED = {
     ("derpd.config", "derpd.ops.acme"): "the same (it imports derpd.net.acme)",
     ("derpd.cli", "derpd.tools.derpmap"): "cryptography and the map code: ~9 MB RSS only `derpd derpmap`/`probe` need",
     ("derpd.cli", "derpd.tools.probe"): "the same, for `derpd probe`",
+    ("derpd.server.front", "derpd.net.websocket"): "wsproto: ~0.4 MB RSS only WebSocket clients need",
+    ("derpd.net.client", "derpd.net.websocket"): "the same, for a client that dials over WebSocket",
 }
 
 MODULES = modules()
@@ -160,6 +162,8 @@ HEAVY_WHEN_UNUSED = {
     "email": "~0.6 MB: the HTTP Date header is written by derpd.net.httpserver.http_date",
     "fractions": "~0.45 MB with decimal: the STUN reply ratio is reduced with math.gcd",
     "decimal": "fractions'",
+    "wsproto": "~0.4 MB: only DERP over WebSocket (derpd.server.front and derpd.net.client import it then)",
+    "derpd.net.websocket": "the same",
 }
 
 

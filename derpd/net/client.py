@@ -22,7 +22,6 @@ import trio
 from derpd.net.httpclient import HttpClientConnection, NoResponse, start_tls
 from derpd.net.tls import PIN_PREFIX, fast_start_key, pinned_context
 from derpd.net.transport import RECV_SIZE, StreamTransport
-from derpd.net.websocket import WebSocketTransport
 from derpd.proto.connection import (
     NEED_DATA,
     ClientHello,
@@ -181,6 +180,8 @@ class DerpClient:
             if fast_start and server_key is None:
                 raise ValueError("fast start needs the server's public key (or its meta certificate)")
             if websocket:
+                from derpd.net.websocket import WebSocketTransport  # noqa: PLC0415 (weight: wsproto)
+
                 stream = await WebSocketTransport.connect(StreamTransport(stream, None), host, path)  # type: ignore[assignment]
             info = ClientInfo(
                 version=PROTOCOL_VERSION,

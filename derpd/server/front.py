@@ -36,7 +36,6 @@ from derpd.net.httpserver import (
     request_path,
 )
 from derpd.net.transport import Transport, close_transport
-from derpd.net.websocket import WebSocketError, WebSocketTransport, wants_derp
 from derpd.proto.frames import PROTOCOL_VERSION
 from derpd.proto.httphead import RequestHead
 
@@ -196,18 +195,22 @@ class HttpFront:
         # not waited for (nor framed): its bytes are the first DERP bytes, as after Go's Hijack.
         initial = http.trailing_data
         transport = http.transport
-        if upgrade == b"websocket" and wants_derp(header(headers, b"sec-websocket-protocol") or b""):
-            try:
-                ws = await WebSocketTransport.accept(transport, req.target, list(headers), initial)
-            except WebSocketError as e:
-                await http.refuse(400, Peer(str(e)))
-            if ws is None:
-                log.info("websocket_refused", remote=_remote(transport), reason="no derp subprotocol")
-                return False
-            self.websocket_accepts += 1
-            not_ideal = header(headers, b"ideal-node") is not None
-            await self.derp(ws, initial=b"", preamble=b"", not_ideal=not_ideal)
-            return True
+        if upgrade == b"websocket":
+            # wsproto is loaded by the first WebSocket client, not by every relay (0.5 MB of RSS).
+            from derpd.net.websocket import WebSocketError, WebSocketTransport, wants_derp  # noqa: PLC0415 (weight)
+
+            if wants_derp(header(headers, b"sec-websocket-protocol") or b""):
+                try:
+                    ws = await WebSocketTransport.accept(transport, req.target, list(headers), initial)
+                except WebSocketError as e:
+                    await http.refuse(400, Peer(str(e)))
+                if ws is None:
+                    log.info("websocket_refused", remote=_remote(transport), reason="no derp subprotocol")
+                    return False
+                self.websocket_accepts += 1
+                not_ideal = header(headers, b"ideal-node") is not None
+                await self.derp(ws, initial=b"", preamble=b"", not_ideal=not_ideal)
+                return True
         await self._hand_off(transport, headers, initial)
         return True
 
