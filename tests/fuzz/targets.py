@@ -415,7 +415,7 @@ def build_http_head() -> OneInput:
             check(isinstance(event, h11.Request), f"h11 gives {event!r:.100} for an accepted head")
             assert isinstance(event, h11.Request)
             check(
-                (head.method, head.target, head.http_version, head.headers)
+                (head.method, head.target, head.http_version, list(head.headers))
                 == (event.method, event.target, event.http_version, list(event.headers)),
                 f"fast path {head!r:.300} differs from h11's {event!r:.300}",
             )
