@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -362,16 +363,22 @@ async def test_stuck_reader_does_not_delay_others_and_is_dropped(
     assert lost > 0  # what the stuck client never read is accounted for, not silently lost
 
 
+async def flood_until(sender: DerpClient, dst: bytes, done: Callable[[], bool]) -> None:
+    """Send 240 KB bursts to ``dst`` (a client that never reads) until ``done()``: its writer task
+    starts once the kernel's buffers for it are full (a few MB). At most 100 bursts."""
+    for _ in range(100):
+        await sender.send_many([(dst, b"z" * 60000)] * 4)
+        if done():
+            return
+
+
 async def test_a_writer_waiting_on_a_full_kernel_ends_when_its_client_leaves(nursery: trio.Nursery) -> None:
     server = await start_server(nursery)
     full_key = NodePrivate.generate()
     full = await raw_login(server.port, server.key.public, full_key, rcvbuf=4096)
     async with await DerpClient.connect(url_of(server)) as flooder:
         await wait_for(lambda: full_key.public in server.relay.clients, what="client registered")
-        for _ in range(100):  # until the server's send buffer for it is full (a few MB)
-            await flooder.send_many([(full_key.public, b"z" * 60000)] * 4)
-            if server.relay.writer_tasks:
-                break
+        await flood_until(flooder, full_key.public, lambda: server.relay.writer_tasks > 0)  # kernel full
         await wait_for(lambda: server.relay.writer_tasks == 1, what="a writer task waiting on the kernel")
         full.close()
         await wait_for(lambda: full_key.public not in server.relay.clients, what="client gone")
@@ -402,10 +409,7 @@ async def test_a_bug_in_a_writer_task_ends_only_its_connection(
     monkeypatch.setattr(SocketTransport, "send_all", send_all)
     async with await DerpClient.connect(url_of(server)) as a, await DerpClient.connect(url_of(server)) as b:
         await wait_for(lambda: victim_key.public in server.relay.clients, what="victim registered")
-        for _ in range(100):  # until its writer task starts, and fails
-            await a.send_many([(victim_key.public, b"z" * 60000)] * 4)
-            if victim_key.public not in server.relay.clients:
-                break
+        await flood_until(a, victim_key.public, lambda: victim_key.public not in server.relay.clients)
         await wait_for(lambda: victim_key.public not in server.relay.clients, what="victim closed")
         assert server.relay.writer_tasks == 0
         await assert_relays(a, b)

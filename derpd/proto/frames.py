@@ -140,27 +140,19 @@ pack_header = _HEADER.pack
 _SKIP_ANY_LENGTH = ~MAX_U32  # a table entry: this type is skipped, whatever its length
 
 # Every reader with the same rules shares one table (a relay has one per connection: 256 ints
-# each would be ~11 KB per idle connection).
-_TABLES: dict[tuple[int, tuple[tuple[int, int], ...], frozenset[int] | None], tuple[int, ...]] = {}
-
-
+# each would be ~11 KB per idle connection); a handful of rule sets exist, 64 are kept.
+@functools.lru_cache(maxsize=64)
 def _limit_table(
     max_frame_len: int, limits: tuple[tuple[int, int], ...], wanted: frozenset[int] | None
 ) -> tuple[int, ...]:
     """One lookup per frame: the payload limit of each type; for an unwanted type, bit-inverted
     and any u32 length, since it is skipped as it streams in and never held (derper's
     forward-compatibility rule: a newer client's frames of any size are read and discarded)."""
-    rules = (max_frame_len, limits, wanted)
-    table = _TABLES.get(rules)
-    if table is None:
-        by_type = dict(limits)
-        lims = [by_type.get(t, max_frame_len) for t in range(256)]
-        if wanted is not None:
-            lims = [lim if t in wanted else _SKIP_ANY_LENGTH for t, lim in enumerate(lims)]
-        if len(_TABLES) >= 64:  # a handful of rule sets exist; never grow without bound
-            _TABLES.clear()
-        table = _TABLES[rules] = tuple(lims)
-    return table
+    by_type = dict(limits)
+    lims = [by_type.get(t, max_frame_len) for t in range(256)]
+    if wanted is not None:
+        lims = [lim if t in wanted else _SKIP_ANY_LENGTH for t, lim in enumerate(lims)]
+    return tuple(lims)
 
 
 class FrameReader:
