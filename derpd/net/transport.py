@@ -82,7 +82,7 @@ class Transport(Protocol):
 class SocketTransport:
     """A connected TCP socket used with non-blocking calls and trio readiness waits."""
 
-    __slots__ = ("_closed", "_drained", "remote", "sock")
+    __slots__ = ("_closed", "_drained", "_waited", "remote", "sock")
 
     def __init__(self, sock: socket.socket, remote: tuple[str, int] | None = None) -> None:
         sock.setblocking(False)
@@ -94,14 +94,21 @@ class SocketTransport:
         self.remote = remote if remote is not None else remote_of(sock)
         self._closed = False
         self._drained = False  # the last read was short: wait for readiness before the next
+        # Whether trio may know this fd (a readiness wait in receive_some or send_all): only then
+        # does close() need trio's notify_closing. A login that never waited (the usual case
+        # under load: every read finds its bytes) is spared its 3 µs and a failing epoll_ctl.
+        self._waited = False
 
     @classmethod
     def from_trio(cls, tsock: trio.socket.SocketType) -> SocketTransport:
         fd = tsock.detach()
-        return cls(socket.socket(tsock.family, tsock.type, tsock.proto, fileno=fd))
+        transport = cls(socket.socket(tsock.family, tsock.type, tsock.proto, fileno=fd))
+        transport._waited = True  # the trio socket may have waited already (a connect does)
+        return transport
 
     async def receive_some(self, max_bytes: int = RECV_SIZE) -> bytes:
         max_bytes = min(max_bytes, RECV_SIZE)
+        self._waited = True
         n = await _recv_into_scratch(self.sock, max_bytes, self._drained)
         self._drained = n < max_bytes
         return bytes(_SCRATCH[:n])
@@ -112,6 +119,7 @@ class SocketTransport:
         try:
             n = self.sock.recv_into(_SCRATCH, RECV_SIZE)
         except _SOFT_ERRORS:
+            self._drained = True  # a receive_some now waits for readiness before its recv
             return None
         except OSError as e:
             if e.errno in _GONE_ERRNOS:
@@ -136,6 +144,7 @@ class SocketTransport:
                 continue
             except _SOFT_ERRORS:
                 pass
+            self._waited = True
             await trio.lowlevel.wait_writable(sock)
         await trio.lowlevel.checkpoint()
 
@@ -151,7 +160,8 @@ class SocketTransport:
         """Close now (nothing to wait for)."""
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self.sock)
+            if self._waited:  # a task may wait on it: it wakes with ClosedResourceError
+                trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
 
     async def aclose(self) -> None:
