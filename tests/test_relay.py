@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -429,6 +430,55 @@ async def test_vanished_peer_times_out_in_handshake(nursery: trio.Nursery) -> No
     s.close()
     assert server.relay.stats.handshake_failures == 1
     assert server.relay.stats.current_connections == 0
+
+
+UPGRADE = b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n"
+
+
+async def upgraded(port: int) -> trio.socket.SocketType:
+    """A raw client that has sent the upgrade and read the 101 and the ServerKey frame."""
+    ts = trio.socket.socket()
+    await ts.connect(("127.0.0.1", port))
+    await ts.send(UPGRADE)
+    got = b""
+    with trio.fail_after(5):
+        while not (got.count(b"\r\n\r\n") and len(got) >= got.index(b"\r\n\r\n") + 4 + 5 + 8 + 32):
+            chunk = await ts.recv(4096)
+            assert chunk, f"closed before the ServerKey: {got!r}"
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 101")
+    return ts
+
+
+@pytest.mark.parametrize("first_part", [0, 3, 40])
+async def test_a_client_info_that_comes_late_or_in_pieces_still_logs_in(first_part: int, nursery: trio.Nursery) -> None:
+    """The login looks for the ClientInfo once, a scheduler turn after the ServerKey, with no
+    deadline armed; a ClientInfo not whole by then (late, or its first bytes only) is waited for
+    under the handshake deadline, as before."""
+    server = await start_server(nursery)
+    key = NodePrivate.generate()
+    ts = await upgraded(server.port)
+    frame = client_info_frame(key, server.key.public, ClientInfo(version=2))
+    await trio.sleep(0.05)  # many scheduler turns: the look found nothing
+    if first_part:
+        await ts.send(frame[:first_part])
+        await trio.sleep(0.05)
+    await ts.send(frame[first_part:])
+    await wait_for(lambda: key.public in server.relay.clients, what="login")
+    assert server.relay.stats.handshake_failures == 0
+    ts.close()
+    await wait_for(lambda: server.relay.stats.current_connections == 0, what="logout")
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_a_client_leaving_before_its_client_info_is_a_handshake_failure(how: str, nursery: trio.Nursery) -> None:
+    server = await start_server(nursery)
+    ts = await upgraded(server.port)
+    if how == "reset":
+        ts.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ts.close()
+    await wait_for(lambda: server.relay.stats.handshake_failures == 1, what="the handshake failure")
+    assert server.relay.stats.accepts == 1 and server.relay.stats.current_connections == 0
 
 
 # --- malformed input closes only the offending connection -----------------------------------------
