@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,58 @@ async def test_release_and_stop_hand_members_back() -> None:
         await pump.serve(a.fileno(), lambda: 0)
     a.close()
     b.close()
+
+
+async def test_end_wakes_a_member_with_its_error_even_from_its_own_on_readable() -> None:
+    """``end`` is how a connection's close() reaches a reader parked in the pump: from another
+    task, or from the member's own ``on_readable`` (a routing step that closes its own
+    connection), which may then raise as well: the first error wins and the pump goes on."""
+    pump = ReadPump()
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    e, f = socket.socketpair()
+    for s in (a, b, c, d, e, f):
+        s.setblocking(False)
+    outcomes: dict[str, str] = {}
+
+    def read_c() -> int:
+        c.recv(100)
+        pump.end(c.fileno(), ConnectionError("closed while routing"))
+        raise ValueError("and then failed")
+
+    async def member(name: str, sock: socket.socket, on_readable: Callable[[], int]) -> None:
+        try:
+            await pump.serve(sock.fileno(), on_readable)
+        except (ConnectionError, ValueError) as err:
+            outcomes[name] = f"{type(err).__name__}: {err}"
+
+    got: list[bytes] = []
+
+    def read_e() -> int:
+        got.append(e.recv(100))
+        return len(got[-1])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump.run)
+        await wait_for(lambda: pump.running, what="the pump to run")
+        nursery.start_soon(member, "a", a, lambda: 0)
+        nursery.start_soon(member, "c", c, read_c)
+        nursery.start_soon(member, "e", e, read_e)
+        await wait_for(lambda: len(pump) == 3, what="three members")
+        pump.end(a.fileno(), ConnectionError("closed by another task"))
+        pump.end(a.fileno(), ConnectionError("a second close"))  # already ended: nothing
+        d.send(b"x")
+        await wait_for(lambda: len(outcomes) == 2, what="both ends")
+        assert outcomes == {
+            "a": "ConnectionError: closed by another task",
+            "c": "ConnectionError: closed while routing",
+        }
+        f.send(b"still served")
+        await wait_for(lambda: got == [b"still served"], what="the pump to go on")
+        assert len(pump) == 1
+        nursery.cancel_scope.cancel()
+    for s in (a, b, c, d, e, f):
+        s.close()
 
 
 # --- a node's clients ----------------------------------------------------------------------

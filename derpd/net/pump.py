@@ -87,7 +87,8 @@ class ReadPump:
                     try:
                         got += m.on_readable()
                     except Exception as e:  # the member's task raises it and cleans up
-                        self._finish(fd, m, e)
+                        if m.error is None:  # (unless on_readable ended the member already: end())
+                            self._finish(fd, m, e)
                 busy = got >= BUSY_BYTES
         finally:
             self.running = False
@@ -119,9 +120,14 @@ class ReadPump:
 
     def release(self, fd: int) -> None:
         """Hand ``fd``'s member back to its own task (``serve`` raises ``Released``)."""
+        self.end(fd, Released())
+
+    def end(self, fd: int, error: BaseException) -> None:
+        """End ``fd``'s membership (from any task, an ``on_readable`` included): its task's
+        ``serve`` raises ``error``. Nothing if ``fd`` is not a member."""
         m = self._members.get(fd)
-        if m is not None:
-            self._finish(fd, m, Released())
+        if m is not None and m.error is None:
+            self._finish(fd, m, error)
 
     def _finish(self, fd: int, m: _Member, error: BaseException) -> None:
         m.error = error
