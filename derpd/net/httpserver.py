@@ -350,6 +350,7 @@ async def accept_forever(
     *,
     admit: Callable[[], bool] | None = None,
     event: str = "accept_failed",
+    nodelay: bool = True,
 ) -> NoReturn:
     """Accept connections on ``listener`` until cancelled and hand each to ``start``, which must not
     block (it starts the connection's task).
@@ -364,6 +365,7 @@ async def accept_forever(
     A plain (non-blocking) ``socket.socket`` listener is the DERP listener's fast path: up to
     ``ACCEPT_BATCH`` connections per wake-up, each with the peer address accept() returned (no
     getpeername), and no trio socket wrapped around each one only to be unwrapped again.
+    ``nodelay=False``: ``start`` sees to TCP_NODELAY (the DERP listener's connections inherit it).
     """
     accept = _batch_acceptor(listener) if isinstance(listener, socket.socket) else listener.accept
     while True:
@@ -381,7 +383,7 @@ async def accept_forever(
             continue
         try:
             if isinstance(sock, socket.socket):
-                transport = SocketTransport(sock, _peer(addr))
+                transport = SocketTransport(sock, _peer(addr), nodelay=nodelay)
             else:
                 transport = SocketTransport.from_trio(sock)
         except OSError:

@@ -84,12 +84,15 @@ class SocketTransport:
 
     __slots__ = ("_closed", "_drained", "_waited", "remote", "sock")
 
-    def __init__(self, sock: socket.socket, remote: tuple[str, int] | None = None) -> None:
+    def __init__(self, sock: socket.socket, remote: tuple[str, int] | None = None, *, nodelay: bool = True) -> None:
+        """``nodelay=False``: the caller sees to TCP_NODELAY (an accepted socket inherits it from
+        its listener on Linux: one setsockopt less per connection)."""
         sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
+        if nodelay:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         self.sock = sock
         self.remote = remote if remote is not None else remote_of(sock)
         self._closed = False

@@ -252,7 +252,8 @@ class DerpServer:
         scope = trio.CancelScope()
         self._accept_scopes.append(scope)
         with scope:
-            await accept_forever(lsock, start, admit=self._admit if limited else None)
+            # TCP_NODELAY is one of the wanted options: inherited, or set by start() with the others.
+            await accept_forever(lsock, start, admit=self._admit if limited else None, nodelay=False)
 
     async def _tick_conn_log(self) -> None:
         """The client_churn summary of a busy second comes out within a second or so, even when no
