@@ -18,39 +18,24 @@ def _pair() -> tuple[SocketTransport, socket.socket]:
     return SocketTransport(a), b
 
 
-async def test_close_wakes_a_task_waiting_to_receive() -> None:
-    transport, peer = _pair()
-    woke: list[BaseException] = []
-
-    async def reader() -> None:
-        try:
-            await transport.receive_some()
-        except trio.ClosedResourceError as e:
-            woke.append(e)
-
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await trio.testing.wait_all_tasks_blocked()
-            transport.close()
-    assert len(woke) == 1
-    peer.close()
-
-
-async def test_close_wakes_a_task_waiting_to_send() -> None:
+@pytest.mark.parametrize("waiting_to", ["receive", "send"])
+async def test_close_wakes_a_task_waiting_on_the_socket(waiting_to: str) -> None:
     transport, peer = _pair()
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     woke: list[BaseException] = []
 
-    async def writer() -> None:
+    async def waiter() -> None:
         try:
-            await transport.send_all(b"x" * (8 << 20))  # far more than both buffers hold
+            if waiting_to == "receive":
+                await transport.receive_some()
+            else:
+                await transport.send_all(b"x" * (8 << 20))  # far more than both buffers hold
         except trio.ClosedResourceError as e:
             woke.append(e)
 
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer)
+            nursery.start_soon(waiter)
             await trio.testing.wait_all_tasks_blocked()
             transport.close()
     assert len(woke) == 1

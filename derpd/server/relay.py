@@ -29,7 +29,7 @@ from derpd.base.text import Peer
 from derpd.net.addr import format_addr
 from derpd.net.pump import ReadPump, Released
 from derpd.net.transport import SocketTransport, TLSTransport, Transport, close_transport
-from derpd.proto.connection import NEED_DATA, ClientHello, DerpConnection, Role
+from derpd.proto.connection import NEED_DATA, ClientHello, DerpConnection, Event, NeedData, Role
 from derpd.proto.frames import (
     DISCO_MAGIC,
     DISCO_MIN_LEN,
@@ -524,6 +524,14 @@ def _cache_prefix(prefixes: dict[int, bytes], size: int, src: bytes) -> bytes:
 _PLAIN_SERVER_INFO = ServerInfo()  # what a client without a rate limit is told (its JSON is cached)
 
 
+def _take_login_bytes(login: DerpConnection, data: bytes) -> Event | NeedData:
+    """What a read during the login brought (b"": the client left before its ClientInfo)."""
+    if not data:
+        raise ConnectionClosed("client closed before sending ClientInfo")
+    login.receive_data(data)
+    return login.next_event()
+
+
 def _who(conn: ClientConn) -> dict[str, object]:
     """The fields both lines of a connection carry, so that they can be paired."""
     return {"conn": conn.conn_id, "key": short_key(conn.key), "remote": format_addr(conn.remote)}
@@ -779,10 +787,7 @@ class RelayServer:
             await trio.lowlevel.checkpoint()
             data = transport.read_ready()
             if data is not None:
-                if not data:
-                    raise ConnectionClosed("client closed before sending ClientInfo")
-                login.receive_data(data)
-                hello = login.next_event()
+                hello = _take_login_bytes(login, data)
                 if isinstance(hello, ClientHello):
                     return login, hello
         with trio.move_on_after(timeout):
@@ -790,11 +795,7 @@ class RelayServer:
                 await transport.send_all(memoryview(out)[sent:])
                 writing = False
             while hello is NEED_DATA:
-                data = await transport.receive_some()
-                if not data:
-                    raise ConnectionClosed("client closed before sending ClientInfo")
-                login.receive_data(data)
-                hello = login.next_event()
+                hello = _take_login_bytes(login, await transport.receive_some())
         if writing:
             raise ConnectionClosed(f"timed out writing ServerKey after {timeout:g}s")
         if not isinstance(hello, ClientHello):
