@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import errno
 import socket
+import subprocess
+import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from derpd.net.addr import bind_sockets
+from derpd.net.addr import bind_sockets, lookup_name
 
 
 def _has_ipv6() -> bool:
@@ -97,3 +101,28 @@ async def test_without_ipv6_every_interface_falls_back_to_ipv4(monkeypatch: pyte
     with pytest.raises(OSError) as e:  # "::" asked for IPv6 by name: no fallback
         await bind_sockets("::", 0, socket.SOCK_DGRAM, dual_stack_any=True)
     assert e.value.errno == errno.EAFNOSUPPORT
+
+
+@given(st.text())
+def test_lookup_names_are_bytes_exactly_when_ascii(host: str) -> None:
+    name = lookup_name(host)
+    if host.isascii():
+        assert name == host.encode("ascii")
+    else:
+        assert name == host  # trio encodes it (IDNA 2008) on its own path
+
+
+def test_binding_leaves_pythons_idna_codec_unloaded() -> None:
+    """The first ``str`` host would import ``encodings.idna`` (and stringprep, unicodedata) for good."""
+    code = (
+        "import sys, socket, trio\n"
+        "from derpd.net.addr import bind_sockets\n"
+        "async def main():\n"
+        "    for host in ('127.0.0.1', 'localhost'):\n"
+        "        for s in await bind_sockets(host, 0, socket.SOCK_STREAM):\n"
+        "            s.close()\n"
+        "trio.run(main)\n"
+        "print(sorted(m for m in ('encodings.idna', 'stringprep') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -10,6 +10,7 @@ and always goes through the writer task.
 from __future__ import annotations
 
 import errno
+import mmap
 import socket
 import ssl
 from typing import Protocol, cast
@@ -28,7 +29,10 @@ _GONE_ERRNOS = (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ENOTCONN)
 # filling it and copying out of it). ``sock.recv(RECV_SIZE)`` would malloc 256 KiB for every read,
 # however few bytes came: with many small reads, glibc's large-chunk path showed as ~6 % of the
 # relay's CPU. Copying out what arrived (``bytes(view[:n])``) is a memcpy of the data itself.
-_SCRATCH = memoryview(bytearray(RECV_SIZE))
+# Anonymous mmap, not ``bytearray`` (which zero-fills, so all 256 KiB would be resident at start): a
+# page becomes resident when a read first reaches it, so an idle or lightly loaded relay pays for the
+# reads it has had, not for the largest it could have.
+_SCRATCH = memoryview(mmap.mmap(-1, RECV_SIZE))
 
 
 async def _recv_into_scratch(sock: socket.socket, max_bytes: int, drained: bool) -> int:
