@@ -31,8 +31,9 @@ _GONE_ERRNOS = (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ENOTCONN)
 # relay's CPU. Copying out what arrived (``bytes(view[:n])``) is a memcpy of the data itself.
 # Anonymous mmap, not ``bytearray`` (which zero-fills, so all 256 KiB would be resident at start): a
 # page becomes resident when a read first reaches it, so an idle or lightly loaded relay pays for the
-# reads it has had, not for the largest it could have.
-_SCRATCH = memoryview(mmap.mmap(-1, RECV_SIZE))
+# reads it has had, not for the largest it could have. Private (mmap's default is MAP_SHARED), so a
+# forked child would get its own copy, as it would of a bytearray.
+_SCRATCH = memoryview(mmap.mmap(-1, RECV_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
 async def _recv_into_scratch(sock: socket.socket, max_bytes: int, drained: bool) -> int:
