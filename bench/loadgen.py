@@ -323,6 +323,7 @@ class WorkerConfig:
     connect_timeout: float = 10.0
     total_pairs: int = 1
     read_size: int = RECV_BUF  # at most this many bytes per receiver read (one recv, or one SSL read)
+    recv_target: Target | None = None  # receivers dial this node of the region instead (a mesh hop per packet)
 
 
 @dataclass
@@ -374,8 +375,11 @@ class Worker:
         self.tls_ciphers: dict[str, int] = {}
         self.tls_alpn: dict[str, int] = {}
         self.fast_starts = 0
+        self.recv_target = cfg.recv_target or cfg.target
+        self.recv_context: ssl.SSLContext | None = None
         if self.tls:
             self.context = client_context(cfg.target)
+            self.recv_context = client_context(self.recv_target) if cfg.recv_target else self.context
             self.soft = _SOFT + _TLS_SOFT
             self._on_readable = self._on_readable_tls  # type: ignore[method-assign]
             self._send = self._send_tls  # type: ignore[method-assign]
@@ -385,17 +389,21 @@ class Worker:
 
     def _open(self, pair_id: int, role: int, key: NodePrivate) -> socket.socket:
         cfg = self.cfg
-        sock = dial(cfg.target, cfg.connect_timeout, self.context)
+        if role == baseline.ROLE_RECEIVER:
+            target, context = self.recv_target, self.recv_context
+        else:
+            target, context = cfg.target, self.context
+        sock = dial(target, cfg.connect_timeout, context)
         try:
-            if cfg.target.kind == "baseline":
+            if target.kind == "baseline":
                 sock.sendall(baseline.hello(role, key.public))
             else:
                 meta_key = None
                 if isinstance(sock, ssl.SSLSocket):
                     self._note_tls(sock)
-                    if cfg.target.fast_start:
+                    if target.fast_start:
                         meta_key = fast_start_key(sock)
-                derp_handshake(sock, cfg.target, key, meta_key)
+                derp_handshake(sock, target, key, meta_key)
                 self.fast_starts += meta_key is not None
             sock.setblocking(False)
         except BaseException:

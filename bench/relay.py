@@ -21,7 +21,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
@@ -108,6 +108,14 @@ def sample_tree(pid: int) -> dict[int, ProcSample]:
             samples[p] = sample_proc(p)
         except BenchError:
             pass
+    return samples
+
+
+def sample_trees(pids: Sequence[int]) -> dict[int, ProcSample]:
+    """``sample_tree`` of each pid, merged (two nodes of a region measured as one)."""
+    samples: dict[int, ProcSample] = {}
+    for pid in pids:
+        samples.update(sample_tree(pid))
     return samples
 
 
@@ -211,8 +219,14 @@ def check_spec(spec: RunSpec) -> None:
         raise BenchError(f"--mode must be one of {', '.join(MODES)}")
 
 
-def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> dict[str, Any]:
-    """Run one timed load against ``target``; the result dict is what gets printed as JSON."""
+def run_load(
+    target: Target, spec: RunSpec, server_pids: Sequence[int] = (), recv_target: Target | None = None
+) -> dict[str, Any]:
+    """Run one timed load against ``target``; the result dict is what gets printed as JSON.
+
+    ``recv_target``: the receivers log in to this other node of the same region (``--mesh-with``),
+    so every packet crosses the mesh; ``server_pids`` then names both nodes, and CPU per packet is
+    the region's: the sender's node and the receiver's together."""
     check_spec(spec)
     nworkers = max(1, min(spec.workers or os.cpu_count() or 1, spec.pairs))
     slices = [list(range(i, spec.pairs, nworkers)) for i in range(nworkers)]
@@ -234,6 +248,7 @@ def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> di
             connect_timeout=spec.connect_timeout,
             total_pairs=spec.pairs,
             read_size=spec.read_size,
+            recv_target=recv_target,
         )
         proc = ctx.Process(target=worker_main, args=(child, cfg), daemon=True)
         proc.start()
@@ -246,11 +261,11 @@ def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> di
         for c in conns:
             c.send(("go", start_at))
         time.sleep(max(0.0, start_at - time.monotonic()))
-        before = sample_tree(server_pid) if server_pid else None
+        before = sample_trees(server_pids) if server_pids else None
         host0 = sample_host()
         t0 = time.monotonic()
         time.sleep(max(0.0, start_at + spec.duration - time.monotonic()))
-        after = sample_tree(server_pid) if server_pid else None
+        after = sample_trees(server_pids) if server_pids else None
         host1 = sample_host()
         wall = time.monotonic() - t0
         results = _wait_all(conns, "result", spec.duration + spec.drain + 30)
@@ -262,7 +277,9 @@ def run_load(target: Target, spec: RunSpec, server_pid: int | None = None) -> di
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
-    out = _summarize(target, spec, nworkers, results, before, after, wall, server_pid)
+    out = _summarize(target, spec, nworkers, results, before, after, wall, server_pids)
+    if recv_target is not None:
+        out["receiver_target"] = recv_target.label
     host = out["host"] = host_usage(host0, host1)
     if host and out["server"]:  # what neither side nor the network stack used: other processes
         known = out["server"]["cpu_pct"] + out["loadgen"]["cpu_pct"] + host["softirq_pct"]
@@ -278,7 +295,7 @@ def _summarize(
     before: dict[int, ProcSample] | None,
     after: dict[int, ProcSample] | None,
     wall: float,
-    server_pid: int | None,
+    server_pids: Sequence[int],
 ) -> dict[str, Any]:
     def total(key: str) -> int:
         return sum(r[key] for r in results)
@@ -329,13 +346,13 @@ def _summarize(
     }
     if spec.rate:
         out["offered_pps"] = spec.rate * spec.pairs
-    if server_pid and before and after:
+    if server_pids and before and after:
         # Processes alive at both samples (a worker restarted mid-run would skew the sum).
         both = [p for p in after if p in before]
         cpu = {p: after[p].cpu_s - before[p].cpu_s for p in both}
         cpu_s = sum(cpu.values())
         out["server"] = {
-            "pid": server_pid,
+            "pid": server_pids[0] if len(server_pids) == 1 else list(server_pids),
             "cpu_pct": round(100 * cpu_s / wall, 1),
             "us_per_pkt": round(1e6 * cpu_s / (pps * wall), 2) if pps else None,
             "rss_mb": round(sum(after[p].rss_mb for p in both), 1),
@@ -490,7 +507,16 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--baseline", action="store_true", help="start bench.baseline and load it")
     tgt.add_argument("--compare", action="store_true", help="run the baseline, then --url; report the ratio")
     tgt.add_argument("--sweep", action="store_true", help="pairs × size × mode matrix, baseline and --url")
-    tgt.add_argument("--server-pid", type=int, help="CPU and RSS of this process and its children, from /proc")
+    tgt.add_argument(
+        "--receiver-url",
+        help="receivers log in here instead: another node meshed with --url's, so every packet takes the mesh hop",
+    )
+    tgt.add_argument(
+        "--server-pid",
+        type=int,
+        action="append",
+        help="CPU and RSS of this process and its children, from /proc (repeat for each node of --receiver-url)",
+    )
     tls = ap.add_argument_group("TLS (https:// URLs)")
     add_tls_options(tls)
     tls.add_argument(
@@ -554,18 +580,29 @@ def main(argv: list[str] | None = None) -> int:
         batch_max=args.batch_max,
         read_size=args.read_size,
     )
+    def target_of(url: str) -> Target:
+        return parse_url(
+            url,
+            cert_name=args.cert_name,
+            ca_file=args.ca_file,
+            insecure=args.insecure,
+            fast_start=not args.no_fast_start,
+        )
+
     try:
         url_target = None
         if args.url:
-            url_target = parse_url(
-                args.url,
-                cert_name=args.cert_name,
-                ca_file=args.ca_file,
-                insecure=args.insecure,
-                fast_start=not args.no_fast_start,
-            )
+            url_target = target_of(args.url)
         elif args.cert_name or args.ca_file or args.insecure:
             raise ValueError("--cert-name, --ca-file and --insecure need an https:// --url")
+        recv_target = None
+        if args.receiver_url:
+            if args.baseline or args.compare or args.sweep or not url_target:
+                raise ValueError("--receiver-url goes with a plain --url run (not --baseline, --compare or --sweep)")
+            recv_target = target_of(args.receiver_url)
+            if recv_target.tls != url_target.tls:
+                raise ValueError("--url and --receiver-url must both be http:// or both https://")
+        server_pids = tuple(args.server_pid or ())
         if url_target is not None and url_target.insecure:
             print("warning: --insecure: the server's certificate is NOT verified", file=sys.stderr, flush=True)
         specs = [spec]
@@ -579,14 +616,14 @@ def main(argv: list[str] | None = None) -> int:
         for s in specs:
             check_spec(s)
         if args.sweep:
-            results = _sweep(url_target, specs, args.server_pid, with_baseline=not args.no_baseline)
+            results = _sweep(url_target, specs, server_pids, with_baseline=not args.no_baseline)
         elif args.compare or (args.baseline and url_target):
-            results = _sweep(url_target, [spec], args.server_pid, with_baseline=True)
+            results = _sweep(url_target, [spec], server_pids, with_baseline=True)
         elif args.baseline:
-            results = _sweep(None, [spec], None, with_baseline=True)
+            results = _sweep(None, [spec], (), with_baseline=True)
         else:
             assert url_target is not None
-            results = [run_load(url_target, spec, args.server_pid)]
+            results = [run_load(url_target, spec, server_pids, recv_target)]
             emit(results[0])
     except (BenchError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -598,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sweep(
-    url_target: Target | None, specs: list[RunSpec], server_pid: int | None, *, with_baseline: bool
+    url_target: Target | None, specs: list[RunSpec], server_pids: Sequence[int], *, with_baseline: bool
 ) -> list[dict[str, Any]]:
     """Every spec on the baseline (first, so ratios can be computed), then on the URL."""
     results: list[dict[str, Any]] = []
@@ -607,14 +644,14 @@ def _sweep(
         with baseline_server() as (target, pid):
             for spec in specs:
                 _progress(target, spec)
-                r = run_load(target, spec, pid)
+                r = run_load(target, spec, (pid,))
                 base[spec] = r
                 results.append(r)
                 emit(r)
     if url_target is not None:
         for spec in specs:
             _progress(url_target, spec)
-            r = run_load(url_target, spec, server_pid)
+            r = run_load(url_target, spec, server_pids)
             _ratio(r, base.get(spec))
             results.append(r)
             emit(r)

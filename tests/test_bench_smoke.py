@@ -7,6 +7,7 @@ open-loop rate is relayed without loss. derpd runs as a subprocess, as in real u
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -210,6 +211,33 @@ def test_workers_cpu_per_process(tmp_path: Path) -> None:
     assert len(procs) == 3  # the supervisor and two workers
     assert procs[0]["pid"] == proc.pid
     assert r["server"]["cpu_pct"] == pytest.approx(sum(p["cpu_pct"] for p in procs), abs=0.5)
+
+
+def test_receivers_on_another_node(tmp_path: Path) -> None:
+    """--receiver-url: senders on one node, receivers on its mesh peer, so every packet crosses
+    the mesh; --server-pid twice sums both nodes."""
+    psk = tmp_path / "psk"
+    psk.write_text(os.urandom(32).hex() + "\n")
+    psk.chmod(0o600)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with _serve(tmp_path / "a", "--dev", "--mesh-psk-file", str(psk)) as (pa, _, ma):
+        url_a = f"http://127.0.0.1:{ma.group(1)}/derp"
+        mesh = ("--mesh-psk-file", str(psk), "--mesh-with", url_a)
+        with _serve(tmp_path / "b", "--dev", *mesh) as (pb, _, mb):
+            url_b = f"http://127.0.0.1:{mb.group(1)}/derp"
+            pids = ("--server-pid", str(pb.pid), "--server-pid", str(pa.pid))
+            (r,) = _bench("--url", url_b, "--receiver-url", url_a, *pids, "--pairs", "3", "--rate", "200")
+    _check(r, url_b)
+    assert r["receiver_target"] == url_a
+    assert r["server"]["pid"] == [pb.pid, pa.pid]
+    assert {p["pid"] for p in r["server"]["processes"]} == {pa.pid, pb.pid}
+    assert r["server"]["cpu_pct"] == pytest.approx(sum(p["cpu_pct"] for p in r["server"]["processes"]), abs=0.5)
+
+
+def test_receiver_url_refused_with_the_baseline() -> None:
+    out = _run("--baseline", "--receiver-url", "http://127.0.0.1:1/derp")
+    assert out.returncode == 1 and "--receiver-url goes with a plain --url run" in out.stderr
 
 
 @pytest.mark.parametrize("tls", [False, True])

@@ -51,6 +51,7 @@ from derpd.proto.frames import (
     peer_gone_frame,
     peer_present_frame,
     recv_packet_frame,
+    reframe_run,
     restarting_frame,
     send_packet_frame,
     server_info_frame,
@@ -126,12 +127,14 @@ def _expand(buf: bytes, spans: list) -> list[tuple[int, bytes]]:
         if run is None:
             out.append((ftype, buf[start:stop]))
             continue
-        assert ftype == FrameType.SEND_PACKET and len(run) > 1
-        assert run[0] == start - 5 and len({buf[at + 5 : at + 37] for at in run}) == 1  # one destination
+        assert ftype in (FrameType.SEND_PACKET, FrameType.FORWARD_PACKET) and len(run) > 1
+        klen = 32 if ftype == FrameType.SEND_PACKET else 64  # the destination; a ForwardPacket's source too
+        assert run[0] == start - 5 and len({buf[at + 5 : at + 5 + klen] for at in run}) == 1
         for at in run:
+            assert buf[at] == ftype
             length = int.from_bytes(buf[at + 1 : at + 5])
             payload = buf[at + 5 : at + 5 + length]
-            assert not is_disco(payload, 32)
+            assert not is_disco(payload, klen)
             out.append((ftype, payload))
         assert at + 5 + length == stop  # adjacent frames, nothing skipped in between
     return out
@@ -141,6 +144,13 @@ sends_st = st.lists(
     st.one_of(
         st.tuples(st.just(int(FrameType.SEND_PACKET)), st.sampled_from([b"A" * 32, b"B" * 32]), st.binary(max_size=80)),
         st.tuples(st.just(int(FrameType.SEND_PACKET)), st.just(b"A" * 32), st.just(DISCO_MAGIC + b"d" * 60)),
+        st.tuples(
+            st.just(int(FrameType.FORWARD_PACKET)),
+            st.sampled_from([b"A" * 64, b"A" * 32 + b"B" * 32, b"B" * 64]),
+            st.binary(max_size=80),
+        ),
+        st.tuples(st.just(int(FrameType.FORWARD_PACKET)), st.just(b"A" * 64), st.just(DISCO_MAGIC + b"d" * 60)),
+        st.tuples(st.just(int(FrameType.FORWARD_PACKET)), st.just(b"A" * 16), st.binary(max_size=40)),
         st.tuples(st.sampled_from([int(FrameType.PING), 0x77]), st.just(b""), st.binary(min_size=8, max_size=8)),
     ),
     max_size=30,
@@ -149,9 +159,10 @@ sends_st = st.lists(
 
 @given(sends_st, st.lists(st.integers(1, 200), max_size=20))
 def test_spans_with_runs_are_the_same_frames(items: list[tuple[int, bytes, bytes]], chunks: list[int]) -> None:
-    """read_spans groups SendPackets into runs, yet describes exactly read_frames' frames."""
+    """read_spans groups SendPackets (and a mesh peer's ForwardPackets) into runs, yet describes
+    exactly read_frames' frames."""
     data = encode_frames((t, key + body) for t, key, body in items)
-    wanted = frozenset({int(FrameType.SEND_PACKET), int(FrameType.PING)})
+    wanted = frozenset({int(FrameType.SEND_PACKET), int(FrameType.FORWARD_PACKET), int(FrameType.PING)})
     expect = [(t, k + b) for t, k, b in items if t in wanted]
     reader = FrameReader(wanted=wanted)
     got: list[tuple[int, bytes]] = []
@@ -161,6 +172,27 @@ def test_spans_with_runs_are_the_same_frames(items: list[tuple[int, bytes, bytes
         pos += size
         got += _expand(*reader.read_spans())
     assert got == expect
+
+
+@given(keys32, st.lists(st.tuples(keys32, st.binary(max_size=1300)), min_size=1, max_size=20), st.binary(max_size=9))
+def test_reframe_run_equals_building_each_frame(src: bytes, packets: list[tuple[bytes, bytes]], before: bytes) -> None:
+    """SendPackets -> ForwardPackets from src, and ForwardPackets -> RecvPackets, as a relay does
+    with a run: the same bytes as building every frame on its own (sizes vary within the run)."""
+    sends = [send_packet_frame(dst, pkt) for dst, pkt in packets]
+    forwards = [forward_packet_frame(src, dst, pkt) for dst, pkt in packets]
+
+    def offsets(frames: list[bytes]) -> list[int]:
+        at, out = len(before), []
+        for f in frames:
+            out.append(at)
+            at += len(f)
+        return out
+
+    buf = before + b"".join(sends)
+    assert reframe_run(buf, offsets(sends), FrameType.FORWARD_PACKET, src, 0) == b"".join(forwards)
+    buf = before + b"".join(forwards)
+    want = b"".join(recv_packet_frame(src, pkt) for _, pkt in packets)
+    assert reframe_run(buf, offsets(forwards), FrameType.RECV_PACKET, src, 64) == want
 
 
 @pytest.mark.parametrize("length", [MAX_FRAME_LEN + 1, 4 << 20])

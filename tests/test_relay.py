@@ -34,6 +34,7 @@ from derpd.proto.frames import (
     PeerPresentFlags,
     client_info_frame,
     encode_frame,
+    forward_packet_frame,
     pack_header,
     send_packet_frame,
 )
@@ -494,6 +495,7 @@ MALFORMED = {
     "watch_conns_with_payload": encode_frame(FrameType.WATCH_CONNS, b"x"),
     "close_peer_without_mesh_key": encode_frame(FrameType.CLOSE_PEER, b"k" * 32),
     "forward_without_mesh_key": encode_frame(FrameType.FORWARD_PACKET, b"k" * 70),
+    "forward_run_without_mesh_key": encode_frame(FrameType.FORWARD_PACKET, b"k" * 70) * 3,
 }
 
 
@@ -644,6 +646,63 @@ async def test_mesh_watcher_forward_and_close_peer(nursery: trio.Nursery) -> Non
     await watcher.close_peer(a.public_key)
     await expect_closed(a)
     assert await recv_type(watcher, PeerGoneMessage) == PeerGoneMessage(a.public_key, PeerGoneReason.DISCONNECTED)
+    await watcher.aclose()
+
+
+async def test_runs_of_forwarded_packets_arrive_whole_and_in_order(nursery: trio.Nursery) -> None:
+    """A mesh peer's ForwardPackets in one write: runs with one source and destination (packet
+    sizes changing within them), a disco packet, other sources and an unknown destination among
+    them. The receiver gets every packet with its source, in order (disco has its own queue, as
+    in the reference), and every ForwardPacket is counted."""
+    mesh_key = os.urandom(32)
+    server = await start_server(nursery, mesh_key=mesh_key)
+    url = url_of(server)
+    a = await DerpClient.connect(url)
+    watcher = await DerpClient.connect(url, mesh_key=mesh_key)
+    s1, s2, nobody = (NodePrivate.generate().public for _ in range(3))
+    frames: list[tuple[bytes, bytes, bytes]] = []
+    for i in range(200):
+        src = s2 if 80 <= i < 90 else s1
+        dst = nobody if 120 <= i < 125 else a.public_key
+        size = 1200 if i % 50 < 30 else 64 + i
+        frames.append((src, dst, i.to_bytes(2, "big") + bytes([i % 251]) * size))
+        if i == 40:
+            frames.append((s1, a.public_key, DISCO))
+    await watcher.send_raw(b"".join(forward_packet_frame(*f) for f in frames))
+    expect = [(src, pkt) for src, dst, pkt in frames if dst == a.public_key]
+    got = [await recv_data(a) for _ in expect]
+    got_pairs = [(g.src, g.data) for g in got]
+    assert [p for p in got_pairs if p[1] == DISCO] == [(s1, DISCO)]
+    assert [p for p in got_pairs if p[1] != DISCO] == [p for p in expect if p[1] != DISCO]
+    await watcher.ping()
+    st = server.relay.stats
+    assert st.packets_forwarded_in == len(frames)
+    assert st.dropped_packets[("unknown_dest_on_fwd", "other")] == 5
+    assert st.packets_sent == len(expect)
+    await a.aclose()
+    await watcher.aclose()
+
+
+async def test_runs_forwarded_to_a_receiver_that_is_behind_are_queued_and_dropped_oldest(nursery: trio.Nursery) -> None:
+    """A mesh peer's runs for a receiver that stopped reading go through its bounded queue,
+    one packet at a time, and the oldest are dropped and counted, as for local senders."""
+    mesh_key = os.urandom(32)
+    server = await start_server(nursery, mesh_key=mesh_key)
+    watcher = await DerpClient.connect(url_of(server), mesh_key=mesh_key)
+    key = NodePrivate.generate()
+    stuck = await raw_login(server.port, server.key.public, key, rcvbuf=4096)
+    await wait_for(lambda: key.public in server.relay.clients, what="registration")
+    src = NodePrivate.generate().public
+    blob = b"q" * 60000
+    for _ in range(10):
+        await watcher.send_raw(forward_packet_frame(src, key.public, blob) * 10)
+    await watcher.ping()
+    st = server.relay.stats
+    assert st.packets_forwarded_in == 100
+    assert st.dropped_packets[("queue_head", "other")] > 0
+    assert st.dropped_bytes[("queue_head", "other")] == 60000 * st.dropped_packets[("queue_head", "other")]
+    assert len(server.relay.clients[key.public].outbox.q_other) <= 32
+    stuck.close()
     await watcher.aclose()
 
 

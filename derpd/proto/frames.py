@@ -56,7 +56,11 @@ class FrameType(IntEnum):
 
 
 _SEND = int(FrameType.SEND_PACKET)
-_DISCO_SEND_MIN = KEY_LEN + DISCO_MIN_LEN
+_FORWARD = int(FrameType.FORWARD_PACKET)
+# By frame type: how many payload bytes make the key of a run (read_spans): a SendPacket's destination,
+# a ForwardPacket's source and destination. 0: the type never joins a run.
+_RUN_KEYS = tuple(KEY_LEN if t == _SEND else 2 * KEY_LEN if t == _FORWARD else 0 for t in range(256))
+_NO_RUNS = (0,) * 256
 
 
 class PeerGoneReason(IntEnum):
@@ -245,7 +249,9 @@ class FrameReader:
         frames are in, and per frame its type and payload offsets. Consecutive SendPackets
         to one destination, none of them disco, come as a single span ``(SEND_PACKET,
         first payload start, last payload end, [header offset of each frame])`` so that
-        they can be forwarded as a block; every other span has ``None`` there."""
+        they can be forwarded as a block; so do consecutive ForwardPackets (a mesh peer's)
+        with one source and one destination, none of them disco, as ``(FORWARD_PACKET, ...)``.
+        Every other span has ``None`` there."""
         return self._scan(single=False, runs=True)
 
     def _scan(self, *, single: bool, runs: bool) -> tuple[bytes, list[Span]]:
@@ -265,10 +271,12 @@ class FrameReader:
         append = out.append
         table = self._table
         unpack = _unpack_header
-        run: list[int] = []  # header offsets of the pending run of SendPackets
+        run: list[int] = []  # header offsets of the pending run of SendPackets (or ForwardPackets)
+        run_type = _SEND
         run_key: bytes | bytearray = b""  # bytes: buf is by now
         run_start = run_stop = 0
-        send, disco_min, disco_magic = _SEND, _DISCO_SEND_MIN, DISCO_MAGIC
+        disco_min, disco_magic = DISCO_MIN_LEN, DISCO_MAGIC
+        run_keys = _RUN_KEYS if runs else _NO_RUNS
         while end - pos >= FRAME_HEADER_LEN:
             ftype, length = unpack(buf, pos)
             lim = table[ftype]
@@ -278,30 +286,27 @@ class FrameReader:
                     self._need = stop - pos
                     break
                 start = pos + FRAME_HEADER_LEN
-                if (
-                    ftype == send
-                    and runs
-                    and length >= KEY_LEN
-                    and not (
-                        length >= disco_min
-                        and buf[start + KEY_LEN] == 0x54
-                        and buf.startswith(disco_magic, start + KEY_LEN)
-                    )
+                klen = run_keys[ftype]  # bytes of the run's key (see read_spans); 0: never in a run
+                if klen and length >= klen and not (
+                    length >= klen + disco_min
+                    and buf[start + klen] == 0x54
+                    and buf.startswith(disco_magic, start + klen)
                 ):
-                    if run and run_stop == pos and buf.startswith(run_key, start):
+                    if run and run_stop == pos and run_type == ftype and buf.startswith(run_key, start):
                         run.append(pos)
                         run_stop = stop
                     else:
                         if run:
-                            append((send, run_start, run_stop, run if len(run) > 1 else None))
+                            append((run_type, run_start, run_stop, run if len(run) > 1 else None))
                         run = [pos]
-                        run_key = buf[start : start + KEY_LEN]
+                        run_type = ftype
+                        run_key = buf[start : start + klen]
                         run_start = start
                         run_stop = stop
                     pos = stop
                     continue
                 if run:
-                    append((_SEND, run_start, run_stop, run if len(run) > 1 else None))
+                    append((run_type, run_start, run_stop, run if len(run) > 1 else None))
                     run = []
                 append((ftype, start, stop, None))
                 pos = stop
@@ -319,7 +324,7 @@ class FrameReader:
                 pos = end
                 break
         if run:
-            append((_SEND, run_start, run_stop, run if len(run) > 1 else None))
+            append((run_type, run_start, run_stop, run if len(run) > 1 else None))
         self._buf = buf
         self._pos = pos
         if self.error is not None and not out:
@@ -359,6 +364,30 @@ def recv_packet_frame(src: bytes, packet: bytes) -> bytes:
 
 def forward_packet_frame(src: bytes, dst: bytes, packet: bytes) -> bytes:
     return pack_header(FrameType.FORWARD_PACKET, 2 * KEY_LEN + len(packet)) + src + dst + packet
+
+
+def reframe_run(buf: bytes, run: list[int], ftype: int, key: bytes, skip: int) -> bytes:
+    """The frames at header offsets ``run`` of ``buf`` (a run from ``read_spans``), each rewritten as
+    a ``ftype`` frame whose payload is ``key`` followed by its old payload less the first ``skip``
+    bytes, all in one buffer. A relay turns a run of SendPackets into ForwardPackets with it (``key``
+    the source, ``skip`` 0) and a mesh peer's run of ForwardPackets into RecvPackets (``key`` the
+    source, ``skip`` both keys). The packets are copied once, by the join; every payload must be at
+    least ``skip`` bytes long (a run's always are)."""
+    view = memoryview(buf)
+    parts: list[bytes | memoryview] = []
+    append = parts.append
+    extra = len(key) - skip
+    size = -1
+    prefix = b""
+    for at in run:
+        body = at + FRAME_HEADER_LEN
+        end = body + int.from_bytes(buf[at + 1 : body])
+        if end - body != size:  # the header (and key) shared by every payload of this size
+            size = end - body
+            prefix = pack_header(ftype, size + extra) + key
+        append(prefix)
+        append(view[body + skip : end])
+    return b"".join(parts)
 
 
 KEEP_ALIVE_FRAME = pack_header(FrameType.KEEP_ALIVE, 0)

@@ -25,11 +25,21 @@ from derpd.net.addr import is_ip, remote_of
 from derpd.net.client import CONNECT_TIMEOUT, ConnectionLost, DerpClient, DerpHTTPError
 from derpd.net.transport import SocketTransport, StreamTransport, Transport
 from derpd.proto.connection import NEED_DATA, DerpConnection, Health, PeerGone, PeerPresent, Ping, Restarting
-from derpd.proto.frames import ClientInfo, HandshakeError, ProtocolError, pong_frame
-from derpd.proto.keys import NodeKey, NodePrivate, short_key
+from derpd.proto.frames import (
+    FRAME_HEADER_LEN,
+    ClientInfo,
+    FrameType,
+    HandshakeError,
+    ProtocolError,
+    pack_header,
+    pong_frame,
+    reframe_run,
+)
+from derpd.proto.keys import KEY_LEN, NodeKey, NodePrivate, short_key
 from derpd.server.outbox import ConnectionClosed, Outbox
 from derpd.server.relay import ClientConn, RelayServer
 
+FORWARD = FrameType.FORWARD_PACKET
 LINK_QUEUE_DEPTH = 4096  # ForwardPackets waiting for one peer (all its clients' traffic from us)
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 5.0  # derper retries every 5 s
@@ -235,6 +245,27 @@ class MeshLink:
             if len(q) >= LINK_QUEUE_DEPTH:
                 self.conn.server.stats.drop("queue_head", False, len(q.popleft()))
         q.append(frame)
+        out.touch(touched)
+
+    def forward_run(self, src: bytes, buf: bytes, run: list[int], touched: list[Outbox]) -> None:
+        """SendPackets in ``buf`` (header offsets ``run``, one destination, none disco) as
+        ForwardPackets from ``src``. While the link keeps up they go out in one piece, each frame
+        the SendPacket with ``src`` put in after its header (the packets are copied once, by the
+        join), as the relay writes a run to a local client; a link that is behind takes them one by
+        one through its bounded queue."""
+        out = self.outbox
+        if out.writing or out.q_other:
+            view = memoryview(buf)
+            for at in run:
+                body = at + FRAME_HEADER_LEN  # destination key, then the packet
+                end = body + int.from_bytes(buf[at + 1 : body])
+                self.forward(pack_header(FORWARD, KEY_LEN + end - body) + src + view[body:end], False, touched)
+            return
+        seg = reframe_run(buf, run, FORWARD, src, 0)
+        n = len(run)
+        out.express.append(seg)
+        out.express_pkts += n
+        out.express_bytes += len(seg) - n * (FRAME_HEADER_LEN + 2 * KEY_LEN)  # the packets alone
         out.touch(touched)
 
     async def run(self) -> None:

@@ -59,6 +59,7 @@ from derpd.proto.frames import (
     peer_gone_frame,
     peer_present_frame,
     pong_frame,
+    reframe_run,
     restarting_frame,
 )
 from derpd.proto.keys import KEY_LEN, NodeKey, NodePrivate, mesh_keys_equal, public_key_text, short_key
@@ -113,6 +114,11 @@ class Forwarder(Protocol):
         ...
 
     def forward(self, frame: bytes, disco: bool, touched: list[Outbox]) -> None: ...
+
+    def forward_run(self, src: bytes, buf: bytes, run: list[int], touched: list[Outbox]) -> None:
+        """SendPackets in ``buf`` (header offsets ``run``, one destination, none disco) as
+        ForwardPackets from ``src``."""
+        ...
 
 
 class Admitter(Protocol):
@@ -994,6 +1000,9 @@ class RelayServer:
                             end = at + FRAME_HEADER_LEN + int.from_bytes(buf[at + 1 : at + FRAME_HEADER_LEN])
                             self._send_one(conn, buf[at + FRAME_HEADER_LEN : end], False, touched)
                     continue
+                if ftype == FORWARD and run is not None:
+                    self._receive_forward_run(conn, buf, run, touched)
+                    continue
                 payload = buf[start:stop]
                 if ftype == PING:
                     self.stats.got_ping += 1
@@ -1035,7 +1044,13 @@ class RelayServer:
             at = offset - base
             seg[at] = RECV
             seg[at + FRAME_HEADER_LEN : at + RECV_PREFIX_LEN] = src
-        n = len(run)
+        self._express(d, o, seg, len(run), src, touched)
+
+    def _express(
+        self, d: ClientConn, o: Outbox, seg: bytes | bytearray, n: int, src: bytes, touched: list[Outbox]
+    ) -> None:
+        """``n`` RecvPackets from ``src`` in ``seg``, written straight through ``d``'s outbox ``o``
+        (which is keeping up: not closed, not writing, nothing queued)."""
         o.express.append(seg)
         o.express_pkts += n
         o.express_bytes += len(seg) - n * RECV_PREFIX_LEN
@@ -1048,10 +1063,7 @@ class RelayServer:
     def _forward_run(self, link: Forwarder, src: bytes, buf: bytes, run: list[int], touched: list[Outbox]) -> None:
         """SendPackets (header offsets ``run``) to a key on another node: ForwardPackets on the link
         that reaches it, found once for the run. (_send_one does the same for one packet.)"""
-        for at in run:
-            body = at + FRAME_HEADER_LEN  # destination key, then the packet
-            end = body + int.from_bytes(buf[at + 1 : body])
-            link.forward(pack_header(FORWARD, KEY_LEN + end - body) + src + buf[body:end], False, touched)
+        link.forward_run(src, buf, run, touched)
         self.stats.packets_forwarded_out += len(run)
 
     def _send_one(self, conn: ClientConn, payload: bytes, disco: bool, touched: list[Outbox]) -> None:
@@ -1120,6 +1132,26 @@ class RelayServer:
         self.stats.drop(unknown_reason, disco, size)
         if disco and conn.note_not_here(dst):
             conn.outbox.touch(touched)
+
+    def _receive_forward_run(self, conn: ClientConn, buf: bytes, run: list[int], touched: list[Outbox]) -> None:
+        """ForwardPackets from a mesh peer with one source and one destination, none disco
+        (header offsets ``run``): for a local destination that is keeping up, its RecvPackets
+        in one piece (each frame loses the destination key; the packets are copied once, by the
+        join); otherwise frame by frame, as ``_handle_forward``."""
+        if not conn.can_mesh:
+            raise ProtocolError("insufficient permissions for ForwardPacket")
+        keys = run[0] + FRAME_HEADER_LEN
+        dst = buf[keys + KEY_LEN : keys + 2 * KEY_LEN]
+        d = self.clients.get(dst)
+        if d is None or (o := d.outbox).closed or o.writing or o.q_other:
+            for at in run:
+                end = at + FRAME_HEADER_LEN + int.from_bytes(buf[at + 1 : at + FRAME_HEADER_LEN])
+                self._handle_forward(conn, buf[at + FRAME_HEADER_LEN : end], touched)
+            return
+        src = buf[keys : keys + KEY_LEN]
+        seg = reframe_run(buf, run, RECV, src, 2 * KEY_LEN)
+        self.stats.packets_forwarded_in += len(run)
+        self._express(d, o, seg, len(run), src, touched)
 
     def _handle_forward(self, conn: ClientConn, payload: bytes, touched: list[Outbox]) -> None:
         if not conn.can_mesh:

@@ -155,6 +155,13 @@ def main() -> None:
         "clientinfo-too-long": frame(2, b"", (256 << 10) + 1),
         "ping-too-long": client_info + frame(0x12, bytes(1001)),
         "send-short-runs": client_info + frame(4, b"short") + frame(4, b"") + frame(4, key_a) + frame(4, key_a),
+        "forward-runs": client_info
+        + frame(0x0A, key_a + key_b + b"one")
+        + frame(0x0A, key_a + key_b + b"two, same keys: one run")
+        + frame(0x0A, key_a + key_b + disco)
+        + frame(0x0A, key_b + key_a + b"the other way")
+        + frame(0x0A, key_a + key_b[:20])
+        + frame(4, key_b + b"a send right after"),
         **session_streams("derp-session-mesh.json", 4096),
         **session_streams("derp-session-http.json", 4096),
     }

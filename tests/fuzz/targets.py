@@ -102,6 +102,7 @@ def build_frame_reader() -> OneInput:
 
     header = struct.Struct(">BI")
     send, key_len = int(p.FrameType.SEND_PACKET), p.KEY_LEN
+    forward = int(p.FrameType.FORWARD_PACKET)
     handshake = {"max_frame_len": p.MAX_CLIENT_INFO_LEN}  # relay._handshake, before ClientInfo
     login = {"max_frame_len": p.MAX_FRAME_LEN, "limits": p.CLIENT_FRAME_LIMITS, "wanted": p.SERVER_HANDLED}
     client = {"max_frame_len": p.NONCE_LEN + p.MAX_FRAME_LEN}  # derpd.net.client and mesh links
@@ -144,19 +145,21 @@ def build_frame_reader() -> OneInput:
             limit, wanted = rules[then]
         return frames, skipped, False, stream[pos:]
 
-    def eligible(buf: bytes, hdr: int) -> bytes | None:
-        """The destination key when the frame at ``hdr`` could join a run of SendPackets."""
+    def eligible(buf: bytes, hdr: int) -> tuple[int, bytes] | None:
+        """(type, run key) when the frame at ``hdr`` could join a run: a SendPacket's destination,
+        a ForwardPacket's source and destination; None for every other frame, disco or short."""
         ftype, length = header.unpack_from(buf, hdr)
         payload = buf[hdr + 5 : hdr + 5 + length]
-        if ftype != send or length < key_len or p.is_disco(payload, key_len):
+        klen = {send: key_len, forward: 2 * key_len}.get(ftype)
+        if klen is None or length < klen or p.is_disco(payload, klen):
             return None
-        return payload[:key_len]
+        return ftype, payload[:klen]
 
     def from_spans(buf: bytes, spans: list[Any]) -> list[tuple[int, bytes]]:
         check(type(buf) is bytes, f"read_spans returned a {type(buf).__name__}, not immutable bytes")
         frames: list[tuple[int, bytes]] = []
         prev_end = 0
-        prev_run_key: bytes | None = None
+        prev_run_key: tuple[int, bytes] | None = None
         for ftype, start, stop, hdrs in spans:
             check(
                 prev_end + 5 <= start <= stop <= len(buf),
@@ -167,11 +170,11 @@ def build_frame_reader() -> OneInput:
             check(heads[0] == start - 5, "span does not start right after its first header")
             first_key = eligible(buf, heads[0])
             if hdrs is not None:
-                check(ftype == send and len(hdrs) >= 2, f"run span of type {ftype} with {len(hdrs)} headers")
-                check(first_key is not None, "a run starts with a disco or short SendPacket")
+                check(ftype in (send, forward) and len(hdrs) >= 2, f"run span of type {ftype} with {len(hdrs)} headers")
+                check(first_key is not None, "a run starts with a disco or short Send/ForwardPacket")
             check(
                 not (prev_run_key is not None and first_key == prev_run_key and prev_end == heads[0]),
-                "two adjacent SendPackets to one key came as separate spans (run not merged)",
+                "two adjacent Send/ForwardPackets with one run key came as separate spans (run not merged)",
             )
             at = heads[0]
             for hdr in heads:
