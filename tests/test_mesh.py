@@ -21,9 +21,20 @@ from derpd.net.client import DerpClient, PeerGoneMessage, PeerPresentMessage, Re
 from derpd.net.transport import SocketTransport
 from derpd.ops.metrics import registry_for, render
 from derpd.proto.connection import NEED_DATA, DerpConnection, Role, ServerHello
-from derpd.proto.frames import ClientInfo, PeerGoneReason, ServerInfo, server_info_frame, server_key_frame
+from derpd.proto.frames import (
+    DISCO_MAGIC,
+    ClientInfo,
+    FrameReader,
+    FrameType,
+    PeerGoneReason,
+    ServerInfo,
+    parse_forward_packet,
+    peer_present_frame,
+    server_info_frame,
+    server_key_frame,
+)
 from derpd.proto.keys import NodePrivate, parse_public_key
-from derpd.server.mesh import MeshError, MeshLink, MeshTarget, keep_link, parse_targets
+from derpd.server.mesh import LINK_QUEUE_DEPTH, MeshError, MeshLink, MeshTarget, keep_link, parse_targets
 from derpd.server.node import DerpServer
 
 from .conftest import load_vector, send_until_delivered, start_server, url_of, wait_for
@@ -255,6 +266,60 @@ async def test_recorded_watcher_stream_builds_routes(nursery: trio.Nursery) -> N
     assert not server.relay.forwarders
     theirs.close()
     await link.conn.transport.aclose()
+
+
+async def test_a_link_that_is_behind_keeps_order_and_drops_the_oldest(nursery: trio.Nursery) -> None:
+    """A peer that stops reading: runs queue on its link up to LINK_QUEUE_DEPTH packets, then one
+    by one with the oldest dropped and counted. What the peer reads afterwards is every packet
+    that was not dropped, whole and in the order routed."""
+    server = await start_server(nursery)
+    ours, theirs = socket.socketpair()
+    for s in (ours, theirs):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    link = MeshLink(server.relay, SocketTransport(ours), logged_in(), "slow peer")
+    far = NodePrivate.generate().public
+    theirs.sendall(peer_present_frame(far, bytes(16), 0, 0))
+    nursery.start_soon(link.run)
+    await wait_for(lambda: far in server.relay.forwarders, what="the peer's client")
+    sender = await DerpClient.connect(url_of(server))
+    total, pad = 3 * LINK_QUEUE_DEPTH, b"p" * 200
+    for first in range(0, total, 64):
+        await sender.send_many([(far, i.to_bytes(4, "big") + pad) for i in range(first, first + 64)])
+    await sender.ping()  # every packet routed
+    st = server.relay.stats
+    dropped = st.dropped_packets[("queue_head", "other")]
+    assert dropped > 0 and st.packets_forwarded_out == total
+    reader = FrameReader()
+    peer = trio.socket.from_stdlib_socket(theirs)
+    disco_at = len(DISCO_MAGIC) + 56  # the sequence number, after the magic, key and nonce
+
+    async def read_seqs(count: int) -> list[int]:
+        seqs: list[int] = []
+        with trio.fail_after(20):
+            while len(seqs) < count:
+                reader.feed(await peer.recv(1 << 16))
+                for ftype, payload in reader.read_frames():
+                    if ftype == FrameType.FORWARD_PACKET:
+                        src, dst, pkt = parse_forward_packet(payload)
+                        assert (src, dst) == (sender.public_key, far)
+                        at = disco_at if pkt.startswith(DISCO_MAGIC) else 0
+                        assert pkt[at + 4 :] == pad
+                        seqs.append(int.from_bytes(pkt[at : at + 4], "big"))
+        return seqs
+
+    seqs = await read_seqs(total - dropped)
+    assert seqs == sorted(seqs) and len(set(seqs)) == total - dropped
+    assert seqs[-1] == total - 1  # the newest are kept
+
+    # A disco packet waiting one by one (the link's writer busy): the runs after it wait behind it.
+    await sender.send_many([(far, i.to_bytes(4, "big") + pad) for i in range(64)])
+    await sender.send(far, DISCO_MAGIC + bytes(56) + (64).to_bytes(4, "big") + pad)
+    await sender.send_many([(far, i.to_bytes(4, "big") + pad) for i in range(65, 129)])
+    assert await read_seqs(129) == list(range(129))
+    assert st.dropped_packets[("queue_head", "other")] == dropped
+    await sender.aclose()
+    theirs.close()
 
 
 def logged_in() -> DerpConnection:

@@ -40,7 +40,10 @@ from derpd.server.outbox import ConnectionClosed, Outbox
 from derpd.server.relay import ClientConn, RelayServer
 
 FORWARD = FrameType.FORWARD_PACKET
-LINK_QUEUE_DEPTH = 4096  # ForwardPackets waiting for one peer (all its clients' traffic from us)
+# ForwardPackets waiting for one peer (all its clients' traffic from us): up to this many in runs
+# (Outbox.express) while none wait one by one, and up to this many one by one (Outbox.q_other, the
+# oldest dropped beyond it) once runs no longer fit.
+LINK_QUEUE_DEPTH = 4096
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 5.0  # derper retries every 5 s
 
@@ -249,12 +252,14 @@ class MeshLink:
 
     def forward_run(self, src: bytes, buf: bytes, run: list[int], touched: list[Outbox]) -> None:
         """SendPackets in ``buf`` (header offsets ``run``, one destination, none disco) as
-        ForwardPackets from ``src``. While the link keeps up they go out in one piece, each frame
-        the SendPacket with ``src`` put in after its header (the packets are copied once, by the
-        join), as the relay writes a run to a local client; a link that is behind takes them one by
-        one through its bounded queue."""
+        ForwardPackets from ``src``, in one piece: each frame the SendPacket with ``src`` put in
+        after its header (the packets are copied once, by the join). Unlike a client's, a link's
+        runs also queue while its writer task is busy (a peer on a loaded machine is behind much of
+        the time, and its link carries every client's traffic), up to LINK_QUEUE_DEPTH packets; past
+        that, and until the queue has drained, they go one by one through the bounded queue, which
+        drops the oldest, so the order stays as routed."""
         out = self.outbox
-        if out.writing or out.q_other:
+        if out.q_other or out.express_pkts + len(run) > LINK_QUEUE_DEPTH:
             view = memoryview(buf)
             for at in run:
                 body = at + FRAME_HEADER_LEN  # destination key, then the packet
