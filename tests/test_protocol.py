@@ -53,6 +53,7 @@ from derpd.proto.frames import (
     recv_packet_frame,
     reframe_run,
     restarting_frame,
+    run_payloads,
     send_packet_frame,
     server_info_frame,
     server_key_frame,
@@ -190,6 +191,7 @@ def test_reframe_run_equals_building_each_frame(src: bytes, packets: list[tuple[
 
     buf = before + b"".join(sends)
     assert reframe_run(buf, offsets(sends), FrameType.FORWARD_PACKET, src, 0) == b"".join(forwards)
+    assert run_payloads(buf, offsets(sends)) == [dst + pkt for dst, pkt in packets]
     buf = before + b"".join(forwards)
     want = b"".join(recv_packet_frame(src, pkt) for _, pkt in packets)
     assert reframe_run(buf, offsets(forwards), FrameType.RECV_PACKET, src, 64) == want

@@ -366,6 +366,16 @@ def forward_packet_frame(src: bytes, dst: bytes, packet: bytes) -> bytes:
     return pack_header(FrameType.FORWARD_PACKET, 2 * KEY_LEN + len(packet)) + src + dst + packet
 
 
+def run_payloads(buf: bytes, run: list[int]) -> list[bytes]:
+    """The payload of each frame at header offsets ``run`` of ``buf`` (a run from ``read_spans``),
+    for a relay that takes a run one packet at a time."""
+    out = []
+    for at in run:
+        body = at + FRAME_HEADER_LEN
+        out.append(buf[body : body + int.from_bytes(buf[at + 1 : body])])
+    return out
+
+
 def reframe_run(buf: bytes, run: list[int], ftype: int, key: bytes, skip: int) -> bytes:
     """The frames at header offsets ``run`` of ``buf`` (a run from ``read_spans``), each rewritten as
     a ``ftype`` frame whose payload is ``key`` followed by its old payload less the first ``skip``

@@ -34,6 +34,7 @@ from derpd.proto.frames import (
     pack_header,
     pong_frame,
     reframe_run,
+    run_payloads,
 )
 from derpd.proto.keys import KEY_LEN, NodeKey, NodePrivate, short_key
 from derpd.server.outbox import ConnectionClosed, Outbox
@@ -260,18 +261,12 @@ class MeshLink:
         drops the oldest, so the order stays as routed."""
         out = self.outbox
         if out.q_other or out.express_pkts + len(run) > LINK_QUEUE_DEPTH:
-            view = memoryview(buf)
-            for at in run:
-                body = at + FRAME_HEADER_LEN  # destination key, then the packet
-                end = body + int.from_bytes(buf[at + 1 : body])
-                self.forward(pack_header(FORWARD, KEY_LEN + end - body) + src + view[body:end], False, touched)
+            for payload in run_payloads(buf, run):  # the destination key, then the packet
+                self.forward(pack_header(FORWARD, KEY_LEN + len(payload)) + src + payload, False, touched)
             return
         seg = reframe_run(buf, run, FORWARD, src, 0)
         n = len(run)
-        out.express.append(seg)
-        out.express_pkts += n
-        out.express_bytes += len(seg) - n * (FRAME_HEADER_LEN + 2 * KEY_LEN)  # the packets alone
-        out.touch(touched)
+        out.add_run(seg, n, len(seg) - n * (FRAME_HEADER_LEN + 2 * KEY_LEN), touched)  # the packets alone
 
     async def run(self) -> None:
         """Until the link breaks (the reason is in ``conn.close_reason``) or is cancelled."""

@@ -166,6 +166,22 @@ class Outbox:
             self.dirty = True
             touched.append(self)
 
+    @property
+    def keeping_up(self) -> bool:
+        """Nothing waits and nothing is being written: a run can go straight through (``add_run``)
+        without passing the queues' drop policy."""
+        return not (self.closed or self.writing or self.q_other)
+
+    def add_run(self, seg: bytes | bytearray, packets: int, packet_bytes: int, touched: list[Outbox]) -> None:
+        """Queue ``seg``, ``packets`` whole frames (``packet_bytes`` of packets in them), to be
+        written as they are, after what is queued one by one before it (see ``_take_batch``)."""
+        self.express.append(seg)
+        self.express_pkts += packets
+        self.express_bytes += packet_bytes
+        if not self.dirty:
+            self.dirty = True
+            touched.append(self)
+
     def control(self, frame: bytes) -> None:
         """Queue a control frame (never dropped) and write it now if the output is idle."""
         self.ctrl.append(frame)

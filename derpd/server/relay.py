@@ -61,6 +61,7 @@ from derpd.proto.frames import (
     pong_frame,
     reframe_run,
     restarting_frame,
+    run_payloads,
 )
 from derpd.proto.keys import KEY_LEN, NodeKey, NodePrivate, mesh_keys_equal, public_key_text, short_key
 from derpd.server.admission import Verdict
@@ -991,14 +992,13 @@ class RelayServer:
                         frames = [start - FRAME_HEADER_LEN]
                     dst = buf[start : start + KEY_LEN]
                     d = clients.get(dst)
-                    if d is not None and not (o := d.outbox).closed and not o.writing and not o.q_other:
+                    if d is not None and (o := d.outbox).keeping_up:
                         self._emit_run(d, o, conn.key, buf, frames, stop, touched)
                     elif d is None and (links := self.forwarders.get(dst)) and dst not in self.keys:
                         self._forward_run(links[0], conn.key, buf, frames, touched)
                     else:
-                        for at in frames:
-                            end = at + FRAME_HEADER_LEN + int.from_bytes(buf[at + 1 : at + FRAME_HEADER_LEN])
-                            self._send_one(conn, buf[at + FRAME_HEADER_LEN : end], False, touched)
+                        for payload in run_payloads(buf, frames):
+                            self._send_one(conn, payload, False, touched)
                     continue
                 if ftype == FORWARD and run is not None:
                     self._receive_forward_run(conn, buf, run, touched)
@@ -1050,15 +1050,10 @@ class RelayServer:
         self, d: ClientConn, o: Outbox, seg: bytes | bytearray, n: int, src: bytes, touched: list[Outbox]
     ) -> None:
         """``n`` RecvPackets from ``src`` in ``seg``, written straight through ``d``'s outbox ``o``
-        (which is keeping up: not closed, not writing, nothing queued)."""
-        o.express.append(seg)
-        o.express_pkts += n
-        o.express_bytes += len(seg) - n * RECV_PREFIX_LEN
+        (which is keeping up)."""
+        o.add_run(seg, n, len(seg) - n * RECV_PREFIX_LEN, touched)
         if src not in d.saw_src:
             self._note_seen(d, src)
-        if not o.dirty:
-            o.dirty = True
-            touched.append(o)
 
     def _forward_run(self, link: Forwarder, src: bytes, buf: bytes, run: list[int], touched: list[Outbox]) -> None:
         """SendPackets (header offsets ``run``) to a key on another node: ForwardPackets on the link
@@ -1143,10 +1138,9 @@ class RelayServer:
         keys = run[0] + FRAME_HEADER_LEN
         dst = buf[keys + KEY_LEN : keys + 2 * KEY_LEN]
         d = self.clients.get(dst)
-        if d is None or (o := d.outbox).closed or o.writing or o.q_other:
-            for at in run:
-                end = at + FRAME_HEADER_LEN + int.from_bytes(buf[at + 1 : at + FRAME_HEADER_LEN])
-                self._handle_forward(conn, buf[at + FRAME_HEADER_LEN : end], touched)
+        if d is None or not (o := d.outbox).keeping_up:
+            for payload in run_payloads(buf, run):
+                self._handle_forward(conn, payload, touched)
             return
         src = buf[keys : keys + KEY_LEN]
         seg = reframe_run(buf, run, RECV, src, 2 * KEY_LEN)
